@@ -1,0 +1,1 @@
+"""eir: continual semantic segmentation with Enhanced Instance Replay on Ray."""

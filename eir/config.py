@@ -1,0 +1,331 @@
+"""The typed experiment configuration: YAML files under `experiments/` plus `key=value` overrides.
+
+Every setting of an experiment lives here, in one tree of dataclasses, so there is exactly one
+place that knows the valid keys, their types and their allowed values. A YAML file may name an
+`inherit:` file (relative to itself) whose values it overrides, so CamVid 5-3 and 6-1 share one
+base. Unknown keys and bad values fail before anything starts, with a message naming the key,
+the closest valid keys and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says which and why."""
+
+
+DatasetName = Literal["synthetic", "voc", "ade20k", "camvid", "folder"]
+MethodName = Literal["finetune", "joint"]
+Backbone = Literal["mobilenet_v2", "resnet50", "resnet101"]
+EvalProtocol = Literal["full", "center_crop"]
+
+
+@dataclass
+class DatasetConfig:
+    name: DatasetName = "synthetic"
+    root: str = ""  # raw dataset root; "" for synthetic = generated under run.output_dir
+    train_split: str = "train"
+    test_split: str = "val"
+    image_scale: float = 1.0  # resize at ingest (0.5 = half size); part of the ingest cache key
+    synthetic_num_images: int = 600
+    synthetic_image_size: int = 112
+    synthetic_seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    name: str = "15-1"
+    setting: Literal["overlapped", "disjoint"] = "overlapped"
+    class_order: list[int] | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = "finetune"
+
+
+@dataclass
+class ModelConfig:
+    backbone: Backbone = "mobilenet_v2"
+    weights: str | None = "imagenet"  # "imagenet" (torchvision API), a local .pth path, or null
+    output_stride: Literal[8, 16] = 16
+    new_head_init: Literal["random", "copy_background"] = "random"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # step 0 and joint
+    epochs_incremental: int = 30
+    batch_size: int = 16  # global: divided across the Train workers
+    crop_size: int = 96
+    lr: float = 0.01
+    lr_incremental: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scale_min: float = 0.5  # RandomResizedCrop scale range (METHOD.md §2)
+    scale_max: float = 2.0
+    amp: bool = True  # only takes effect on GPU
+    checkpoints_to_keep: int = 2
+    max_failures: int = 0
+
+
+@dataclass
+class EvalConfig:
+    protocol: EvalProtocol = "full"
+    crop_size: int = 512  # center_crop protocol: shorter side resized to this, then a square centre crop
+    batch_size: int = 8
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs"
+    name: str = "run"
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form used for overrides, MLflow params and diffs."""
+        return flatten(self.to_dict())
+
+    def fingerprint(self, keys: list[str] | None = None) -> str:
+        """A short content hash of the config (or of the named keys only)."""
+        flat = self.flat()
+        chosen = {k: flat[k] for k in (keys or sorted(flat))}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    return sorted(ExperimentConfig().flat())
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint} (run `launch.py run --help` for all keys)")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value against a field's type annotation."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"bad value {value!r} for {key}: allowed values are {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"bad value {value!r} for {key}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"bad value {value!r} for {key}: expected a list")
+        (item_type,) = get_args(annotation)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"bad value {value!r} for {key}: expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"bad value {value!r} for {key}: expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"bad value {value!r} for {key}: expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"bad value {value!r} for {key}: expected a string")
+        return str(value)
+    raise ConfigError(f"unsupported type {annotation!r} for {key}")  # pragma: no cover - a programming error
+
+
+def _apply(obj: Any, flat_updates: dict[str, Any], where: str) -> None:
+    for dotted, value in flat_updates.items():
+        parts = dotted.split(".")
+        target = obj
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or part not in {f.name for f in fields(target)}:
+                raise _unknown_key_error(dotted, where)
+            target = getattr(target, part)
+        leaf = parts[-1]
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in fields(target)}:
+            raise _unknown_key_error(dotted, where)
+        hints = get_type_hints(type(target))
+        if dataclasses.is_dataclass(getattr(target, leaf)):
+            raise ConfigError(f"{dotted} is a section; set its keys ({dotted}.<key>) instead")
+        setattr(target, leaf, _coerce(value, hints[leaf], dotted))
+
+
+def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} inherits itself (cycle: {' -> '.join(map(str, seen))})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("inherit", None)
+    flat = flatten(tree)
+    if parent is None:
+        return flat
+    merged = _load_yaml_tree((path.parent / parent), (*seen, path.resolve()))
+    merged.update(flat)
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings → flat updates; values are parsed as YAML (`1e-3`, `true`, `[1,2]`, `null`)."""
+    updates: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        try:
+            updates[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return updates
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults ← YAML file (with its `inherit:` chain) ← overrides, then validated."""
+    config = ExperimentConfig()
+    if path is not None:
+        _apply(config, _load_yaml_tree(Path(path)), str(path))
+    if overrides:
+        updates = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        _apply(config, updates, "overrides")
+    validate(config)
+    return config
+
+
+def config_from_dict(tree: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    config = ExperimentConfig()
+    _apply(config, flatten(tree), where)
+    validate(config)
+    return config
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    positive = {
+        "train.epochs": config.train.epochs,
+        "train.epochs_incremental": config.train.epochs_incremental,
+        "train.batch_size": config.train.batch_size,
+        "train.crop_size": config.train.crop_size,
+        "eval.batch_size": config.eval.batch_size,
+        "eval.crop_size": config.eval.crop_size,
+        "scaling.num_workers": config.scaling.num_workers,
+        "dataset.synthetic_num_images": config.dataset.synthetic_num_images,
+        "dataset.synthetic_image_size": config.dataset.synthetic_image_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"bad value {value!r} for {key}: expected a positive integer")
+    for key, value in {"train.lr": config.train.lr, "train.lr_incremental": config.train.lr_incremental}.items():
+        if value <= 0:
+            raise ConfigError(f"bad value {value!r} for {key}: expected a learning rate > 0")
+    if not 0 < config.dataset.image_scale <= 1:
+        raise ConfigError(f"bad value {config.dataset.image_scale!r} for dataset.image_scale: expected 0 < scale <= 1")
+    if not 0 < config.train.scale_min <= config.train.scale_max:
+        raise ConfigError("train.scale_min must be > 0 and <= train.scale_max")
+    if config.train.batch_size % config.scaling.num_workers:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} does not divide across "
+            f"scaling.num_workers={config.scaling.num_workers}: the global batch must be a multiple of the worker count"
+        )
+    if config.dataset.name != "synthetic" and not config.dataset.root:
+        raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
+    if not config.run.name or "/" in config.run.name:
+        raise ConfigError(f"bad value {config.run.name!r} for run.name: expected a non-empty name without '/'")
+
+
+def describe_keys() -> str:
+    """All keys with their defaults and allowed values, for `--help`."""
+    lines = []
+    defaults = ExperimentConfig()
+    for section in fields(defaults):
+        value = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(value):
+            lines.append(f"  {section.name} = {value!r}")
+            continue
+        hints = get_type_hints(type(value))
+        for f in fields(value):
+            allowed = ""
+            ann = hints[f.name]
+            if get_origin(ann) is Literal:
+                allowed = f"  [{' | '.join(map(str, get_args(ann)))}]"
+            lines.append(f"  {section.name}.{f.name} = {getattr(value, f.name)!r}{allowed}")
+    return "\n".join(lines)
+
+
+def dump_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "config_from_dict",
+    "describe_keys",
+    "dump_yaml",
+    "load_config",
+    "parse_overrides",
+    "valid_keys",
+]

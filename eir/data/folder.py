@@ -1,0 +1,98 @@
+"""A generic layout for users' own data, and the class-name file it shares with the synthetic set.
+
+    root/class_names.txt   one name per line; line 0 is background, so K = lines - 1
+    root/images/<id>.jpg|.png
+    root/masks/<id>.png    8-bit class ids 0..K, 255 = ignore
+    root/<split>.txt       optional: the split's ids, one per line (otherwise every image)
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from eir.data.base import (
+    DatasetError,
+    DatasetInfo,
+    Sample,
+    SegmentationReader,
+    check_label_range,
+    check_same_size,
+    decode_image,
+    decode_index_png,
+    read_file_bytes,
+)
+from eir.data.voc import read_id_list
+
+CLASS_NAMES_FILE = "class_names.txt"
+IMAGE_SUFFIXES = (".jpg", ".png")
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """Class names from a one-per-line file; line 0 is background and at least one class follows."""
+    text = read_file_bytes(path, "class name list").decode("utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) < 2:
+        raise DatasetError(
+            f"class name list {path} has {len(names)} name(s); expected background on the first "
+            "line and at least one class after it"
+        )
+    return names
+
+
+def info_from_class_names(root: str | Path, name: str) -> DatasetInfo:
+    """DatasetInfo for a dataset described only by root/class_names.txt (future classes -> 0)."""
+    return DatasetInfo(name, read_class_names(Path(root) / CLASS_NAMES_FILE), future_label=0)
+
+
+class FolderReader(SegmentationReader):
+    """images/ + masks/ + class_names.txt, with labels already in the canonical space."""
+
+    def __init__(self, root: str | Path, split: str | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.info = info_from_class_names(self.root, "folder")
+        self.image_dir = self.root / "images"
+        self.mask_dir = self.root / "masks"
+
+    @cached_property
+    def _images(self) -> dict[str, Path]:
+        """Every image in images/, by stem; two files with one stem would make ids ambiguous."""
+        if not self.image_dir.is_dir():
+            raise DatasetError(f"missing image folder {self.image_dir} (expected <id>.jpg or <id>.png files)")
+        images: dict[str, Path] = {}
+        for path in sorted(self.image_dir.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.stem in images:
+                raise DatasetError(f"two images share the id {path.stem!r}: {images[path.stem]} and {path}")
+            images[path.stem] = path
+        if not images:
+            raise DatasetError(f"image folder {self.image_dir} holds no .jpg or .png files")
+        return images
+
+    @cached_property
+    def _ids(self) -> list[str]:
+        if self.split is not None:
+            split_file = self.root / f"{self.split}.txt"
+            if split_file.is_file():
+                return read_id_list(split_file, "split list")
+        return list(self._images)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def read(self, sample_id: str) -> Sample:
+        image_path = self._images.get(sample_id)
+        if image_path is None:
+            raise DatasetError(
+                f"missing image for id {sample_id!r}: expected {self.image_dir / sample_id}.jpg or .png"
+            )
+        image_bytes = read_file_bytes(image_path, "image")
+        image, image_format = decode_image(image_bytes, image_path)
+
+        mask_path = self.mask_dir / f"{sample_id}.png"
+        label = decode_index_png(read_file_bytes(mask_path, "mask"), mask_path, "mask")
+        check_same_size(image, label, image_path, mask_path)
+        check_label_range(label, self.info.num_classes, mask_path)
+        return Sample(sample_id, image, label, None, image_bytes, image_format)

@@ -1,0 +1,99 @@
+"""From a dataset name and a root to a prepared Parquet dataset, explicitly or through the cache.
+
+`launch.py prepare` calls `prepare_split` with an explicit output folder. Every other command
+calls `ensure_prepared`: given a raw dataset root it ingests once into
+`<run.output_dir>/datasets/<dataset>-<split>-<fingerprint>/` and reuses that folder on every
+later call, so nothing is decoded twice. A root that already is a prepared dataset (it holds a
+manifest) is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from eir import storage
+from eir.data.base import DatasetError
+from eir.data.ingest import Manifest, ingest, is_prepared, read_manifest, source_fingerprint
+from eir.data.registry import open_reader
+from eir.data.synthetic import generate_synthetic
+from eir.storage import Location
+
+log = logging.getLogger(__name__)
+
+
+def prepare_split(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    out: Location,
+    *,
+    image_scale: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Ingest one split of a raw dataset into `out` (idempotent, atomic)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder (dataset {dataset!r})")
+    reader = open_reader(dataset, root, split)
+    fingerprint = source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale})
+    return ingest(
+        reader,
+        out,
+        split=split,
+        source=str(root.resolve()),
+        image_scale=image_scale,
+        overwrite=overwrite,
+        progress=progress,
+        fingerprint=fingerprint,
+    )
+
+
+def synthetic_root(output_root: Location, num_images: int, image_size: int, seed: int) -> Path:
+    """Where the generated synthetic dataset lives (always local: the generator writes files)."""
+    if not output_root.is_local:
+        raise DatasetError(
+            "the synthetic dataset is generated on local disk: prepare it with `launch.py prepare synthetic` "
+            "and point dataset.root at the prepared folder when run.output_dir is remote"
+        )
+    return Path(output_root.path) / "datasets" / f"synthetic-raw-n{num_images}-s{image_size}-seed{seed}"
+
+
+def ensure_prepared(
+    dataset: str,
+    root: str,
+    split: str,
+    output_root: Location,
+    *,
+    image_scale: float = 1.0,
+    synthetic: tuple[int, int, int] = (600, 112, 0),
+    progress: bool = True,
+) -> Manifest:
+    """The prepared dataset for (dataset, root, split), ingesting into the cache on first use.
+
+    `synthetic` is (num_images, image_size, seed), used when dataset is "synthetic" and no root
+    is given: the data is generated first.
+    """
+    if root and "://" in root:
+        return read_manifest(storage.resolve(root))
+    if root and is_prepared(storage.resolve(root)):
+        manifest = read_manifest(storage.resolve(root))
+        if manifest.split != split:
+            raise DatasetError(f"{root} is the prepared {manifest.split!r} split, but split {split!r} was asked for")
+        return manifest
+    if root and Path(root).is_dir() and is_prepared(storage.resolve(Path(root) / split)):
+        return read_manifest(storage.resolve(Path(root) / split))
+    if dataset == "synthetic" and not root:
+        num_images, image_size, seed = synthetic
+        raw = synthetic_root(output_root, num_images, image_size, seed)
+        generate_synthetic(raw, num_images, seed=seed, image_size=image_size, progress=progress)
+        root = str(raw)
+    if not root:
+        raise DatasetError(f"dataset.root is empty: dataset {dataset!r} needs the raw dataset folder")
+    fingerprint = source_fingerprint(Path(root), split, {"dataset": dataset, "image_scale": image_scale})
+    out = output_root.join("datasets", f"{dataset}-{split}-{fingerprint}")
+    if is_prepared(out):
+        return read_manifest(out)
+    log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, out.uri)
+    return prepare_split(dataset, root, split, out, image_scale=image_scale, progress=progress)

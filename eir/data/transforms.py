@@ -1,0 +1,90 @@
+"""Per-sample decoding and joint augmentation, shared by the Ray Data stream and evaluation.
+
+Images travel as uint8 (C x H x W) and labels as uint8 maps; normalisation to ImageNet
+statistics happens on the trainer's device (`normalize`), so the data workers never build or
+ship float tensors (four times the bytes through Ray's object store).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation mean as an RGB pixel: a "neutral" grey that normalises to zero (METHOD.md §3.2).
+MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_map(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+class JointAugment:
+    """RandomResizedCrop + horizontal flip with the same parameters for the image and every map.
+
+    Maps (label, pseudo-label, ...) are `tv_tensors.Mask`, so torchvision resizes them with
+    nearest-neighbour and pads nothing. METHOD.md §2: scale 0.5–2.0, ratio 3/4–4/3.
+    """
+
+    def __init__(self, crop_size: int, scale: tuple[float, float] = (0.5, 2.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.crop_size = crop_size
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(crop_size, scale=scale, ratio=ratio, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    def __call__(self, image: np.ndarray, *maps: np.ndarray) -> tuple[np.ndarray, ...]:
+        """image H x W x 3 uint8, maps H x W uint8 → image 3 x crop x crop uint8, maps crop x crop."""
+        img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        masks = [tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(m))) for m in maps]
+        out = self.transform(img, *masks)
+        if not masks:
+            out = (out,)
+        return tuple(np.asarray(t) for t in out)
+
+
+def center_crop_eval(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The DKD/EIR test protocol (METHOD.md §1): shorter side resized to `size`, then a square centre crop."""
+    height, width = label.shape
+    factor = size / min(height, width)
+    new_w, new_h = max(size, round(width * factor)), max(size, round(height * factor))
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image[top : top + size, left : left + size], label[top : top + size, left : left + size]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W (on any device) → float ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - mean) / std
+
+
+def pad_batch(images: list[np.ndarray], labels: list[np.ndarray], ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """Stack full images of different sizes: pad to the largest, labels padded with ignore.
+
+    Full-image evaluation then needs no resizing, and padded pixels never reach the metric.
+    """
+    height = max(label.shape[0] for label in labels)
+    width = max(label.shape[1] for label in labels)
+    image_batch = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+    label_batch = np.full((len(labels), height, width), ignore_index, dtype=np.uint8)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        image_batch[i, : image.shape[0], : image.shape[1]] = image
+        label_batch[i, : label.shape[0], : label.shape[1]] = label
+    return image_batch, label_batch

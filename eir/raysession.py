@@ -1,0 +1,33 @@
+"""Start or join Ray the same way from every command.
+
+With `RAY_ADDRESS` set (a cluster, a Ray Job), join it. Otherwise start a private local
+instance (`address="local"`: never attach to some other Ray started on this machine) with more
+logical CPUs than cores, so a trial, its Train workers and Ray Data tasks can all be scheduled
+(RAY_NOTES.md: an actor pool can otherwise hold every CPU and deadlock the read tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def local_num_cpus() -> int:
+    return int(os.environ.get("EIR_RAY_NUM_CPUS", max(8, 2 * (os.cpu_count() or 1))))
+
+
+def ensure_ray() -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    num_cpus = local_num_cpus()
+    log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

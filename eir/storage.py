@@ -1,0 +1,151 @@
+"""One way to read and write the project's files, local or on an object store.
+
+Every path under `run.output_dir` goes through here, so a run dir, a Parquet dataset or the
+step-0 cache works the same on a laptop (a local path) and on a cluster (`s3://`, `gs://`,
+anything `pyarrow.fs` understands). Writes never leave a half-written file that a later run
+would trust: local files are written to a temporary name and renamed; object stores have no
+atomic rename, so directories that must be complete carry a marker file written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path on it; `uri` is what users and logs see."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(self.fs, path, uri)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.fs, self.path.rstrip("/").rsplit("/", 1)[0], self.uri.rstrip("/").rsplit("/", 1)[0])
+
+
+def resolve(uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> Location:
+    """Turn a local path or a URI into a Location (local paths are made absolute)."""
+    text = os.fspath(uri_or_path)
+    if filesystem is not None:
+        return Location(filesystem, text, text)
+    if "://" not in text:
+        path = os.path.abspath(os.path.expanduser(text))
+        return Location(pafs.LocalFileSystem(), path, path)
+    fs, path = pafs.FileSystem.from_uri(text)
+    return Location(fs, path, text)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def is_dir(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory
+
+
+def makedirs(loc: Location) -> None:
+    loc.fs.create_dir(loc.path, recursive=True)
+
+
+def list_dir(loc: Location) -> list[str]:
+    """Names directly under a directory (sorted); empty when it does not exist."""
+    if not is_dir(loc):
+        return []
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    return sorted(info.base_name for info in infos)
+
+
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as stream:
+        return stream.read()
+
+
+def read_json(loc: Location) -> Any:
+    return json.loads(read_bytes(loc).decode("utf-8"))
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the whole new one.
+
+    Local filesystems: write a sibling temp file, then rename over the target (atomic on
+    POSIX). Object stores: a single PUT is already all-or-nothing.
+    """
+    makedirs(loc.parent)
+    if not loc.is_local:
+        with loc.fs.open_output_stream(loc.path) as stream:
+            stream.write(data)
+        return
+    tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, loc.path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(loc: Location, obj: Any) -> None:
+    write_bytes_atomic(loc, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def delete_dir(loc: Location) -> None:
+    if is_dir(loc):
+        loc.fs.delete_dir(loc.path)
+
+
+def is_complete(loc: Location) -> bool:
+    """A directory counts as written only once its completion marker exists."""
+    return exists(loc.join(COMPLETE_MARKER))
+
+
+def mark_complete(loc: Location, info: dict[str, Any] | None = None) -> None:
+    """Written last, after every other file of the directory."""
+    write_json_atomic(loc.join(COMPLETE_MARKER), info or {})
+
+
+def publish_dir(tmp: Location, final: Location) -> None:
+    """Move a fully written temp directory into place.
+
+    Local: one rename (atomic). Object stores: copy the files, then the marker last, so a
+    reader that checks `is_complete` never trusts a partial copy.
+    """
+    if final.is_local and tmp.is_local:
+        os.makedirs(os.path.dirname(final.path), exist_ok=True)
+        os.replace(tmp.path, final.path)
+        return
+    selector = pafs.FileSelector(tmp.path, recursive=True)
+    for info in tmp.fs.get_file_info(selector):
+        if info.type != pafs.FileType.File or info.base_name == COMPLETE_MARKER:
+            continue
+        rel = info.path[len(tmp.path.rstrip("/")) + 1 :]
+        target = final.join(rel)
+        makedirs(target.parent)
+        pafs.copy_files(info.path, target.path, source_filesystem=tmp.fs, destination_filesystem=final.fs)
+    mark_complete(final, read_json(tmp.join(COMPLETE_MARKER)) if exists(tmp.join(COMPLETE_MARKER)) else None)
+    delete_dir(tmp)

@@ -1,0 +1,75 @@
+"""The pictures and tables each step leaves in MLflow: per-class IoU, confusion matrix, predictions."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from eir import storage
+from eir.data.ingest import read_rows
+from eir.data.transforms import decode_map, decode_rgb, normalize
+from eir.metrics import predict
+from eir.storage import Location
+from eir.visualize import colorize, confusion_figure, image_grid
+
+PREVIEW_IMAGES = 6
+
+
+def load_step_model(model_uri: str, backbone: str, output_stride: int) -> torch.nn.Module:
+    from eir.model import build_model
+    from eir.train.worker import load_torch
+
+    state = load_torch(model_uri)
+    model = build_model(backbone, state["head_sizes"], output_stride=output_stride, weights=None)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def prediction_panels(exp: Any, step: int, model: torch.nn.Module, count: int = PREVIEW_IMAGES) -> list[list[np.ndarray]]:
+    """(image, ground truth, prediction) for the first test images of the step, in channel space."""
+    eval_step = exp.eval_step(step)
+    ids = list(exp.test_splits.ids[eval_step])[:count]
+    if not ids:
+        return []
+    table = read_rows(exp.test_manifest, ids)
+    lut = exp.channels.map_lut(exp.task.test_lut(eval_step))
+    panels = []
+    with torch.no_grad():
+        for image_bytes, label_bytes in zip(table.column("image").to_pylist(), table.column("label").to_pylist()):
+            image, label = decode_rgb(image_bytes), lut[decode_map(label_bytes)]
+            logits = model(normalize(torch.from_numpy(image.copy()).permute(2, 0, 1)[None]))
+            pred = predict(logits)[0].numpy().astype(np.uint8)
+            panels.append([image, colorize(label), colorize(pred)])
+    return panels
+
+
+def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, run_id: str) -> None:
+    cfg = exp.config
+    names = exp.train_manifest.info.class_names
+    channel_names = [names[c] for c in exp.channels.class_of_channel]
+    row = storage.read_json(step_dir.join("metrics.json"))
+    confusion = np.asarray(storage.read_json(step_dir.join("confusion.json")))
+    with tempfile.TemporaryDirectory() as folder:
+        table = os.path.join(folder, "per_class_iou.csv")
+        with open(table, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "IoU"])
+            for name, iou in row["per_class_IoU"].items():
+                writer.writerow([name, "" if iou is None else iou])
+        figure = os.path.join(folder, "confusion.png")
+        confusion_figure(confusion, channel_names[: confusion.shape[0]], figure, f"step {step}: confusion (row-normalised)")
+        model = load_step_model(step_dir.join("model.pt").uri, cfg.model.backbone, cfg.model.output_stride)
+        panels = prediction_panels(exp, step, model)
+        paths = [table, figure]
+        if panels:
+            grid = os.path.join(folder, "predictions.png")
+            image_grid(panels, ["image", "ground truth", "prediction"], grid)
+            paths.append(grid)
+        for path in paths:
+            tracker.artifact(run_id, path)
+            storage.write_bytes_atomic(step_dir.join(os.path.basename(path)), open(path, "rb").read())

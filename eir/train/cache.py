@@ -1,0 +1,87 @@
+"""The step-0 cache: train the base step once per (data, task, model, step-0 settings, seed, code).
+
+Comparing methods never retrains step 0: its model and scores are stored under a content hash
+of everything step 0 depends on, `<run.output_dir>/cache/step0/<hash>/`, complete only once a
+marker is written last, and every later run that agrees reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import eir
+from eir import storage
+from eir.storage import Location
+
+log = logging.getLogger(__name__)
+
+# Config keys step 0 depends on (method, memory, incremental settings deliberately absent).
+STEP0_KEYS = (
+    "model.backbone",
+    "model.weights",
+    "model.output_stride",
+    "train.epochs",
+    "train.batch_size",
+    "train.crop_size",
+    "train.lr",
+    "train.momentum",
+    "train.weight_decay",
+    "train.scale_min",
+    "train.scale_max",
+    "train.amp",
+    "eval.protocol",
+    "eval.crop_size",
+    "seed",
+)
+
+
+def code_version() -> str:
+    """A hash of the package's source: a code change invalidates cached step-0 models."""
+    digest = hashlib.sha256(eir.__version__.encode() if hasattr(eir, "__version__") else b"")
+    root = Path(eir.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def step0_key(flat_config: dict[str, Any], *, train_split_checksum: str, test_split_checksum: str, step0_classes: list[int], scaling: dict[str, Any]) -> dict[str, Any]:
+    """Everything step 0's result depends on, as a JSON-able dict (hashed into the cache path)."""
+    return {
+        "config": {key: flat_config[key] for key in STEP0_KEYS},
+        "train_split": train_split_checksum,
+        "test_split": test_split_checksum,
+        "step0_classes": step0_classes,
+        "scaling": scaling,  # the number of workers changes the per-worker batch and BN statistics
+        "code": code_version(),
+    }
+
+
+def entry(output_root: Location, key: dict[str, Any]) -> Location:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return output_root.join("cache", "step0", digest)
+
+
+def lookup(loc: Location) -> bool:
+    return storage.is_complete(loc)
+
+
+def list_entries(output_root: Location) -> list[dict[str, Any]]:
+    base = output_root.join("cache", "step0")
+    rows = []
+    for name in storage.list_dir(base):
+        loc = base.join(name)
+        key = storage.read_json(loc.join("key.json")) if storage.exists(loc.join("key.json")) else {}
+        rows.append({"hash": name, "complete": storage.is_complete(loc), **key.get("config", {})})
+    return rows
+
+
+def clear(output_root: Location) -> int:
+    base = output_root.join("cache", "step0")
+    count = len(storage.list_dir(base))
+    storage.delete_dir(base)
+    return count

@@ -1,0 +1,429 @@
+"""The experiment driver: steps 0..T of one task, evaluated after every step, logged to MLflow.
+
+For each step the driver resolves a `StepPlan`, builds the step's Ray Data streams, runs one
+Ray Train `TorchTrainer`, reduces the confusion matrix to METHOD.md §1's scores, and writes
+`step_<t>/` (model.pt, metrics.json, plan.json, then `_COMPLETE` last). A finished step is
+never run again: `--resume` skips it and continues the unfinished one from its last epoch
+checkpoint (Ray Train restores it from `step_<t>/train/`). Step 0 comes from the step-0 cache
+when an earlier run trained it under the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eir import storage
+from eir.config import ConfigError, ExperimentConfig, config_from_dict, dump_yaml
+from eir.data.ingest import Manifest
+from eir.data.prepare import ensure_prepared
+from eir.data.splits import StepSplits, step_splits
+from eir.metrics import StepScores, mean_over_steps, reduce_scores
+from eir.storage import Location
+from eir.tasks import Task, get_task
+from eir.train import cache
+from eir.train.plan import StepPlan
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[int, dict[str, Any]], None]
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (exists without --resume, config differs)."""
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ChannelSpace:
+    """Class ids ↔ model channels. Channels follow step order (channel = class id in natural order).
+
+    With an explicit class order the ids of a step are not contiguous; every label map is
+    moved to channel space by a LUT before it reaches the model or the metric.
+    """
+
+    class_of_channel: tuple[int, ...]  # index = channel; [0] = 0
+
+    @classmethod
+    def of(cls, task: Task) -> ChannelSpace:
+        return cls((0, *[c for step in task.steps for c in step]))
+
+    @property
+    def lut(self) -> np.ndarray:
+        table = np.zeros(256, dtype=np.uint8)
+        for channel, class_id in enumerate(self.class_of_channel):
+            table[class_id] = channel
+        table[255] = 255
+        return table
+
+    def map_lut(self, class_lut: np.ndarray) -> np.ndarray:
+        """A class-valued LUT (e.g. Task.train_lut) turned into a channel-valued one."""
+        return self.lut[class_lut]
+
+
+@dataclass
+class Experiment:
+    """Everything resolved before training: data, task, splits, channel space."""
+
+    config: ExperimentConfig
+    output_root: Location
+    run_dir: Location
+    train_manifest: Manifest
+    test_manifest: Manifest
+    task: Task  # the task as evaluated
+    schedule: Task  # the task as trained (task.joint() for the joint baseline)
+    channels: ChannelSpace
+    train_splits: StepSplits
+    test_splits: StepSplits
+
+    @property
+    def is_joint(self) -> bool:
+        return self.config.method.name == "joint"
+
+    def eval_step(self, step: int) -> int:
+        """The task step whose test protocol scores this schedule step (joint: the final step)."""
+        return self.task.num_steps - 1 if self.is_joint else step
+
+    def groups(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Old (C_0) and new (C_1..C_t) channels of the evaluated step."""
+        eval_step = self.eval_step(step)
+        n_old = len(self.task.steps[0])
+        n_seen = len(self.task.classes_seen(eval_step))
+        return tuple(range(1, n_old + 1)), tuple(range(n_old + 1, n_seen + 1))
+
+
+def resolve(config: ExperimentConfig, *, progress: bool = True) -> Experiment:
+    root = storage.resolve(config.run.output_dir)
+    data = config.dataset
+    synthetic = (data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed)
+    train_manifest = ensure_prepared(data.name, data.root, data.train_split, root, image_scale=data.image_scale, synthetic=synthetic, progress=progress)
+    test_manifest = ensure_prepared(data.name, data.root, data.test_split, root, image_scale=data.image_scale, synthetic=synthetic, progress=progress)
+    info = train_manifest.info
+    task = get_task(
+        data.name,
+        config.task.name,
+        config.task.setting,
+        num_classes=info.num_classes,
+        class_order=config.task.class_order,
+        future_label=info.future_label,
+    )
+    schedule = task.joint() if config.method.name == "joint" else task
+    return Experiment(
+        config=config,
+        output_root=root,
+        run_dir=root.join(config.run.name),
+        train_manifest=train_manifest,
+        test_manifest=test_manifest,
+        task=task,
+        schedule=schedule,
+        channels=ChannelSpace.of(task),
+        train_splits=step_splits(schedule, train_manifest, root, purpose="train"),
+        test_splits=step_splits(task, test_manifest, root, purpose="test"),
+    )
+
+
+def step_table(exp: Experiment) -> str:
+    names = exp.train_manifest.info.class_names
+    lines = [f"{'step':>4}  {'train imgs':>10}  {'test imgs':>9}  classes"]
+    for step in range(exp.schedule.num_steps):
+        classes = exp.schedule.classes_learned(step)
+        shown = ", ".join(names[c] for c in classes[:8]) + (f", … (+{len(classes) - 8})" if len(classes) > 8 else "")
+        test_count = len(exp.test_splits.ids[exp.eval_step(step)])
+        lines.append(f"{step:>4}  {exp.train_splits.counts[step]:>10}  {test_count:>9}  {shown}")
+    return "\n".join(lines)
+
+
+def scores_table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value: float | None) -> str:
+        return "   –  " if value is None else f"{value:6.2f}"
+
+    lines = [f"{'step':>4}  {'all':>6}  {'old':>6}  {'new':>6}  {'hIoU':>6}  source"]
+    for row in rows:
+        lines.append(
+            f"{row['step']:>4}  {fmt(row['mIoU_all'])}  {fmt(row['mIoU_old'])}  {fmt(row['mIoU_new'])}  "
+            f"{fmt(row['hIoU'])}  {row.get('source', 'trained')}"
+        )
+    return "\n".join(lines)
+
+
+def check_run_dir(exp: Experiment, resume: bool) -> None:
+    config_loc = exp.run_dir.join("config.yaml")
+    if not storage.exists(config_loc):
+        return
+    if not resume:
+        raise RunDirError(
+            f"run directory {exp.run_dir.uri} already exists: pass --resume to continue it, or choose another run.name"
+        )
+    import yaml
+
+    previous = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri).flat()
+    current = exp.config.flat()
+    differ = sorted(key for key in current if previous.get(key) != current[key])
+    if differ:
+        detail = ", ".join(f"{k} ({previous.get(k)!r} → {current[k]!r})" for k in differ)
+        raise RunDirError(f"--resume: {exp.run_dir.uri} was made by a different config; keys that differ: {detail}")
+
+
+def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPlan:
+    cfg = exp.config
+    head_sizes = tuple(len(s) for s in exp.schedule.steps[: step + 1])
+    old, new = exp.groups(step)
+    incremental = step > 0
+    return StepPlan(
+        step=step,
+        head_sizes=head_sizes,
+        backbone=cfg.model.backbone,
+        weights=cfg.model.weights if step == 0 else None,
+        output_stride=cfg.model.output_stride,
+        new_head_init=cfg.model.new_head_init,
+        previous_model=previous_model,
+        epochs=cfg.train.epochs_incremental if incremental else cfg.train.epochs,
+        global_batch=cfg.train.batch_size,
+        per_worker_batch=cfg.train.batch_size // cfg.scaling.num_workers,
+        lr=cfg.train.lr_incremental if incremental else cfg.train.lr,
+        momentum=cfg.train.momentum,
+        weight_decay=cfg.train.weight_decay,
+        num_train_rows=exp.train_splits.counts[step],
+        num_eval_rows=len(exp.test_splits.ids[exp.eval_step(step)]),
+        eval_batch=cfg.eval.batch_size,
+        old_channels=old,
+        new_channels=new,
+        amp=cfg.train.amp,
+        seed=cfg.seed,
+        torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
+        fail_at_iteration=int(os.environ["EIR_FAIL_AT_ITERATION"]) if os.environ.get("EIR_FAIL_AT_ITERATION") else None,
+    )
+
+
+def step_row(exp: Experiment, step: int, scores: StepScores, source: str) -> dict[str, Any]:
+    """The results.json entry of one step (IoU in percent; new/hIoU None at step 0)."""
+    names = exp.train_manifest.info.class_names
+    seen = exp.task.classes_seen(exp.eval_step(step))
+    per_class = {names[exp.channels.class_of_channel[ch]]: _clean(v) for ch, v in scores.per_class_iou.items()}
+    return {
+        "step": step,
+        "seen_classes": list(seen),
+        "mIoU_all": _clean(scores.mIoU_all),
+        "mIoU_old": _clean(scores.mIoU_old),
+        "mIoU_new": _clean(scores.mIoU_new),
+        "hIoU": _clean(scores.hIoU),
+        "mIoU_all_fg": _clean(scores.mIoU_all_fg),
+        "mIoU_old_fg": _clean(scores.mIoU_old_fg),
+        "per_class_IoU": per_class,
+        "train_images": exp.train_splits.counts[step],
+        "source": source,
+    }
+
+
+def _clean(value: float | None) -> float | None:
+    return None if value is None or value != value else round(float(value), 4)
+
+
+def results_document(exp: Experiment, rows: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    cfg = exp.config
+    alls = [r["mIoU_all"] for r in rows if r["mIoU_all"] is not None]
+    return {
+        "status": status,
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "task": cfg.task.name,
+        "task_setting": cfg.task.setting,
+        "seed": cfg.seed,
+        "eval_protocol": cfg.eval.protocol,
+        "git_sha": git_sha(),
+        "run_name": cfg.run.name,
+        "train_split_checksum": exp.train_splits.checksum,
+        "test_split_checksum": exp.test_splits.checksum,
+        "mean_mIoU_all_over_steps": round(mean_over_steps(alls), 4) if alls else None,
+        "steps": rows,
+    }
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) every step; returns the results.json document."""
+    exp = resolve(config, progress=progress)
+    print(f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
+          f"({config.task.setting}), {exp.schedule.num_steps} step(s), split checksum {exp.train_splits.checksum}")
+    print(step_table(exp))
+    if dry_run:
+        print(dump_yaml(config))
+        return results_document(exp, [], "dry_run")
+    check_run_dir(exp, resume)
+
+    from eir.raysession import ensure_ray
+    from eir.tracking import Tracker, load_run_ids, save_run_ids
+    from eir.train.artifacts import log_step_artifacts
+
+    ensure_ray()
+    storage.makedirs(exp.run_dir)
+    storage.write_bytes_atomic(exp.run_dir.join("config.yaml"), dump_yaml(config).encode())
+    tracker = Tracker(exp.output_root, f"eir-{config.dataset.name}-{config.task.name}")
+    run_ids = load_run_ids(exp.run_dir)
+    parent = tracker.start(config.run.name, tags={"eir.run_dir": exp.run_dir.uri}, run_id=run_ids.get("parent"))
+    run_ids["parent"] = parent
+    save_run_ids(exp.run_dir, run_ids)
+    tracker.params(parent, {**config.flat(), "train_split_checksum": exp.train_splits.checksum,
+                            "test_split_checksum": exp.test_splits.checksum, "test_images": exp.test_manifest.num_rows})
+    tracker.tags(parent, {"git_sha": git_sha(), "method": config.method.name})
+
+    rows: list[dict[str, Any]] = []
+    previous_model: str | None = None
+    ok = False
+    try:
+        for step in range(exp.schedule.num_steps):
+            step_dir = exp.run_dir.join(f"step_{step}")
+            if storage.is_complete(step_dir):
+                row = storage.read_json(step_dir.join("metrics.json"))
+                log.info("step %d already finished in %s: skipped", step, step_dir.uri)
+            else:
+                row = _run_step(exp, step, step_dir, previous_model, tracker, run_ids, parent)
+                log_step_artifacts(exp, step, step_dir, tracker, run_ids[f"step_{step}"])
+            previous_model = step_dir.join("model.pt").uri
+            rows.append(row)
+            tracker.metrics(parent, _numeric(row), step=step)
+            storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(exp, rows, "running"))
+            print(scores_table(rows), flush=True)
+            if reporter is not None:
+                reporter(step, row)
+        document = results_document(exp, rows, "finished")
+        storage.write_json_atomic(exp.run_dir.join("results.json"), document)
+        tracker.metrics(parent, {"mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
+                                 **{f"final_{k}": v for k, v in _numeric(rows[-1]).items()}}, step=len(rows) - 1)
+        tracker.artifact(parent, _local_copy(exp.run_dir.join("results.json")))
+        ok = True
+        return document
+    finally:
+        tracker.finish(parent, ok)
+
+
+def _numeric(row: dict[str, Any]) -> dict[str, float]:
+    keys = ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU", "mIoU_all_fg", "mIoU_old_fg")
+    return {k: row[k] for k in keys if row.get(k) is not None}
+
+
+def _local_copy(loc: Location) -> str:
+    if loc.is_local:
+        return loc.path
+    folder = tempfile.mkdtemp(prefix="eir-artifact-")
+    path = os.path.join(folder, loc.name)
+    Path(path).write_bytes(storage.read_bytes(loc))
+    return path
+
+
+def _run_step(
+    exp: Experiment,
+    step: int,
+    step_dir: Location,
+    previous_model: str | None,
+    tracker: Any,
+    run_ids: dict[str, str],
+    parent: str,
+) -> dict[str, Any]:
+    from eir.data.pipeline import eval_stream, train_stream
+    from eir.tracking import save_run_ids
+    from eir.train.step import run_train_step
+
+    cfg = exp.config
+    key = f"step_{step}"
+    child = tracker.start(key, parent=parent, tags={"eir.step": str(step)}, run_id=run_ids.get(key))
+    run_ids[key] = child
+    save_run_ids(exp.run_dir, run_ids)
+    plan = make_plan(exp, step, previous_model)
+    eval_step = exp.eval_step(step)
+    tracker.params(child, {
+        "step": step,
+        "classes": ",".join(map(str, exp.schedule.classes_learned(step))),
+        "train_images": plan.num_train_rows,
+        "test_images": plan.num_eval_rows,
+        "epochs": plan.epochs,
+        "lr": plan.lr,
+        "global_batch": plan.global_batch,
+        "per_worker_batch": plan.per_worker_batch,
+        "num_workers": cfg.scaling.num_workers,
+    })
+    log.info("step %d: %d training images, global batch %d = %d per worker × %d workers",
+             step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
+
+    cache_loc = None
+    if step == 0 and not exp.is_joint:
+        key0 = cache.step0_key(
+            cfg.flat(),
+            train_split_checksum=exp.train_splits.checksum,
+            test_split_checksum=exp.test_splits.checksum,
+            step0_classes=list(exp.schedule.steps[0]),
+            scaling={"num_workers": cfg.scaling.num_workers},
+        )
+        cache_loc = cache.entry(exp.output_root, key0)
+    if cache_loc is not None and cache.lookup(cache_loc):
+        log.info("step 0 taken from the step-0 cache %s", cache_loc.uri)
+        storage.write_bytes_atomic(step_dir.join("model.pt"), storage.read_bytes(cache_loc.join("model.pt")))
+        confusion = np.asarray(storage.read_json(cache_loc.join("confusion.json")), dtype=np.int64)
+        source = "cache"
+        epochs = None
+    else:
+        started = time.perf_counter()
+        outcome = run_train_step(
+            plan,
+            train_stream(exp.train_manifest, exp.train_splits.step_ids(step),
+                         exp.channels.map_lut(exp.schedule.train_lut(step)),
+                         crop_size=cfg.train.crop_size, scale=(cfg.train.scale_min, cfg.train.scale_max),
+                         batch_size=plan.per_worker_batch),
+            eval_stream(exp.test_manifest, list(exp.test_splits.ids[eval_step]),
+                        exp.channels.map_lut(exp.task.test_lut(eval_step)),
+                        protocol=cfg.eval.protocol, crop_size=cfg.eval.crop_size),
+            step_dir,
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            cpus_per_worker=cfg.scaling.cpus_per_worker,
+            checkpoints_to_keep=cfg.train.checkpoints_to_keep,
+            max_failures=cfg.train.max_failures,
+        )
+        confusion, epochs, source = outcome.confusion, outcome.epochs, "trained"
+        log.info("step %d trained in %.1fs", step, time.perf_counter() - started)
+        if cache_loc is not None:
+            storage.write_bytes_atomic(cache_loc.join("model.pt"), storage.read_bytes(step_dir.join("model.pt")))
+            storage.write_json_atomic(cache_loc.join("confusion.json"), confusion.tolist())
+            storage.write_json_atomic(cache_loc.join("key.json"), key0)
+            storage.mark_complete(cache_loc)
+    old, new = exp.groups(step)
+    scores = reduce_scores(confusion, old, new, background_is_class=exp.train_manifest.info.background_is_class)
+    row = step_row(exp, step, scores, source)
+    if epochs is not None:
+        for _, epoch_row in epochs.iterrows():
+            tracker.metrics(child, {k: epoch_row.get(k) for k in ("loss", "lr", "images_per_s") if k in epoch_row}, step=int(epoch_row["epoch"]))
+    tracker.metrics(child, _numeric(row), step=step)
+    tracker.tags(child, {"eir.step0_source": source})
+    storage.write_json_atomic(step_dir.join("confusion.json"), confusion.tolist())
+    storage.write_json_atomic(step_dir.join("plan.json"), plan.to_dict())
+    storage.write_json_atomic(step_dir.join("metrics.json"), row)
+    storage.mark_complete(step_dir)
+    tracker.finish(child, True)
+    return row
+
+
+__all__ = ["ConfigError", "RunDirError", "run_experiment", "resolve", "step_table"]

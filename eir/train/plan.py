@@ -1,0 +1,48 @@
+"""Everything one Ray Train step needs, as one picklable value the driver hands to the workers.
+
+Workers never read the experiment config: the driver resolves it into a `StepPlan` (channel
+counts, LUT-free sizes, learning rates, checkpoint paths), which keeps the per-worker loop flat
+and makes a step reproducible from its plan alone (it is written beside the step's results).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    head_sizes: tuple[int, ...]  # |C_0|, …, |C_t|: the heads of the model trained at this step
+    backbone: str
+    weights: str | None  # ImageNet weights for step 0 ("imagenet" or a local file); None later
+    output_stride: int
+    new_head_init: str
+    previous_model: str | None  # URI of step t−1's model.pt (None at step 0)
+    epochs: int
+    global_batch: int
+    per_worker_batch: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    num_train_rows: int
+    num_eval_rows: int
+    eval_batch: int
+    old_channels: tuple[int, ...]  # C_0 in channel space (without 0), for the step's scores
+    new_channels: tuple[int, ...]
+    amp: bool
+    seed: int
+    torch_threads: int = 1
+    fail_at_iteration: int | None = None  # fault injection for the fault-tolerance tests
+
+    @property
+    def num_channels(self) -> int:
+        return 1 + sum(self.head_sizes)
+
+    @property
+    def freeze_batchnorm(self) -> bool:
+        """METHOD.md §2: incremental steps train with all BatchNorm frozen."""
+        return self.step > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

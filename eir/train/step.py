@@ -1,0 +1,82 @@
+"""Run one continual step as a Ray Train `TorchTrainer` and return its confusion matrix.
+
+One trainer per step, named `step_<t>` under the run directory: Train V2 finds a run's state by
+`storage_path/name`, so a restarted driver (`--resume`) continues the unfinished step from its
+last epoch checkpoint, and a fresh run never shares a name with another run's step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import ray.data
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from eir import storage
+from eir.storage import Location
+from eir.train.plan import StepPlan
+from eir.train.worker import CHECKPOINT_FILE, train_step_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutcome:
+    confusion: np.ndarray
+    epochs: pd.DataFrame  # one row per reported epoch: loss, lr, images_per_s
+    model_uri: str
+
+
+def run_train_step(
+    plan: StepPlan,
+    train_ds: ray.data.Dataset,
+    eval_ds: ray.data.Dataset,
+    step_dir: Location,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    checkpoints_to_keep: int,
+    max_failures: int,
+) -> StepOutcome:
+    """Fit the step, then publish `step_dir/model.pt` (weights + head sizes) for step t+1."""
+    trainer = TorchTrainer(
+        train_step_worker,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=step_dir.uri,
+            storage_filesystem=None if step_dir.is_local else step_dir.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": train_ds, "test": eval_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"step {plan.step} failed: {result.error}") from result.error
+    confusion = np.asarray(result.metrics["confusion"], dtype=np.int64)
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
+    model_loc = step_dir.join("model.pt")
+    _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
+    epochs = result.metrics_dataframe
+    return StepOutcome(confusion=confusion, epochs=epochs, model_uri=model_loc.uri)
+
+
+def _write_model(loc: Location, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes_atomic(loc, buffer.getvalue())

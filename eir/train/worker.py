@@ -1,0 +1,171 @@
+"""The per-worker training loop of one step (runs inside a Ray Train worker).
+
+Flat on purpose, in the shape of torchvision's segmentation reference: build the model, load
+step t−1, resume from the last epoch checkpoint if Ray Train restarted us, then epochs of
+stream → normalise → forward → loss → SGD, one `ray.train.report` with a checkpoint per epoch,
+and after the last epoch the step's confusion matrix on the test stream, summed over workers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from eir import storage
+from eir.data.transforms import normalize
+from eir.losses import bce_loss, soft_targets
+from eir.model import build_model
+from eir.train.evaluate import confusion_on_batches
+from eir.train.plan import StepPlan
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def load_torch(uri: str) -> dict:
+    """A torch file from a local path or a URI (weights only: plain tensors and containers)."""
+    return torch.load(io.BytesIO(storage.read_bytes(storage.resolve(uri))), map_location="cpu", weights_only=True)
+
+
+def build_step_model(plan: StepPlan) -> torch.nn.Module:
+    """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus a new head for C_t."""
+    if plan.step == 0:
+        return build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
+    model = build_model(plan.backbone, plan.head_sizes[:-1], output_stride=plan.output_stride, weights=None)
+    previous = load_torch(plan.previous_model)
+    expected = list(plan.head_sizes[:-1])
+    if list(previous.get("head_sizes", [])) != expected:
+        raise ValueError(
+            f"checkpoint {plan.previous_model} has heads {previous.get('head_sizes')} but step {plan.step} "
+            f"expects step t−1's heads {expected}: it comes from a different task or class order"
+        )
+    model.load_previous(previous["model"])
+    model.add_step_head(plan.head_sizes[-1], init=plan.new_head_init)
+    return model
+
+
+def _poly(iteration: int, total: int, power: float = 0.9) -> float:
+    return max(0.0, 1.0 - iteration / max(1, total)) ** power
+
+
+def train_step_worker(plan_dict: dict) -> None:
+    plan = StepPlan(**plan_dict)
+    torch.set_num_threads(plan.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(plan.seed * 1000 + plan.step * 10 + rank)
+    amp = plan.amp and device.type == "cuda"
+
+    core = build_step_model(plan)
+    if world > 1 and device.type == "cuda":
+        core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    if plan.freeze_batchnorm:
+        core.freeze_batchnorm()
+    optimizer = torch.optim.SGD(
+        core.param_groups(plan.lr, plan.weight_decay), lr=plan.lr, momentum=plan.momentum, nesterov=True
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start_epoch, iteration = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, iteration = state["epoch"] + 1, state["iteration"]
+        if rank == 0:
+            print(f"[step {plan.step}] resumed from the epoch {state['epoch'] + 1} checkpoint", flush=True)
+    model = ray.train.torch.prepare_model(core)
+
+    rows_per_worker = plan.num_train_rows // world
+    iters_per_epoch = max(1, math.ceil(rows_per_worker / plan.per_worker_batch))
+    total_iters = plan.epochs * iters_per_epoch
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, plan.epochs):
+        model.train()
+        started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
+        ):
+            if plan.fail_at_iteration is not None and iteration == plan.fail_at_iteration and rank == 0:
+                marker = os.environ.get("EIR_FAULT_MARKER")
+                if marker and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)  # simulate a lost worker, once
+            factor = _poly(iteration, total_iters)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            images = normalize(batch["image"])
+            targets, valid = soft_targets(batch["label"].long(), plan.num_channels)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(images)
+            loss = bce_loss(logits.float(), targets, valid)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += float(loss.detach())
+            seen += images.shape[0]
+            batches += 1
+            iteration += 1
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, batches),
+            "lr": base_lrs[0] * _poly(iteration, total_iters),
+            "images_per_s": seen * world / max(elapsed, 1e-9),
+            "iteration": iteration,
+        }
+        if epoch == plan.epochs - 1:
+            metrics["confusion"] = _evaluate(core, plan, device, rank, world, amp)
+        _report(metrics, core, optimizer, scaler, epoch, iteration, rank, plan)
+    if start_epoch >= plan.epochs:  # restarted after the last checkpoint: only the scores are missing
+        ray.train.report({"epoch": plan.epochs, "confusion": _evaluate(core, plan, device, rank, world, amp)})
+
+
+def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool) -> list:
+    shard = ray.train.get_dataset_shard("test")
+    batches = shard.iter_batches(batch_size=plan.eval_batch, batch_format="numpy")
+    matrix = torch.from_numpy(
+        confusion_on_batches(core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp)
+    )
+    if world > 1:
+        matrix = matrix.to(device)
+        dist.all_reduce(matrix)
+    return matrix.cpu().tolist()
+
+
+def _report(metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position)."""
+    if rank == 0:
+        print(
+            f"[step {plan.step}] epoch {metrics['epoch']}/{plan.epochs} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s",
+            flush=True,
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            state = {
+                "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "iteration": iteration,
+                "head_sizes": list(plan.head_sizes),
+            }
+            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,64 @@
+"""Pictures people would rather look at than read: confusion matrices, prediction grids, curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def palette(num_colors: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), with ignore (255) drawn white."""
+    colors = np.zeros((num_colors, 3), dtype=np.uint8)
+    for index in range(num_colors):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colors[index] = (r, g, b)
+    colors[255] = (255, 255, 255)
+    return colors
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    return palette()[label.astype(np.uint8)]
+
+
+def confusion_figure(matrix: np.ndarray, names: Sequence[str], path: str, title: str) -> None:
+    """Row-normalised confusion matrix (recall per ground-truth class)."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
+    size = max(4.0, 0.45 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(normalised, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str], path: str) -> None:
+    """A grid of RGB panels: one row per sample, one column per header."""
+    n_rows, n_cols = len(rows), len(headers)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(panel)
+            ax.axis("off")
+            if r == 0:
+                ax.set_title(headers[c], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""eir's one command line: prepare data, run experiments (more subcommands land with their issues).
+
+Experiment settings live in YAML files under experiments/ with key=value overrides; this file
+only parses arguments and calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from eir import storage
+from eir.config import ConfigError
+from eir.data.base import DatasetError
+from eir.tasks import TaskError
+from eir.train.experiment import RunDirError
+
+log = logging.getLogger("eir")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from eir.data.prepare import prepare_split
+    from eir.data.synthetic import generate_synthetic
+
+    out = storage.resolve(args.out)
+    if args.dataset == "synthetic":
+        raw = Path(args.out) / "raw"
+        generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size)
+        root, splits = raw, ["train", "val"]
+    else:
+        if not args.root:
+            raise DatasetError(f"--root is required for dataset {args.dataset!r} (the raw dataset folder)")
+        root, splits = Path(args.root), [args.split]
+    for split in splits:
+        manifest = prepare_split(
+            args.dataset, root, split, out.join(split), image_scale=args.image_scale, overwrite=args.overwrite
+        )
+        print(f"{manifest.location.uri}: {manifest.num_rows} rows, {len(manifest.shards)} shards, checksum {manifest.checksum[:16]}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from eir.config import load_config
+    from eir.train.experiment import run_experiment
+
+    config = load_config(args.config, args.overrides)
+    document = run_experiment(config, resume=args.resume, dry_run=args.dry_run)
+    if not args.dry_run:
+        run_dir = storage.resolve(config.run.output_dir).join(config.run.name)
+        print(f"results: {run_dir.join('results.json').uri}")
+    return 0 if document["status"] in ("finished", "dry_run") else 1
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from eir.train.evaluate_run import evaluate_run
+
+    document = evaluate_run(args.run_dir, dataset=args.dataset, root=args.root, split=args.split, step=args.step,
+                            out=args.out, protocol=args.protocol)
+    step = document["steps"][0]
+    print(f"step {step['step']} on {args.dataset}/{args.split}: mIoU all {step['mIoU_all']}, old {step['mIoU_old']}, "
+          f"new {step['mIoU_new']}, hIoU {step['hIoU']}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from eir.train import cache
+
+    root = storage.resolve(args.output_dir)
+    if args.clear:
+        print(f"removed {cache.clear(root)} step-0 cache entries under {root.uri}")
+        return 0
+    entries = cache.list_entries(root)
+    if not entries:
+        print(f"no step-0 cache entries under {root.uri}")
+    for entry in entries:
+        state = "complete" if entry.pop("complete") else "INCOMPLETE"
+        print(f"{entry.pop('hash')}  {state}  " + "  ".join(f"{k}={v}" for k, v in entry.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="eir: continual semantic segmentation with Enhanced Instance Replay, on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              python launch.py run experiments/quickstart.yaml
+              python launch.py run experiments/camvid_5-3.yaml dataset.root=/data/CamVid method.name=joint
+              python launch.py prepare synthetic --num-images 600 --seed 0 --out data/synthetic
+              python launch.py prepare camvid --root /data/CamVid --split train --out data/camvid --image-scale 0.5
+            """
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = sub.add_parser(
+        "prepare",
+        help="ingest a dataset split into Parquet shards (or generate the synthetic dataset)",
+        description=textwrap.dedent(
+            """\
+            Ingest a dataset split into Parquet shards under OUT/<split>/ (image bytes, label PNG, instance PNG,
+            classes present with pixel counts) with a manifest holding the row count and a content checksum.
+            Idempotent (an unchanged source is skipped), atomic (temp folder + rename), and it refuses to replace
+            a different existing output unless --overwrite. `synthetic` generates a VOC-layout dataset into
+            OUT/raw/ first and prepares both its train and val splits. Other commands do this implicitly when
+            dataset.root names a raw dataset folder."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prep.add_argument("dataset", choices=["voc", "ade20k", "camvid", "folder", "synthetic"])
+    prep.add_argument("--root", help="raw dataset folder (VOC2012/, ADEChallengeData2016/, CamVid/, or a folder with images/ masks/)")
+    prep.add_argument("--split", default="train", help="split to ingest (train, val, train_aug, ...; default train)")
+    prep.add_argument("--out", required=True, help="output folder (a local path or a pyarrow URI); the split goes to OUT/<split>/")
+    prep.add_argument("--image-scale", type=float, default=1.0, help="resize images and labels at ingest (0.5 = half size)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing, different prepared output")
+    prep.add_argument("--num-images", type=int, default=600, help="synthetic: number of images (train + val)")
+    prep.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    prep.add_argument("--image-size", type=int, default=112, help="synthetic: image side in pixels")
+    prep.set_defaults(func=_cmd_prepare)
+
+    from eir.config import describe_keys
+
+    run = sub.add_parser(
+        "run",
+        help="run an experiment: steps 0..T on Ray Train, evaluated after every step, logged to MLflow",
+        description=textwrap.dedent(
+            """\
+            Run every step of a continual task from a YAML config (experiments/*.yaml) with key=value overrides.
+            Writes <run.output_dir>/<run.name>/ (config.yaml, step_<t>/ with model.pt and metrics, results.json)
+            and logs a parent MLflow run with one child per step. A finished step is never trained twice:
+            --resume continues an interrupted run; step 0 comes from the step-0 cache when settings agree."""
+        ),
+        epilog="config keys (defaults):\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 method.name=joint")
+    run.add_argument("--resume", action="store_true", help="continue an existing run directory (same config)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config and the step table, train nothing")
+    run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a run's checkpoint on any dataset split (same schema as results.json)",
+        description="Score the model of step --step (default: the last finished step) of RUN_DIR on a dataset split, "
+        "with the run's own task, class order and evaluation protocol (override with --protocol).",
+    )
+    ev.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
+    ev.add_argument("--dataset", required=True, choices=["voc", "ade20k", "camvid", "folder", "synthetic"])
+    ev.add_argument("--root", required=True, help="raw dataset folder or a prepared dataset folder")
+    ev.add_argument("--split", required=True, help="split to score, e.g. val or test")
+    ev.add_argument("--step", type=int, default=None, help="step whose model to score (default: last)")
+    ev.add_argument("--protocol", choices=["full", "center_crop"], default=None, help="override eval.protocol")
+    ev.add_argument("--out", default=None, help="write the results JSON here (default: print only)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    cache_cmd = sub.add_parser("cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/.")
+    cache_cmd.add_argument("--output-dir", default="outputs", help="the run.output_dir whose cache to manage (default outputs)")
+    group = cache_cmd.add_mutually_exclusive_group(required=True)
+    group.add_argument("--list", action="store_true", help="list the entries and the settings they were trained with")
+    group.add_argument("--clear", action="store_true", help="remove every entry")
+    cache_cmd.set_defaults(func=_cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after flags (`run X.yaml --resume a=1 b=2`).
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, TaskError, RunDirError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
