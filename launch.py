@@ -28,8 +28,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     out = storage.resolve(args.out)
     if args.dataset == "synthetic":
-        raw = Path(args.out) / "raw"
-        generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size)
+        if not out.is_local:
+            raise DatasetError(f"--out {args.out}: the synthetic generator writes local files; give a local folder")
+        raw = Path(out.path) / "raw"
+        try:
+            generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size)
+        except ValueError as exc:  # bad generator arguments: a user error, not a crash
+            raise DatasetError(f"prepare synthetic: {exc}") from exc
         root, splits = raw, ["train", "val"]
     else:
         if not args.root:

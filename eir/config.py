@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,8 +26,23 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message says which and why."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; configs mean the number, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 DatasetName = Literal["synthetic", "voc", "ade20k", "camvid", "folder"]
-MethodName = Literal["finetune", "joint"]
+MethodName = Literal["finetune", "joint", "image_replay", "instance_replay", "eir_no_rskd", "eir"]
 Backbone = Literal["mobilenet_v2", "resnet50", "resnet101"]
 EvalProtocol = Literal["full", "center_crop"]
 
@@ -53,6 +69,59 @@ class TaskConfig:
 @dataclass
 class MethodConfig:
     name: MethodName = "finetune"
+
+
+@dataclass
+class MemoryConfig:
+    kind: Literal["none", "instances", "images"] = "none"  # set by method.name
+    size: int = 100  # budget M: stored instances (or images, for image_replay) over all old classes
+    instance_rule: Literal["single_component", "components", "instance_masks"] = "single_component"
+    min_area: float = 0.0  # fraction of the image below which an instance is not stored
+
+
+@dataclass
+class PseudoConfig:
+    enabled: bool = False  # set by method.name
+    threshold: float = 0.7
+
+
+@dataclass
+class PasteConfig:
+    enabled: bool = False  # set by method.name
+    probability: float = 1.0
+    hard: bool = False  # lambda = 1 instead of U(0, 1)
+    max_instances: int = 3
+
+
+@dataclass
+class ReplayConfig:
+    # Share of stored-instance samples in the step's stream; null = every stored instance once per
+    # epoch (M / (N + M)); 0 = none. Set by method.name.
+    ratio: float | None = 0.0
+
+
+@dataclass
+class LossConfig:
+    bce_weight: float = 1.0
+    rskd_weight: float = 0.0  # set by method.name (eir: 5)
+    rskd_region: Literal["new_gt", "all", "complement"] = "new_gt"
+
+
+@dataclass
+class DataConfig:
+    num_cpus_per_worker: float = 1.0  # CPUs of each Ray Data decode/augment/paste task
+    pseudo_actors: int = 1  # actor-pool size of the pseudo-label batch inference
+
+
+# A method is a named set of knobs (applied to every key the config does not set itself).
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "finetune": {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
+    "joint": {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
+    "image_replay": {"memory.kind": "images", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
+    "instance_replay": {"memory.kind": "instances", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": None, "loss.rskd_weight": 0.0},
+    "eir_no_rskd": {"memory.kind": "instances", "pseudo.enabled": True, "paste.enabled": True, "replay.ratio": None, "loss.rskd_weight": 0.0},
+    "eir": {"memory.kind": "instances", "pseudo.enabled": True, "paste.enabled": True, "replay.ratio": None, "loss.rskd_weight": 5.0},
+}
 
 
 @dataclass
@@ -108,6 +177,12 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    paste: PasteConfig = field(default_factory=PasteConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -152,7 +227,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = get_origin(annotation)
     if origin is Literal:
         allowed = get_args(annotation)
-        if value not in allowed:
+        # Type-strict: 16.0 or True must not pass for 16 or 1 (they would change fingerprints).
+        if not any(type(value) is type(option) and value == option for option in allowed):
             raise ConfigError(f"bad value {value!r} for {key}: allowed values are {', '.join(map(repr, allowed))}")
         return value
     if origin in (Union, types.UnionType):
@@ -213,9 +289,9 @@ def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
-        raise ConfigError(f"config {path} inherits itself (cycle: {' -> '.join(map(str, seen))})")
+        raise ConfigError(f"config {path} inherits itself (cycle: {' -> '.join(map(str, (*seen, path.resolve())))})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
@@ -237,7 +313,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         try:
-            updates[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+            updates[key.strip()] = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
     return updates
@@ -246,11 +322,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
     """Defaults ← YAML file (with its `inherit:` chain) ← overrides, then validated."""
     config = ExperimentConfig()
+    explicit: set[str] = set()
     if path is not None:
-        _apply(config, _load_yaml_tree(Path(path)), str(path))
+        tree = _load_yaml_tree(Path(path))
+        _apply(config, tree, str(path))
+        explicit |= set(tree)
     if overrides:
         updates = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
         _apply(config, updates, "overrides")
+        explicit |= set(updates)
+    preset = {k: v for k, v in METHOD_PRESETS[config.method.name].items() if k not in explicit}
+    _apply(config, preset, f"method {config.method.name!r}")
     validate(config)
     return config
 
@@ -292,6 +374,26 @@ def validate(config: ExperimentConfig) -> None:
         )
     if config.dataset.name != "synthetic" and not config.dataset.root:
         raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
+    if config.memory.size < 0:
+        raise ConfigError(f"bad value {config.memory.size!r} for memory.size: expected 0 or more")
+    if not 0 <= config.memory.min_area < 1:
+        raise ConfigError(f"bad value {config.memory.min_area!r} for memory.min_area: expected a fraction in [0, 1)")
+    if not 0 < config.pseudo.threshold < 1:
+        raise ConfigError(f"bad value {config.pseudo.threshold!r} for pseudo.threshold: expected a sigmoid score in (0, 1)")
+    if not 0 <= config.paste.probability <= 1:
+        raise ConfigError(f"bad value {config.paste.probability!r} for paste.probability: expected 0..1")
+    if config.paste.max_instances < 1:
+        raise ConfigError(f"bad value {config.paste.max_instances!r} for paste.max_instances: expected >= 1")
+    if config.replay.ratio is not None and not 0 <= config.replay.ratio < 1:
+        raise ConfigError(f"bad value {config.replay.ratio!r} for replay.ratio: expected null or a share in [0, 1)")
+    needs_instances = {"paste.enabled": config.paste.enabled, "replay.ratio": config.replay.ratio != 0}
+    for key, used in needs_instances.items():
+        if used and config.memory.kind != "instances":
+            raise ConfigError(f"{key} needs the instance store, but memory.kind={config.memory.kind!r} (method {config.method.name!r})")
+    if config.loss.bce_weight < 0 or config.loss.rskd_weight < 0:
+        raise ConfigError("loss.bce_weight and loss.rskd_weight must be >= 0")
+    if config.data.pseudo_actors < 1 or config.data.num_cpus_per_worker <= 0:
+        raise ConfigError("data.pseudo_actors must be >= 1 and data.num_cpus_per_worker > 0")
     if not config.run.name or "/" in config.run.name:
         raise ConfigError(f"bad value {config.run.name!r} for run.name: expected a non-empty name without '/'")
 

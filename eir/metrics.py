@@ -111,9 +111,9 @@ class ConfusionMatrix:
 
     def accumulate(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         """Add one batch (class maps of equal shape)."""
-        if isinstance(pred, np.ndarray):
-            pred, target = torch.from_numpy(pred), torch.from_numpy(np.asarray(target))
         batch = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
         if self.tensor.device != batch.device:
             self.tensor = self.tensor.to(batch.device)
         self.tensor += batch
@@ -213,6 +213,8 @@ def reduce_scores(
 
 
 def _check_groups(old: list[int], new: list[int], num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"a {num_classes} x {num_classes} confusion matrix has no foreground class")
     overlap = sorted(set(old) & set(new))
     if overlap:
         raise ValueError(f"classes {overlap} are listed as both old and new")

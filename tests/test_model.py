@@ -147,3 +147,11 @@ def test_weights_file_of_another_network(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="not a torchvision mobilenet_v2 state dict"):
         build_model("mobilenet_v2", [3], weights=str(wrong))
+
+
+def test_freeze_batchnorm_covers_sync_batchnorm():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(small())
+    model.freeze_batchnorm()
+    model.train()
+    syncs = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert syncs and all(not m.training and not m.weight.requires_grad for m in syncs)

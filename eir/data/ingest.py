@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eir import storage
+from eir.data.codec import encode_png
 from eir.data.base import DatasetError, DatasetInfo, Sample, SegmentationReader
 from eir.storage import Location
 
@@ -77,12 +78,6 @@ class Manifest:
     @property
     def shard_uris(self) -> list[str]:
         return [loc.uri for loc in self.shard_locations]
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def _rescale(sample: Sample, scale: float) -> tuple[bytes, str, np.ndarray, np.ndarray | None]:
@@ -232,6 +227,8 @@ def ingest(
     a different fingerprint is re-ingested to a temp folder and compared by content checksum:
     equal content is kept as is, different content is refused unless `overwrite`.
     """
+    if not 0 < image_scale <= 1:
+        raise DatasetError(f"image_scale={image_scale}: expected 0 < scale <= 1 (0.5 = half size)")
     if storage.exists(out) and not is_prepared(out):
         if storage.list_dir(out) and not overwrite:
             raise FileExistsError(f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it")

@@ -8,14 +8,26 @@ trainer is uint8 crops and uint8 label maps (normalisation happens on the traine
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import ray.data
 import torch
 
+from eir import storage
+from eir.data.codec import encode_png
 from eir.data.ingest import Manifest
-from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb
+from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, normalize, pad_batch
+from eir.losses import NO_PASTE
+from eir.pseudo import merge_pseudo, pseudo_labels
+from eir.replay.paste import PasteConfig, index_by_channel, paste_instances
+from eir.replay.replay_sample import replay_canvas
+from eir.replay.store import InstanceStore
+from eir.storage import Location
 
 ROW_COLUMNS = ["id", "image", "label"]
 
@@ -28,6 +40,7 @@ def _read_rows(manifest: Manifest, ids: list[str], num_blocks: int | None = None
     """
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = False  # one bar per operator floods driver logs; eir prints its own progress
     ds = ray.data.read_parquet(
         manifest.shard_uris if not manifest.location.is_local else [loc.path for loc in manifest.shard_locations],
         filesystem=manifest.location.fs,
@@ -41,42 +54,118 @@ def _read_rows(manifest: Manifest, ids: list[str], num_blocks: int | None = None
     return ds.map_batches(keep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def _train_batch(batch: dict[str, np.ndarray], lut: np.ndarray, crop_size: int, scale: tuple[float, float]) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one step's per-epoch map does to each row; picklable, shipped with the map task.
+
+    `store` is an ObjectRef to the instance store's Parquet bytes (put once per step, decoded
+    once per worker process), so the store never travels with each batch.
+    """
+
+    lut: np.ndarray  # train LUT in channel space (background shift)
+    crop_size: int
+    scale: tuple[float, float] = (0.5, 2.0)
+    pseudo: bool = False  # rows carry a `pseudo` column: crop it with the image, fill background with it
+    paste: PasteConfig | None = None
+    old_channels: tuple[int, ...] = ()
+    class_to_channel: np.ndarray | None = None  # stored class ids → channels
+    replay_per_row: float = 0.0  # expected instance-replay samples emitted per input row
+    store: Any = None  # ObjectRef[bytes] of the InstanceStore
+
+    @property
+    def emits_paste_maps(self) -> bool:
+        return self.paste is not None or self.replay_per_row > 0
+
+
+_STORES: dict[str, tuple[list, dict[int, np.ndarray]]] = {}
+
+
+def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray]]:
+    """The decoded store and its rows per channel, cached per worker process (decoded once per step)."""
+    key = spec.store.hex()
+    if key not in _STORES:
+        store = InstanceStore.from_bytes(ray.get(spec.store))
+        _STORES.clear()  # one step's store at a time per process
+        _STORES[key] = (store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel))
+    return _STORES[key]
+
+
+def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
+    """Decode → LUT → joint crop/flip (+ pseudo-label) → EIR paste; plus instance-replay samples."""
     torch.set_num_threads(1)
-    augment = JointAugment(crop_size, scale=scale)
-    images, labels = [], []
-    for image_bytes, label_bytes in zip(batch["image"], batch["label"]):
-        image, label = augment(decode_rgb(image_bytes), lut[decode_map(label_bytes)])
-        images.append(image)
-        labels.append(label)
-    return {"image": np.stack(images), "label": np.stack(labels)}
+    rng = np.random.default_rng()
+    augment = JointAugment(spec.crop_size, scale=spec.scale)
+    arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
+    out: dict[str, list[np.ndarray]] = {"image": [], "label": [], "paste_class": [], "paste_weight": []}
+    no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
+    no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
+
+    def emit(image: np.ndarray, label: np.ndarray, paste_class: np.ndarray, paste_weight: np.ndarray) -> None:
+        out["image"].append(image)
+        out["label"].append(label)
+        out["paste_class"].append(paste_class)
+        out["paste_weight"].append(paste_weight)
+
+    for row in range(len(batch["image"])):
+        image, label = decode_rgb(batch["image"][row]), spec.lut[decode_map(batch["label"][row])]
+        if spec.pseudo:
+            image_c, label_c, pseudo_c = augment(image, label, decode_map(batch["pseudo"][row]))
+        else:
+            (image_c, label_c), pseudo_c = augment(image, label), None
+        if spec.paste is not None and arrays:
+            # Potential classes are those the pseudo-labels see but the ground truth lacks, so
+            # paste before the pseudo-labels are merged into the label.
+            hwc, paste_class, paste_weight, _ = paste_instances(
+                np.ascontiguousarray(image_c.transpose(1, 2, 0)),
+                label_c,
+                pseudo_c if pseudo_c is not None else np.zeros_like(label_c),
+                arrays,
+                by_channel,
+                spec.old_channels,
+                spec.paste,
+                rng,
+            )
+            image_c = hwc.transpose(2, 0, 1)
+        else:
+            paste_class, paste_weight = no_paste, no_weight
+        if pseudo_c is not None:
+            label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8)
+        emit(image_c, label_c, paste_class, paste_weight)
+        if arrays and spec.replay_per_row > 0:
+            for _ in range(int(spec.replay_per_row + rng.random())):
+                class_id, crop, mask = arrays[int(rng.integers(len(arrays)))]
+                canvas, canvas_label = replay_canvas(crop, mask, int(spec.class_to_channel[class_id]), spec.crop_size, rng)
+                image_r, label_r = augment(canvas, canvas_label)
+                emit(image_r, label_r, no_paste, no_weight)
+    columns = ("image", "label", "paste_class", "paste_weight") if spec.emits_paste_maps else ("image", "label")
+    return {name: np.stack(out[name]) for name in columns}
 
 
 def train_stream(
-    manifest: Manifest,
-    ids: list[str],
-    lut: np.ndarray,
+    manifest: Manifest | None,
+    ids: list[str] | None,
+    spec: StreamSpec,
     *,
-    crop_size: int,
-    scale: tuple[float, float] = (0.5, 2.0),
     batch_size: int = 8,
     num_cpus: float = 1.0,
+    rows: ray.data.Dataset | None = None,
 ) -> ray.data.Dataset:
-    """Decode → train LUT (background shift) → RandomResizedCrop + flip, per epoch, in CPU tasks."""
-    return (
-        _read_rows(manifest, ids)
-        .randomize_block_order()
-        .map_batches(
-            _train_batch,
-            fn_kwargs={"lut": lut, "crop_size": crop_size, "scale": scale},
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=num_cpus,
-        )
+    """The step's per-epoch training stream, in Ray Data CPU tasks.
+
+    Rows come from the prepared dataset (`manifest` + `ids`) or, when the step has
+    pseudo-labels or replayed images, from a ready Dataset (`rows`).
+    """
+    source = rows if rows is not None else _read_rows(manifest, ids)
+    return source.randomize_block_order().map_batches(
+        _train_batch,
+        fn_kwargs={"spec": spec},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
     )
 
 
-def _eval_batch(batch: dict[str, np.ndarray], lut: np.ndarray, protocol: str, crop_size: int) -> dict[str, np.ndarray]:
+def eval_batch(batch: dict[str, np.ndarray], lut: np.ndarray, protocol: str, crop_size: int) -> dict[str, np.ndarray]:
     images, labels = [], []
     for image_bytes, label_bytes in zip(batch["image"], batch["label"]):
         image, label = decode_rgb(image_bytes), lut[decode_map(label_bytes)]
@@ -95,8 +184,91 @@ def _eval_batch(batch: dict[str, np.ndarray], lut: np.ndarray, protocol: str, cr
 def eval_stream(manifest: Manifest, ids: list[str], lut: np.ndarray, *, protocol: str, crop_size: int) -> ray.data.Dataset:
     """Decode → test LUT (future classes → 0 or 255) → optional centre crop; no randomness."""
     return _read_rows(manifest, ids).map_batches(
-        _eval_batch,
+        eval_batch,
         fn_kwargs={"lut": lut, "protocol": protocol, "crop_size": crop_size},
         batch_size=8,
         batch_format="numpy",
+    )
+
+
+class PseudoLabeler:
+    """Batch inference with the frozen old model, as a Ray Data callable class (one model per actor).
+
+    Each actor loads step t−1's model once from shared storage; rows pass through with a new
+    `pseudo` column (uint8 PNG of old channels, 0 = none), computed on the un-augmented image.
+    """
+
+    def __init__(self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, threshold: float, use_gpu: bool):
+        from eir.train.artifacts import load_step_model
+
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_step_model(model_uri, backbone, output_stride).to(self.device)
+        self.lut = lut
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_rgb(b) for b in batch["image"]]
+        labels = [self.lut[decode_map(b)] for b in batch["label"]]
+        padded_images, padded_labels = pad_batch(images, labels)
+        x = normalize(torch.from_numpy(padded_images).permute(0, 3, 1, 2).to(self.device))
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            logits = self.model(x)
+        pseudo = pseudo_labels(logits.float(), torch.from_numpy(padded_labels).to(self.device), self.threshold).cpu().numpy()
+        encoded = [encode_png(pseudo[i, : label.shape[0], : label.shape[1]]) for i, label in enumerate(labels)]
+        return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": np.array(encoded, dtype=object)}
+
+
+def write_pseudo_labels(
+    manifest: Manifest,
+    ids: list[str],
+    out: Location,
+    *,
+    model_uri: str,
+    backbone: str,
+    output_stride: int,
+    lut: np.ndarray,
+    threshold: float,
+    actors: int,
+    use_gpu: bool,
+    batch_size: int = 8,
+) -> None:
+    """Label the step's rows once and publish them (with their image/label bytes) under `out`.
+
+    Written to a temporary sibling and published with a completion marker, so a crash never
+    leaves pseudo-labels that a resumed run would trust.
+    """
+    tmp = out.parent.join(f".{out.name}.tmp")
+    storage.delete_dir(tmp)
+    labelled = _read_rows(manifest, ids).map_batches(
+        PseudoLabeler,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "backbone": backbone,
+            "output_stride": output_stride,
+            "lut": lut,
+            "threshold": threshold,
+            "use_gpu": use_gpu,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    labelled.write_parquet(tmp.uri if not tmp.is_local else tmp.path, filesystem=tmp.fs)
+    storage.mark_complete(tmp, {"rows": len(ids)})
+    storage.delete_dir(out)
+    storage.publish_dir(tmp, out)
+
+
+def read_prepared_rows(folder: Location) -> ray.data.Dataset:
+    """Rows a step wrote itself (pseudo-labelled rows), one block per file (see `_read_rows`)."""
+    files = [name for name in storage.list_dir(folder) if name.endswith(".parquet")]
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    paths = [folder.join(name) for name in files]
+    return ray.data.read_parquet(
+        [p.path if p.is_local else p.uri for p in paths], filesystem=folder.fs, override_num_blocks=max(1, len(files))
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eir import storage
 from eir.data.base import DatasetError
-from eir.data.ingest import Manifest, ingest, is_prepared, read_manifest, source_fingerprint
+from eir.data.ingest import MANIFEST, Manifest, ingest, is_prepared, read_manifest, source_fingerprint
 from eir.data.registry import open_reader
 from eir.data.synthetic import generate_synthetic
 from eir.storage import Location
@@ -60,6 +60,23 @@ def synthetic_root(output_root: Location, num_images: int, image_size: int, seed
     return Path(output_root.path) / "datasets" / f"synthetic-raw-n{num_images}-s{image_size}-seed{seed}"
 
 
+def _prepared_at(root: Location, split: str) -> Manifest | None:
+    """The prepared `split` at root, or at root/<split> as `launch.py prepare` writes it; None if neither.
+
+    Checked the same way for local paths and URIs, so a prepared folder of the wrong split is
+    an error wherever it lives rather than silently used.
+    """
+    for candidate in (root, root.join(split)):
+        if is_prepared(candidate):
+            manifest = read_manifest(candidate)
+            if manifest.split != split:
+                raise DatasetError(
+                    f"{candidate.uri} is the prepared {manifest.split!r} split, but split {split!r} was asked for"
+                )
+            return manifest
+    return None
+
+
 def ensure_prepared(
     dataset: str,
     root: str,
@@ -75,15 +92,15 @@ def ensure_prepared(
     `synthetic` is (num_images, image_size, seed), used when dataset is "synthetic" and no root
     is given: the data is generated first.
     """
-    if root and "://" in root:
-        return read_manifest(storage.resolve(root))
-    if root and is_prepared(storage.resolve(root)):
-        manifest = read_manifest(storage.resolve(root))
-        if manifest.split != split:
-            raise DatasetError(f"{root} is the prepared {manifest.split!r} split, but split {split!r} was asked for")
-        return manifest
-    if root and Path(root).is_dir() and is_prepared(storage.resolve(Path(root) / split)):
-        return read_manifest(storage.resolve(Path(root) / split))
+    if root:
+        manifest = _prepared_at(storage.resolve(root), split)
+        if manifest is not None:
+            return manifest
+        if "://" in root:
+            raise DatasetError(
+                f"{root} is not a prepared dataset (no complete {MANIFEST} there or in {split}/): raw datasets "
+                "are read from local disk; run `launch.py prepare` and point dataset.root at its output"
+            )
     if dataset == "synthetic" and not root:
         num_images, image_size, seed = synthetic
         raw = synthetic_root(output_root, num_images, image_size, seed)
@@ -96,4 +113,6 @@ def ensure_prepared(
     if is_prepared(out):
         return read_manifest(out)
     log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, out.uri)
-    return prepare_split(dataset, root, split, out, image_scale=image_scale, progress=progress)
+    # The cache owns `out`: anything there now is an incomplete leftover (an object-store copy
+    # cut short), which must be replaced rather than block every later run.
+    return prepare_split(dataset, root, split, out, image_scale=image_scale, overwrite=True, progress=progress)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from eir.progress import progress as progress_bar
 
 GENERATOR_VERSION = 1
 
@@ -325,7 +325,7 @@ def _write_dataset(root: Path, params: _Params, progress: bool) -> None:
     dirs = {name: root / name for name in ("JPEGImages", "SegmentationClass", "SegmentationObject")}
     for folder in dirs.values():
         folder.mkdir(parents=True)
-    for index in tqdm(range(params.num_images), desc="synthetic images", unit="img", disable=not progress):
+    for index in progress_bar(range(params.num_images), "synthetic images", unit="img", enabled=progress):
         scene = render_scene(image_rng(params.seed, index), params.image_size, params.max_objects)
         name = f"{_sample_id(index)}.png"
         Image.fromarray(scene.image, "RGB").save(dirs["JPEGImages"] / name, format="PNG")

@@ -7,29 +7,13 @@ ship float tensors (four times the bytes through Ray's object store).
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The normalisation mean as an RGB pixel: a "neutral" grey that normalises to zero (METHOD.md §3.2).
-MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def decode_map(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
-
+from eir.data.codec import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, decode_map, decode_rgb  # noqa: F401 (re-exported)
 
 class JointAugment:
     """RandomResizedCrop + horizontal flip with the same parameters for the image and every map.

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from eir.progress import progress as progress_bar
 
 from eir.data.transforms import normalize, pad_batch
 from eir.metrics import ConfusionMatrix, predict
@@ -36,7 +36,7 @@ def confusion_on_batches(
     """
     model.eval()
     matrix = ConfusionMatrix(num_channels)
-    for index, batch in enumerate(tqdm(batches, desc="evaluate", total=total, disable=not progress, unit="batch")):
+    for index, batch in enumerate(progress_bar(batches, "evaluate", total=total, enabled=progress, unit="batch")):
         if index % world_size != rank:
             continue
         images, labels = pad_batch(list(batch["image"]), list(batch["label"]))

@@ -10,6 +10,7 @@ when an earlier run trained it under the same settings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -101,6 +102,21 @@ class Experiment:
     def eval_step(self, step: int) -> int:
         """The task step whose test protocol scores this schedule step (joint: the final step)."""
         return self.task.num_steps - 1 if self.is_joint else step
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        return {"train_split_checksum": self.train_splits.checksum, "test_split_checksum": self.test_splits.checksum}
+
+    def row(self, step: int, scores: StepScores, source: str) -> dict[str, Any]:
+        return step_row(
+            step,
+            scores,
+            class_names=self.train_manifest.info.class_names,
+            channels=self.channels,
+            seen_classes=self.task.classes_seen(self.eval_step(step)),
+            train_images=self.train_splits.counts[step],
+            source=source,
+        )
 
     def groups(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Old (C_0) and new (C_1..C_t) channels of the evaluated step."""
@@ -202,25 +218,37 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         momentum=cfg.train.momentum,
         weight_decay=cfg.train.weight_decay,
         num_train_rows=exp.train_splits.counts[step],
+        rows_per_epoch=exp.train_splits.counts[step],
         num_eval_rows=len(exp.test_splits.ids[exp.eval_step(step)]),
         eval_batch=cfg.eval.batch_size,
         old_channels=old,
         new_channels=new,
         amp=cfg.train.amp,
         seed=cfg.seed,
+        current_channels=tuple(range(1 + sum(head_sizes[:-1]), 1 + sum(head_sizes))),
+        bce_weight=cfg.loss.bce_weight,
+        rskd_weight=cfg.loss.rskd_weight,
+        rskd_region=cfg.loss.rskd_region,
         torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
         fail_at_iteration=int(os.environ["EIR_FAIL_AT_ITERATION"]) if os.environ.get("EIR_FAIL_AT_ITERATION") else None,
     )
 
 
-def step_row(exp: Experiment, step: int, scores: StepScores, source: str) -> dict[str, Any]:
+def step_row(
+    step: int,
+    scores: StepScores,
+    *,
+    class_names: tuple[str, ...],
+    channels: ChannelSpace,
+    seen_classes: tuple[int, ...],
+    train_images: int,
+    source: str,
+) -> dict[str, Any]:
     """The results.json entry of one step (IoU in percent; new/hIoU None at step 0)."""
-    names = exp.train_manifest.info.class_names
-    seen = exp.task.classes_seen(exp.eval_step(step))
-    per_class = {names[exp.channels.class_of_channel[ch]]: _clean(v) for ch, v in scores.per_class_iou.items()}
+    per_class = {class_names[channels.class_of_channel[ch]]: _clean(v) for ch, v in scores.per_class_iou.items()}
     return {
         "step": step,
-        "seen_classes": list(seen),
+        "seen_classes": list(seen_classes),
         "mIoU_all": _clean(scores.mIoU_all),
         "mIoU_old": _clean(scores.mIoU_old),
         "mIoU_new": _clean(scores.mIoU_new),
@@ -228,7 +256,7 @@ def step_row(exp: Experiment, step: int, scores: StepScores, source: str) -> dic
         "mIoU_all_fg": _clean(scores.mIoU_all_fg),
         "mIoU_old_fg": _clean(scores.mIoU_old_fg),
         "per_class_IoU": per_class,
-        "train_images": exp.train_splits.counts[step],
+        "train_images": train_images,
         "source": source,
     }
 
@@ -237,21 +265,22 @@ def _clean(value: float | None) -> float | None:
     return None if value is None or value != value else round(float(value), 4)
 
 
-def results_document(exp: Experiment, rows: list[dict[str, Any]], status: str) -> dict[str, Any]:
-    cfg = exp.config
+def results_document(
+    config: ExperimentConfig, rows: list[dict[str, Any]], status: str, checksums: dict[str, str]
+) -> dict[str, Any]:
+    """The results.json document; `checksums` names the data splits the numbers come from."""
     alls = [r["mIoU_all"] for r in rows if r["mIoU_all"] is not None]
     return {
         "status": status,
-        "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
-        "task": cfg.task.name,
-        "task_setting": cfg.task.setting,
-        "seed": cfg.seed,
-        "eval_protocol": cfg.eval.protocol,
+        "method": config.method.name,
+        "dataset": config.dataset.name,
+        "task": config.task.name,
+        "task_setting": config.task.setting,
+        "seed": config.seed,
+        "eval_protocol": config.eval.protocol,
         "git_sha": git_sha(),
-        "run_name": cfg.run.name,
-        "train_split_checksum": exp.train_splits.checksum,
-        "test_split_checksum": exp.test_splits.checksum,
+        "run_name": config.run.name,
+        **checksums,
         "mean_mIoU_all_over_steps": round(mean_over_steps(alls), 4) if alls else None,
         "steps": rows,
     }
@@ -272,7 +301,7 @@ def run_experiment(
     print(step_table(exp))
     if dry_run:
         print(dump_yaml(config))
-        return results_document(exp, [], "dry_run")
+        return results_document(config, [], "dry_run", exp.checksums)
     check_run_dir(exp, resume)
 
     from eir.raysession import ensure_ray
@@ -306,11 +335,11 @@ def run_experiment(
             previous_model = step_dir.join("model.pt").uri
             rows.append(row)
             tracker.metrics(parent, _numeric(row), step=step)
-            storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(exp, rows, "running"))
+            storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(config, rows, "running", exp.checksums))
             print(scores_table(rows), flush=True)
             if reporter is not None:
                 reporter(step, row)
-        document = results_document(exp, rows, "finished")
+        document = results_document(config, rows, "finished", exp.checksums)
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)
         tracker.metrics(parent, {"mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
                                  **{f"final_{k}": v for k, v in _numeric(rows[-1]).items()}}, step=len(rows) - 1)
@@ -335,6 +364,66 @@ def _local_copy(loc: Location) -> str:
     return path
 
 
+def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: str | None, plan: StepPlan) -> tuple[Any, int]:
+    """The step's training stream: rows (pseudo-labelled, plus replayed images) → decode/augment/paste.
+
+    Pseudo-labels are computed once per step by batch inference and stored in `step_<t>/pseudo/`,
+    reused every epoch and on resume. The instance store reaches the data workers through Ray's
+    object store once per step.
+    """
+    import ray
+    import ray.data
+
+    from eir.data.pipeline import StreamSpec, _read_rows, read_prepared_rows, train_stream, write_pseudo_labels
+    from eir.replay.paste import PasteConfig as PasteSettings
+    from eir.train.memory import load_memory
+
+    cfg = exp.config
+    ids = exp.train_splits.step_ids(step)
+    lut = exp.channels.map_lut(exp.schedule.train_lut(step))
+    incremental = step > 0
+    rows = None
+    pseudo = incremental and cfg.pseudo.enabled
+    if pseudo:
+        folder = step_dir.join("pseudo")
+        if not storage.is_complete(folder):
+            log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))", step, len(ids), step - 1, cfg.data.pseudo_actors)
+            write_pseudo_labels(exp.train_manifest, ids, folder, model_uri=previous_model, backbone=cfg.model.backbone,
+                                output_stride=cfg.model.output_stride, lut=lut, threshold=cfg.pseudo.threshold,
+                                actors=cfg.data.pseudo_actors, use_gpu=cfg.scaling.use_gpu)
+        else:
+            log.info("step %d: reusing the pseudo-labels in %s", step, folder.uri)
+        rows = read_prepared_rows(folder).select_columns(["id", "image", "label", "pseudo"])
+    memory = load_memory(exp.run_dir.join(f"step_{step - 1}"), cfg.memory.kind) if incremental else None
+    store_ref, replay_per_row, paste = None, 0.0, None
+    if cfg.memory.kind == "images" and memory is not None and len(memory):
+        # DKD-M: the stored images join the stream and are relabelled with this step's LUT,
+        # so the old objects in them are background.
+        replayed = ray.data.from_arrow(memory.table.select(["id", "image", "label"]))
+        rows = (rows if rows is not None else _read_rows(exp.train_manifest, ids)).union(replayed)
+    if cfg.memory.kind == "instances" and memory is not None and len(memory):
+        store_ref = ray.put(memory.to_bytes())
+        ratio = cfg.replay.ratio
+        replay_per_row = len(memory) / max(1, len(ids)) if ratio is None else ratio / (1.0 - ratio)
+        if cfg.paste.enabled:
+            paste = PasteSettings(max_instances=cfg.paste.max_instances, hard=cfg.paste.hard, probability=cfg.paste.probability)
+    spec = StreamSpec(
+        lut=lut,
+        crop_size=cfg.train.crop_size,
+        scale=(cfg.train.scale_min, cfg.train.scale_max),
+        pseudo=pseudo,
+        paste=paste,
+        old_channels=tuple(range(1, 1 + sum(plan.head_sizes[:-1]))),
+        class_to_channel=exp.channels.lut,
+        replay_per_row=replay_per_row,
+        store=store_ref,
+    )
+    extra = len(memory) if cfg.memory.kind == "images" and memory is not None else round(len(ids) * replay_per_row)
+    stream = train_stream(exp.train_manifest, ids, spec, batch_size=plan.per_worker_batch,
+                          num_cpus=cfg.data.num_cpus_per_worker, rows=rows)
+    return stream, len(ids) + extra
+
+
 def _run_step(
     exp: Experiment,
     step: int,
@@ -344,8 +433,9 @@ def _run_step(
     run_ids: dict[str, str],
     parent: str,
 ) -> dict[str, Any]:
-    from eir.data.pipeline import eval_stream, train_stream
+    from eir.data.pipeline import eval_stream
     from eir.tracking import save_run_ids
+    from eir.train.memory import build_memory, load_memory
     from eir.train.step import run_train_step
 
     cfg = exp.config
@@ -387,12 +477,11 @@ def _run_step(
         epochs = None
     else:
         started = time.perf_counter()
+        stream, rows_per_epoch = step_stream(exp, step, step_dir, previous_model, plan)
+        plan = dataclasses.replace(plan, rows_per_epoch=rows_per_epoch)
         outcome = run_train_step(
             plan,
-            train_stream(exp.train_manifest, exp.train_splits.step_ids(step),
-                         exp.channels.map_lut(exp.schedule.train_lut(step)),
-                         crop_size=cfg.train.crop_size, scale=(cfg.train.scale_min, cfg.train.scale_max),
-                         batch_size=plan.per_worker_batch),
+            stream,
             eval_stream(exp.test_manifest, list(exp.test_splits.ids[eval_step]),
                         exp.channels.map_lut(exp.task.test_lut(eval_step)),
                         protocol=cfg.eval.protocol, crop_size=cfg.eval.crop_size),
@@ -410,9 +499,14 @@ def _run_step(
             storage.write_json_atomic(cache_loc.join("confusion.json"), confusion.tolist())
             storage.write_json_atomic(cache_loc.join("key.json"), key0)
             storage.mark_complete(cache_loc)
+    if cfg.memory.kind != "none" and step < exp.schedule.num_steps - 1:
+        previous = load_memory(exp.run_dir.join(f"step_{step - 1}"), cfg.memory.kind) if step > 0 else None
+        summary = build_memory(exp, step, step_dir, previous)
+        tracker.metrics(child, {"memory_stored": summary["stored"], "memory_bytes": summary["bytes"],
+                                **{f"memory_class_{c}": n for c, n in summary["histogram"].items()}}, step=step)
     old, new = exp.groups(step)
     scores = reduce_scores(confusion, old, new, background_is_class=exp.train_manifest.info.background_is_class)
-    row = step_row(exp, step, scores, source)
+    row = exp.row(step, scores, source)
     if epochs is not None:
         for _, epoch_row in epochs.iterrows():
             tracker.metrics(child, {k: epoch_row.get(k) for k in ("loss", "lr", "images_per_s") if k in epoch_row}, step=int(epoch_row["epoch"]))

@@ -26,12 +26,17 @@ class StepPlan:
     momentum: float
     weight_decay: float
     num_train_rows: int
+    rows_per_epoch: int  # training images + replayed samples: sets the poly schedule's length
     num_eval_rows: int
     eval_batch: int
     old_channels: tuple[int, ...]  # C_0 in channel space (without 0), for the step's scores
     new_channels: tuple[int, ...]
     amp: bool
     seed: int
+    current_channels: tuple[int, ...] = ()  # channels of C_t (RSKD's "new_gt" region)
+    bce_weight: float = 1.0
+    rskd_weight: float = 0.0  # > 0 at t ≥ 1: the trainer holds the frozen old model
+    rskd_region: str = "new_gt"
     torch_threads: int = 1
     fail_at_iteration: int | None = None  # fault injection for the fault-tolerance tests
 
@@ -43,6 +48,10 @@ class StepPlan:
     def freeze_batchnorm(self) -> bool:
         """METHOD.md §2: incremental steps train with all BatchNorm frozen."""
         return self.step > 0
+
+    @property
+    def needs_old_model(self) -> bool:
+        return self.step > 0 and self.rskd_weight > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from eir import storage
 from eir.data.transforms import normalize
-from eir.losses import bce_loss, soft_targets
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
 from eir.model import build_model
 from eir.train.evaluate import confusion_on_batches
 from eir.train.plan import StepPlan
@@ -36,10 +36,8 @@ def load_torch(uri: str) -> dict:
     return torch.load(io.BytesIO(storage.read_bytes(storage.resolve(uri))), map_location="cpu", weights_only=True)
 
 
-def build_step_model(plan: StepPlan) -> torch.nn.Module:
-    """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus a new head for C_t."""
-    if plan.step == 0:
-        return build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
+def build_old_model(plan: StepPlan) -> torch.nn.Module:
+    """Step t−1's model, loaded from its checkpoint (the heads must match: same task and order)."""
     model = build_model(plan.backbone, plan.head_sizes[:-1], output_stride=plan.output_stride, weights=None)
     previous = load_torch(plan.previous_model)
     expected = list(plan.head_sizes[:-1])
@@ -49,6 +47,14 @@ def build_step_model(plan: StepPlan) -> torch.nn.Module:
             f"expects step t−1's heads {expected}: it comes from a different task or class order"
         )
     model.load_previous(previous["model"])
+    return model
+
+
+def build_step_model(plan: StepPlan) -> torch.nn.Module:
+    """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus a new head for C_t."""
+    if plan.step == 0:
+        return build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
+    model = build_old_model(plan)
     model.add_step_head(plan.head_sizes[-1], init=plan.new_head_init)
     return model
 
@@ -88,8 +94,12 @@ def train_step_worker(plan_dict: dict) -> None:
         if rank == 0:
             print(f"[step {plan.step}] resumed from the epoch {state['epoch'] + 1} checkpoint", flush=True)
     model = ray.train.torch.prepare_model(core)
+    old_model = None
+    if plan.needs_old_model:  # RSKD distils from the frozen step t−1 model, on the same (pasted) batch
+        old_model = build_old_model(plan).to(device).eval()
+        old_model.requires_grad_(False)
 
-    rows_per_worker = plan.num_train_rows // world
+    rows_per_worker = plan.rows_per_epoch // world
     iters_per_epoch = max(1, math.ceil(rows_per_worker / plan.per_worker_batch))
     total_iters = plan.epochs * iters_per_epoch
     train_shard = ray.train.get_dataset_shard("train")
@@ -108,10 +118,18 @@ def train_step_worker(plan_dict: dict) -> None:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             images = normalize(batch["image"])
-            targets, valid = soft_targets(batch["label"].long(), plan.num_channels)
+            label = batch["label"].long()
+            targets, valid = soft_targets(label, plan.num_channels, batch.get("paste_class"), batch.get("paste_weight"))
             with torch.autocast(device.type, enabled=amp):
                 logits = model(images)
-            loss = bce_loss(logits.float(), targets, valid)
+                old_logits = None
+                if old_model is not None:
+                    with torch.no_grad():
+                        old_logits = old_model(images)
+            loss = plan.bce_weight * bce_loss(logits.float(), targets, valid)
+            if old_logits is not None:
+                region = region_mask(label, plan.current_channels, plan.rskd_region)
+                loss = loss + plan.rskd_weight * rskd_loss(logits.float(), old_logits.float(), region)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -127,6 +145,8 @@ def train_step_worker(plan_dict: dict) -> None:
             "lr": base_lrs[0] * _poly(iteration, total_iters),
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "iteration": iteration,
+            "epoch_s": elapsed,
+            "eta_s": elapsed * (plan.epochs - epoch - 1),
         }
         if epoch == plan.epochs - 1:
             metrics["confusion"] = _evaluate(core, plan, device, rank, world, amp)
@@ -152,7 +172,8 @@ def _report(metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int,
     if rank == 0:
         print(
             f"[step {plan.step}] epoch {metrics['epoch']}/{plan.epochs} loss {metrics['loss']:.4f} "
-            f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s",
+            f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {metrics['epoch_s']:.0f}s, "
+            f"ETA {metrics['eta_s'] / 60:.1f} min",
             flush=True,
         )
     with tempfile.TemporaryDirectory() as folder:

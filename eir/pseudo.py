@@ -1,0 +1,31 @@
+"""Pseudo-labels from the frozen old model (METHOD.md §3.3 step 1).
+
+On pixels whose step-t label is background, the old model's most confident *foreground* class
+is taken when its sigmoid reaches the threshold (0.7): those are old objects that background
+shift hid. The map holds old channels only (0 = none), so the caller can tell pseudo-labelled
+pixels from ground truth, and it is computed once per step on the un-augmented image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pseudo_labels(old_logits: torch.Tensor, label: torch.Tensor, threshold: float = 0.7) -> torch.Tensor:
+    """old_logits B x C_old x H x W, label B x H x W (channel space) → uint8 B x H x W (0 = no pseudo-label)."""
+    if old_logits.dim() != 4 or label.dim() != 3 or old_logits.shape[-2:] != label.shape[-2:]:
+        raise ValueError(f"shapes do not match: logits {tuple(old_logits.shape)}, label {tuple(label.shape)}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"pseudo.threshold is a sigmoid score in (0, 1), got {threshold}")
+    if old_logits.shape[1] < 2:
+        return torch.zeros(label.shape, dtype=torch.uint8, device=label.device)
+    best, index = old_logits[:, 1:].max(dim=1)
+    confident = (best >= math.log(threshold / (1.0 - threshold))) & (label == 0)
+    return torch.where(confident, index + 1, torch.zeros_like(index)).to(torch.uint8)
+
+
+def merge_pseudo(label, pseudo):
+    """Training label with pseudo-labels filled into background pixels (works on numpy or torch)."""
+    return (label == 0) * pseudo + (label != 0) * label

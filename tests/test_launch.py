@@ -1,0 +1,67 @@
+"""The command line as a user types it: help texts, dry runs, and errors that name the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [[], ["prepare"], ["run"], ["evaluate"], ["cache"]])
+def test_help_explains_each_command(command: list[str]) -> None:
+    result = launch(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: launch.py" in result.stdout
+
+
+def test_run_help_lists_every_config_key() -> None:
+    out = launch("run", "--help").stdout
+    for key in ("dataset.root", "task.name", "method.name", "train.epochs_incremental", "eval.protocol", "scaling.num_workers"):
+        assert key in out
+
+
+def test_dry_run_prints_the_step_table(tmp_path: Path) -> None:
+    result = launch(
+        "run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run",
+        f"run.output_dir={tmp_path}", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train imgs" in result.stdout and "task:" in result.stdout
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_unknown_key_suggests_close_ones(tmp_path: Path) -> None:
+    result = launch("run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run", "train.epoch=3")
+    assert result.returncode == 2
+    assert "train.epoch" in result.stderr and "train.epochs" in result.stderr
+
+
+def test_bad_value_names_allowed_values() -> None:
+    result = launch("run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run", "method.name=magic")
+    assert result.returncode == 2
+    assert "method.name" in result.stderr and "finetune" in result.stderr
+
+
+def test_overrides_may_follow_flags(tmp_path: Path) -> None:
+    result = launch(
+        "run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run", f"run.output_dir={tmp_path}",
+        "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "15-5" in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_config_loads(config: Path) -> None:
+    from eir.config import load_config
+
+    loaded = load_config(config)
+    assert loaded.train.batch_size % loaded.scaling.num_workers == 0

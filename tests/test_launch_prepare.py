@@ -1,0 +1,50 @@
+"""`launch.py prepare` and the top-level help, run as a user runs them: a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from eir import storage
+from eir.data.ingest import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_prepare_synthetic_writes_both_splits(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    result = launch("prepare", "synthetic", "--num-images", "20", "--image-size", "48", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    # 20 images, 20% for val: 16 train rows, 4 val rows.
+    assert lines[0].startswith(f"{out}/train: 16 rows, 1 shards, checksum ")
+    assert lines[1].startswith(f"{out}/val: 4 rows, 1 shards, checksum ")
+    assert (out / "raw" / "SYNTHETIC.json").is_file()
+    train = read_manifest(storage.resolve(out / "train"))
+    assert (train.split, train.num_rows) == ("train", 16)
+    assert lines[0].endswith(train.checksum[:16])
+
+
+def test_prepare_with_a_missing_root_exits_2_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "CamVid"
+    result = launch("prepare", "camvid", "--root", str(missing), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert f"error: dataset root {missing} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_exits_0() -> None:
+    top = launch("--help")
+    assert top.returncode == 0 and "prepare" in top.stdout and "run" in top.stdout
+    sub = launch("prepare", "--help")
+    assert sub.returncode == 0
+    assert "--image-scale" in sub.stdout and "--overwrite" in sub.stdout and "synthetic" in sub.stdout

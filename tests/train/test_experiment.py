@@ -1,0 +1,146 @@
+"""End-to-end runs on a tiny synthetic dataset, on the shared local Ray session.
+
+Each Ray Train step costs seconds of start-up, so the module trains one 2-step run and derives
+every other check from it (resume, the step-0 cache, evaluate, MLflow tree) with the fewest
+extra steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from eir.config import load_config
+from eir.train.evaluate_run import evaluate_run
+from eir.train.experiment import RunDirError, run_experiment
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "dataset.name=synthetic",
+    "dataset.synthetic_num_images=40",
+    "dataset.synthetic_image_size=48",
+    "task.name=15-5",
+    "model.weights=null",
+    "train.epochs=2",
+    "train.epochs_incremental=1",
+    "train.batch_size=8",
+    "train.crop_size=48",
+    "eval.batch_size=8",
+    "scaling.cpus_per_worker=1",
+]
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return tmp_path_factory.mktemp("runs")
+
+
+def tiny_config(output_dir: Path, *extra: str):
+    return load_config(overrides=[*TINY, f"run.output_dir={output_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finetune_run(ray_session, output_dir: Path) -> dict:
+    return run_experiment(tiny_config(output_dir, "run.name=finetune"), progress=False)
+
+
+def test_results_json_schema(finetune_run: dict, output_dir: Path) -> None:
+    on_disk = json.loads((output_dir / "finetune" / "results.json").read_text())
+    assert on_disk == finetune_run
+    assert on_disk["status"] == "finished"
+    for key in ("method", "dataset", "task", "task_setting", "seed", "eval_protocol", "git_sha", "mean_mIoU_all_over_steps"):
+        assert key in on_disk
+    step0, step1 = on_disk["steps"]
+    assert step0["seen_classes"] == list(range(1, 16))
+    assert step1["seen_classes"] == list(range(1, 21))
+    assert step0["mIoU_new"] is None and step0["hIoU"] is None
+    assert step1["mIoU_new"] is not None and step1["hIoU"] is not None
+    assert set(step1["per_class_IoU"]) >= {"background", "red_flat_disc", "purple_flat_triangle"}
+    for key in ("mIoU_all", "mIoU_old", "mIoU_all_fg", "mIoU_old_fg"):
+        assert 0.0 <= step1[key] <= 100.0
+    assert on_disk["mean_mIoU_all_over_steps"] == pytest.approx((step0["mIoU_all"] + step1["mIoU_all"]) / 2, abs=1e-3)
+
+
+def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> None:
+    for step in (0, 1):
+        folder = output_dir / "finetune" / f"step_{step}"
+        for name in ("_COMPLETE", "model.pt", "metrics.json", "confusion.json", "plan.json", "confusion.png", "predictions.png"):
+            assert (folder / name).is_file(), f"{folder / name} missing"
+    plan = json.loads((output_dir / "finetune" / "step_1" / "plan.json").read_text())
+    assert plan["head_sizes"] == [15, 5] and plan["per_worker_batch"] == 8 and plan["weights"] is None
+
+
+def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    parents = [r for r in runs if r.info.run_name == "finetune"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["step_0", "step_1"]
+    assert parent.data.params["method.name"] == "finetune"
+    assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(finetune_run["steps"][-1]["mIoU_all"], abs=1e-3)
+    step1 = next(r for r in children if r.info.run_name == "step_1")
+    assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(step1.info.run_id)}
+    assert {"per_class_iou.csv", "confusion.png", "predictions.png"} <= artifacts
+
+
+def test_existing_run_dir_needs_resume(finetune_run: dict, output_dir: Path) -> None:
+    with pytest.raises(RunDirError, match="--resume"):
+        run_experiment(tiny_config(output_dir, "run.name=finetune"), progress=False)
+
+
+def test_resume_with_different_config_names_the_keys(finetune_run: dict, output_dir: Path) -> None:
+    with pytest.raises(RunDirError, match=r"train\.lr_incremental"):
+        run_experiment(tiny_config(output_dir, "run.name=finetune", "train.lr_incremental=0.5"), resume=True, progress=False)
+
+
+def test_resume_of_finished_run_skips_every_step(finetune_run: dict, output_dir: Path) -> None:
+    model = output_dir / "finetune" / "step_1" / "model.pt"
+    before = model.stat().st_mtime_ns
+    again = run_experiment(tiny_config(output_dir, "run.name=finetune"), resume=True, progress=False)
+    assert model.stat().st_mtime_ns == before
+    assert [s["mIoU_all"] for s in again["steps"]] == [s["mIoU_all"] for s in finetune_run["steps"]]
+    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    assert len([r for r in runs if r.info.run_name == "finetune"]) == 1, "resume must not duplicate the MLflow run"
+
+
+def test_second_method_reuses_step0_from_cache(finetune_run: dict, output_dir: Path) -> None:
+    other = run_experiment(tiny_config(output_dir, "run.name=finetune-b", "train.lr_incremental=0.002"), progress=False)
+    assert other["steps"][0]["source"] == "cache"
+    assert finetune_run["steps"][0]["source"] == "trained"
+    assert other["steps"][0]["mIoU_all"] == finetune_run["steps"][0]["mIoU_all"]
+    assert other["steps"][1]["source"] == "trained"
+
+
+def test_evaluate_matches_the_run(finetune_run: dict, output_dir: Path) -> None:
+    """The driver-side evaluator and the Ray Train workers' evaluation agree on the same split."""
+    raw = output_dir / "datasets" / "synthetic-raw-n40-s48-seed0"
+    document = evaluate_run(str(output_dir / "finetune"), dataset="synthetic", root=str(raw), split="val")
+    assert document["steps"][0]["step"] == 1
+    assert document["steps"][0]["mIoU_all"] == pytest.approx(finetune_run["steps"][1]["mIoU_all"], abs=1e-6)
+    step0 = evaluate_run(str(output_dir / "finetune"), dataset="synthetic", root=str(raw), split="val", step=0)
+    assert step0["steps"][0]["mIoU_all"] == pytest.approx(finetune_run["steps"][0]["mIoU_all"], abs=1e-6)
+
+
+def test_joint_scores_old_and_new_in_one_step(ray_session, output_dir: Path) -> None:
+    joint = run_experiment(tiny_config(output_dir, "run.name=joint", "method.name=joint", "train.epochs=1"), progress=False)
+    assert len(joint["steps"]) == 1
+    step = joint["steps"][0]
+    assert step["seen_classes"] == list(range(1, 21))
+    assert step["mIoU_new"] is not None and step["hIoU"] is not None
+
+
+def test_dry_run_trains_nothing(output_dir: Path) -> None:
+    document = run_experiment(tiny_config(output_dir, "run.name=dry"), dry_run=True, progress=False)
+    assert document["status"] == "dry_run" and document["steps"] == []
+    assert not (output_dir / "dry").exists()
