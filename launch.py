@@ -71,6 +71,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from eir.train.preview import write_preview
+
+    print(f"wrote {write_preview(args.run_dir, args.step, args.out, args.count)}")
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from eir.train import cache
 
@@ -165,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", choices=["full", "center_crop"], default=None, help="override eval.protocol")
     ev.add_argument("--out", default=None, help="write the results JSON here (default: print only)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    preview = sub.add_parser(
+        "preview",
+        help="draw the pasted training samples EIR builds at a step of an existing run",
+        description="Draw a grid of step STEP's training samples as the data workers build them (training image, "
+        "blended target, pseudo-label), from the run's step STEP-1 model and instance store.",
+    )
+    preview.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
+    preview.add_argument("--step", type=int, required=True, help="an incremental step (>= 1)")
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("--count", type=int, default=8, help="number of samples (default 8)")
+    preview.set_defaults(func=_cmd_preview)
 
     cache_cmd = sub.add_parser("cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/.")
     cache_cmd.add_argument("--output-dir", default="outputs", help="the run.output_dir whose cache to manage (default outputs)")

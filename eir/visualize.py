@@ -62,3 +62,14 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str], pat
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def bar_chart(counts: dict[str, int], path: str, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * len(counts) + 2), 3.2))
+    ax.bar(range(len(counts)), list(counts.values()), color="#4c72b0")
+    ax.set_xticks(range(len(counts)), list(counts), rotation=70, fontsize=7)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -90,55 +90,75 @@ def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray]]:
     return _STORES[key]
 
 
-def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
-    """Decode → LUT → joint crop/flip (+ pseudo-label) → EIR paste; plus instance-replay samples."""
-    torch.set_num_threads(1)
-    rng = np.random.default_rng()
-    augment = JointAugment(spec.crop_size, scale=spec.scale)
-    arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
-    out: dict[str, list[np.ndarray]] = {"image": [], "label": [], "paste_class": [], "paste_weight": []}
-    no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
-    no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
+@dataclass
+class Sample:
+    """One training sample as it leaves the data workers (CHW uint8 image, uint8 maps)."""
 
-    def emit(image: np.ndarray, label: np.ndarray, paste_class: np.ndarray, paste_weight: np.ndarray) -> None:
-        out["image"].append(image)
-        out["label"].append(label)
-        out["paste_class"].append(paste_class)
-        out["paste_weight"].append(paste_weight)
+    image: np.ndarray
+    label: np.ndarray  # with pseudo-labels merged into background pixels
+    paste_class: np.ndarray  # NO_PASTE where nothing was pasted
+    paste_weight: np.ndarray  # float16 λ where pasted, 0 elsewhere
+    pseudo: np.ndarray | None = None  # the cropped pseudo-label map (previews only)
 
-    for row in range(len(batch["image"])):
-        image, label = decode_rgb(batch["image"][row]), spec.lut[decode_map(batch["label"][row])]
-        if spec.pseudo:
-            image_c, label_c, pseudo_c = augment(image, label, decode_map(batch["pseudo"][row]))
+
+class SampleMaker:
+    """Decode → LUT → joint crop/flip (+ pseudo-label) → EIR paste, plus instance-replay samples.
+
+    One piece serves the Ray Data stream (`_train_batch`) and `launch.py preview`, so what a
+    preview shows is exactly what the trainer receives.
+    """
+
+    def __init__(self, spec: StreamSpec, arrays: list, by_channel: dict[int, np.ndarray], rng: np.random.Generator):
+        self.spec, self.arrays, self.by_channel, self.rng = spec, arrays, by_channel, rng
+        self.augment = JointAugment(spec.crop_size, scale=spec.scale)
+        self.no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
+        self.no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
+
+    def __call__(self, image_bytes: bytes, label_bytes: bytes, pseudo_bytes: bytes | None = None) -> list[Sample]:
+        spec = self.spec
+        image, label = decode_rgb(image_bytes), spec.lut[decode_map(label_bytes)]
+        if pseudo_bytes is not None:
+            image_c, label_c, pseudo_c = self.augment(image, label, decode_map(pseudo_bytes))
         else:
-            (image_c, label_c), pseudo_c = augment(image, label), None
-        if spec.paste is not None and arrays:
+            (image_c, label_c), pseudo_c = self.augment(image, label), None
+        paste_class, paste_weight = self.no_paste, self.no_weight
+        if spec.paste is not None and self.arrays:
             # Potential classes are those the pseudo-labels see but the ground truth lacks, so
             # paste before the pseudo-labels are merged into the label.
             hwc, paste_class, paste_weight, _ = paste_instances(
                 np.ascontiguousarray(image_c.transpose(1, 2, 0)),
                 label_c,
                 pseudo_c if pseudo_c is not None else np.zeros_like(label_c),
-                arrays,
-                by_channel,
+                self.arrays,
+                self.by_channel,
                 spec.old_channels,
                 spec.paste,
-                rng,
+                self.rng,
             )
             image_c = hwc.transpose(2, 0, 1)
-        else:
-            paste_class, paste_weight = no_paste, no_weight
         if pseudo_c is not None:
             label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8)
-        emit(image_c, label_c, paste_class, paste_weight)
-        if arrays and spec.replay_per_row > 0:
-            for _ in range(int(spec.replay_per_row + rng.random())):
-                class_id, crop, mask = arrays[int(rng.integers(len(arrays)))]
-                canvas, canvas_label = replay_canvas(crop, mask, int(spec.class_to_channel[class_id]), spec.crop_size, rng)
-                image_r, label_r = augment(canvas, canvas_label)
-                emit(image_r, label_r, no_paste, no_weight)
+        samples = [Sample(image_c, label_c, paste_class, paste_weight, pseudo_c)]
+        if self.arrays and spec.replay_per_row > 0:
+            for _ in range(int(spec.replay_per_row + self.rng.random())):
+                class_id, crop, mask = self.arrays[int(self.rng.integers(len(self.arrays)))]
+                canvas, canvas_label = replay_canvas(crop, mask, int(spec.class_to_channel[class_id]), spec.crop_size, self.rng)
+                image_r, label_r = self.augment(canvas, canvas_label)
+                samples.append(Sample(image_r, label_r, self.no_paste, self.no_weight))
+        return samples
+
+
+def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
+    torch.set_num_threads(1)
+    arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
+    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng())
+    samples = [
+        sample
+        for row in range(len(batch["image"]))
+        for sample in make(batch["image"][row], batch["label"][row], batch["pseudo"][row] if spec.pseudo else None)
+    ]
     columns = ("image", "label", "paste_class", "paste_weight") if spec.emits_paste_maps else ("image", "label")
-    return {name: np.stack(out[name]) for name in columns}
+    return {name: np.stack([getattr(s, name) for s in samples]) for name in columns}
 
 
 def train_stream(

@@ -15,7 +15,7 @@ from eir.data.ingest import read_rows
 from eir.data.transforms import decode_map, decode_rgb, normalize
 from eir.metrics import predict
 from eir.storage import Location
-from eir.visualize import colorize, confusion_figure, image_grid
+from eir.visualize import bar_chart, colorize, confusion_figure, image_grid
 
 PREVIEW_IMAGES = 6
 
@@ -70,6 +70,20 @@ def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, ru
             grid = os.path.join(folder, "predictions.png")
             image_grid(panels, ["image", "ground truth", "prediction"], grid)
             paths.append(grid)
+        if cfg.memory.kind == "instances" and step > 0 and cfg.paste.enabled:
+            from eir.train.preview import HEADERS, preview_panels
+
+            pasted = os.path.join(folder, "pasted_samples.png")
+            image_grid(preview_panels(exp, step, count=6), HEADERS, pasted)
+            paths.append(pasted)
+        memory = step_dir.join("instances.parquet" if cfg.memory.kind == "instances" else "images.parquet")
+        if cfg.memory.kind != "none" and storage.exists(memory):
+            from eir.train.memory import load_memory
+
+            histogram = load_memory(step_dir, cfg.memory.kind).class_histogram()
+            bars = os.path.join(folder, "memory_histogram.png")
+            bar_chart({names[c]: n for c, n in sorted(histogram.items())}, bars, f"step {step}: stored {cfg.memory.kind} per class")
+            paths.append(bars)
         for path in paths:
             tracker.artifact(run_id, path)
             storage.write_bytes_atomic(step_dir.join(os.path.basename(path)), open(path, "rb").read())

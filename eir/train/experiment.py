@@ -364,6 +364,33 @@ def _local_copy(loc: Location) -> str:
     return path
 
 
+def stream_spec(exp: Experiment, step: int, memory: Any, store_ref: Any) -> Any:
+    """What the step's data workers do to each row: LUT, crop, pseudo-labels, paste, replay."""
+    from eir.data.pipeline import StreamSpec
+    from eir.replay.paste import PasteConfig as PasteSettings
+
+    cfg = exp.config
+    instances = cfg.memory.kind == "instances" and memory is not None and len(memory) > 0
+    ratio = cfg.replay.ratio
+    replay_per_row = 0.0
+    if instances:
+        replay_per_row = len(memory) / max(1, exp.train_splits.counts[step]) if ratio is None else ratio / (1.0 - ratio)
+    paste = None
+    if instances and cfg.paste.enabled:
+        paste = PasteSettings(max_instances=cfg.paste.max_instances, hard=cfg.paste.hard, probability=cfg.paste.probability)
+    return StreamSpec(
+        lut=exp.channels.map_lut(exp.schedule.train_lut(step)),
+        crop_size=cfg.train.crop_size,
+        scale=(cfg.train.scale_min, cfg.train.scale_max),
+        pseudo=step > 0 and cfg.pseudo.enabled,
+        paste=paste,
+        old_channels=tuple(range(1, 1 + sum(len(s) for s in exp.schedule.steps[:step]))),
+        class_to_channel=exp.channels.lut,
+        replay_per_row=replay_per_row,
+        store=store_ref,
+    )
+
+
 def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: str | None, plan: StepPlan) -> tuple[Any, int]:
     """The step's training stream: rows (pseudo-labelled, plus replayed images) → decode/augment/paste.
 
@@ -374,8 +401,7 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
     import ray
     import ray.data
 
-    from eir.data.pipeline import StreamSpec, _read_rows, read_prepared_rows, train_stream, write_pseudo_labels
-    from eir.replay.paste import PasteConfig as PasteSettings
+    from eir.data.pipeline import _read_rows, read_prepared_rows, train_stream, write_pseudo_labels
     from eir.train.memory import load_memory
 
     cfg = exp.config
@@ -383,8 +409,7 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
     lut = exp.channels.map_lut(exp.schedule.train_lut(step))
     incremental = step > 0
     rows = None
-    pseudo = incremental and cfg.pseudo.enabled
-    if pseudo:
+    if incremental and cfg.pseudo.enabled:
         folder = step_dir.join("pseudo")
         if not storage.is_complete(folder):
             log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))", step, len(ids), step - 1, cfg.data.pseudo_actors)
@@ -395,30 +420,14 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
             log.info("step %d: reusing the pseudo-labels in %s", step, folder.uri)
         rows = read_prepared_rows(folder).select_columns(["id", "image", "label", "pseudo"])
     memory = load_memory(exp.run_dir.join(f"step_{step - 1}"), cfg.memory.kind) if incremental else None
-    store_ref, replay_per_row, paste = None, 0.0, None
     if cfg.memory.kind == "images" and memory is not None and len(memory):
         # DKD-M: the stored images join the stream and are relabelled with this step's LUT,
         # so the old objects in them are background.
         replayed = ray.data.from_arrow(memory.table.select(["id", "image", "label"]))
         rows = (rows if rows is not None else _read_rows(exp.train_manifest, ids)).union(replayed)
-    if cfg.memory.kind == "instances" and memory is not None and len(memory):
-        store_ref = ray.put(memory.to_bytes())
-        ratio = cfg.replay.ratio
-        replay_per_row = len(memory) / max(1, len(ids)) if ratio is None else ratio / (1.0 - ratio)
-        if cfg.paste.enabled:
-            paste = PasteSettings(max_instances=cfg.paste.max_instances, hard=cfg.paste.hard, probability=cfg.paste.probability)
-    spec = StreamSpec(
-        lut=lut,
-        crop_size=cfg.train.crop_size,
-        scale=(cfg.train.scale_min, cfg.train.scale_max),
-        pseudo=pseudo,
-        paste=paste,
-        old_channels=tuple(range(1, 1 + sum(plan.head_sizes[:-1]))),
-        class_to_channel=exp.channels.lut,
-        replay_per_row=replay_per_row,
-        store=store_ref,
-    )
-    extra = len(memory) if cfg.memory.kind == "images" and memory is not None else round(len(ids) * replay_per_row)
+    store_ref = ray.put(memory.to_bytes()) if cfg.memory.kind == "instances" and memory is not None and len(memory) else None
+    spec = stream_spec(exp, step, memory, store_ref)
+    extra = len(memory) if cfg.memory.kind == "images" and memory is not None else round(len(ids) * spec.replay_per_row)
     stream = train_stream(exp.train_manifest, ids, spec, batch_size=plan.per_worker_batch,
                           num_cpus=cfg.data.num_cpus_per_worker, rows=rows)
     return stream, len(ids) + extra

@@ -144,3 +144,19 @@ def test_dry_run_trains_nothing(output_dir: Path) -> None:
     document = run_experiment(tiny_config(output_dir, "run.name=dry"), dry_run=True, progress=False)
     assert document["status"] == "dry_run" and document["steps"] == []
     assert not (output_dir / "dry").exists()
+
+
+@pytest.mark.parametrize("method", ["eir", "image_replay", "instance_replay"])
+def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: Path, method: str) -> None:
+    document = run_experiment(tiny_config(output_dir, f"run.name={method}", f"method.name={method}", "memory.size=30"), progress=False)
+    assert document["status"] == "finished" and document["method"] == method
+    assert document["steps"][0]["source"] == "cache", "every method shares the trained step 0"
+    assert document["steps"][1]["mIoU_new"] is not None
+    run = output_dir / method
+    memory = run / "step_0" / ("images.parquet" if method == "image_replay" else "instances.parquet")
+    assert memory.is_file()
+    assert not (run / "step_1" / "instances.parquet").exists(), "the last step keeps no memory"
+    assert (run / "step_1" / "pseudo" / "_COMPLETE").is_file() == (method == "eir")
+    plan = json.loads((run / "step_1" / "plan.json").read_text())
+    assert plan["rskd_weight"] == (5.0 if method == "eir" else 0.0)
+    assert plan["rows_per_epoch"] >= plan["num_train_rows"]

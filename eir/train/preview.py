@@ -1,0 +1,70 @@
+"""`launch.py preview`: what EIR feeds the trainer at step t, drawn from an existing run.
+
+It rebuilds step t's samples with the same `SampleMaker` the Ray Data workers use (pseudo-labels
+from the step t−1 model, pastes from the step t−1 instance store), so the picture is the real
+training input, not an illustration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import yaml
+
+from eir import storage
+from eir.config import config_from_dict
+from eir.data.ingest import read_rows
+from eir.data.pipeline import PseudoLabeler, SampleMaker
+from eir.replay.paste import index_by_channel
+from eir.replay.store import InstanceStore
+from eir.train.experiment import Experiment, RunDirError, resolve, stream_spec
+from eir.visualize import colorize, image_grid
+
+HEADERS = ["training image", "target (blended)", "pseudo-label"]
+
+
+def blended_target(label: np.ndarray, paste_class: np.ndarray, paste_weight: np.ndarray) -> np.ndarray:
+    """Colours of the soft target: (1 − λ)·colour(label) + λ·colour(pasted class)."""
+    weight = paste_weight.astype(np.float32)[..., None]
+    pasted = np.where(paste_class == 255, 0, paste_class).astype(np.uint8)
+    mixed = (1 - weight) * colorize(label) + weight * colorize(pasted)
+    return mixed.round().astype(np.uint8)
+
+
+def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) -> list[list[np.ndarray]]:
+    cfg = exp.config
+    if step < 1 or step >= exp.schedule.num_steps:
+        raise RunDirError(f"preview needs an incremental step 1..{exp.schedule.num_steps - 1}, got {step}")
+    if cfg.memory.kind != "instances":
+        raise RunDirError(f"method {cfg.method.name!r} keeps no instance store (memory.kind={cfg.memory.kind!r}): nothing is pasted")
+    previous = exp.run_dir.join(f"step_{step - 1}")
+    model_loc, store_loc = previous.join("model.pt"), previous.join("instances.parquet")
+    for loc, what in ((model_loc, "model"), (store_loc, "instance store")):
+        if not storage.exists(loc):
+            raise RunDirError(f"preview of step {step} needs the step {step - 1} {what} {loc.uri}: run (or resume) step {step - 1} first")
+    store = InstanceStore.read(store_loc)
+    spec = stream_spec(exp, step, store, store_ref=None)
+    rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(step)[:count])
+    pseudo = None
+    if spec.pseudo:
+        labeler = PseudoLabeler(model_loc.uri, cfg.model.backbone, cfg.model.output_stride, spec.lut, cfg.pseudo.threshold, use_gpu=False)
+        pseudo = labeler({"id": rows.column("id").to_pylist(), "image": rows.column("image").to_pylist(),
+                          "label": rows.column("label").to_pylist()})["pseudo"]
+    make = SampleMaker(spec, store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel), np.random.default_rng(seed))
+    panels = []
+    for i, (image_bytes, label_bytes) in enumerate(zip(rows.column("image").to_pylist(), rows.column("label").to_pylist())):
+        sample = make(image_bytes, label_bytes, pseudo[i] if pseudo is not None else None)[0]
+        pseudo_map = sample.pseudo if sample.pseudo is not None else np.zeros_like(sample.label)
+        panels.append([sample.image.transpose(1, 2, 0), blended_target(sample.label, sample.paste_class, sample.paste_weight), colorize(pseudo_map)])
+    return panels
+
+
+def write_preview(run_dir: str, step: int, out: str, count: int = 8) -> str:
+    run = storage.resolve(run_dir)
+    config_loc = run.join("config.yaml")
+    if not storage.exists(config_loc):
+        raise RunDirError(f"{run.uri} is not a run directory (no config.yaml)")
+    config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
+    exp = resolve(config, progress=False)
+    exp.run_dir = run
+    image_grid(preview_panels(exp, step, count), HEADERS, out)
+    return out

@@ -1,0 +1,116 @@
+"""The Ray Data streams: plain and EIR-pasted training batches, pseudo-label batch inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import ray.data
+import torch
+
+from eir import storage
+from eir.data.codec import decode_map, encode_png
+from eir.data.ingest import read_rows
+from eir.data.pipeline import StreamSpec, eval_stream, read_prepared_rows, train_stream, write_pseudo_labels
+from eir.data.prepare import ensure_prepared
+from eir.model import build_model
+from eir.replay.paste import PasteConfig
+from eir.replay.store import build_store
+from eir.tasks import get_task
+
+pytestmark = pytest.mark.slow
+OLD = tuple(range(1, 11))  # synthetic 10-10: step 1 learns 11..20
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    root = storage.resolve(tmp_path_factory.mktemp("pipeline"))
+    manifest = ensure_prepared("synthetic", "", "train", root, synthetic=(30, 48, 0), progress=False)
+    return root, manifest, get_task("synthetic", "10-10")
+
+
+def _rows_with_pseudo(manifest, task) -> ray.data.Dataset:
+    """Rows whose pseudo-label column marks the old classes of the ground truth (a perfect old model)."""
+    items = []
+    for row in read_rows(manifest).to_pylist():
+        label = decode_map(row["label"])
+        pseudo = np.where(np.isin(label, OLD), label, 0).astype(np.uint8)
+        items.append({"id": row["id"], "image": row["image"], "label": row["label"], "pseudo": encode_png(pseudo)})
+    return ray.data.from_items(items)
+
+
+def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:12]
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
+    batches = list(train_stream(manifest, ids, spec, batch_size=4).iter_batches(batch_size=None, batch_format="numpy"))
+    assert sum(len(b["image"]) for b in batches) == 12
+    batch = batches[0]
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 32, 32)
+    assert set(np.unique(np.concatenate([b["label"].ravel() for b in batches]))) <= {0, *range(11, 21), 255}
+
+
+def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
+    _, manifest, task = prepared
+    rows = read_rows(manifest).to_pylist()
+    store, _ = build_store(rows, OLD, rule="components", min_area=0.0, step=0, budget=40, previous=None, seed=0)
+    assert len(store) > 0
+    identity = np.arange(256, dtype=np.uint8)
+    spec = StreamSpec(
+        lut=task.train_lut(1),
+        crop_size=32,
+        pseudo=True,
+        paste=PasteConfig(),
+        old_channels=OLD,
+        class_to_channel=identity,
+        replay_per_row=0.5,
+        store=ray.put(store.to_bytes()),
+    )
+    stream = train_stream(None, None, spec, batch_size=4, rows=_rows_with_pseudo(manifest, task))
+    batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
+    images = np.concatenate([b["image"] for b in batches])
+    paste_class = np.concatenate([b["paste_class"] for b in batches])
+    weight = np.concatenate([b["paste_weight"] for b in batches]).astype(np.float32)
+    labels = np.concatenate([b["label"] for b in batches])
+    assert len(images) > len(rows), "instance-replay samples are mixed into the stream"
+    pasted = paste_class != 255
+    assert pasted.any()
+    assert set(np.unique(paste_class[pasted])) <= set(store.classes())
+    assert ((weight >= 0) & (weight <= 1)).all() and (weight[~pasted] == 0).all()
+    # Pseudo-labels were merged into the label: old classes appear in the training labels.
+    assert np.isin(labels, OLD).any()
+
+
+def test_eval_stream_keeps_full_images(ray_session, prepared) -> None:
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:5]
+    batches = list(eval_stream(manifest, ids, task.test_lut(0), protocol="full", crop_size=64).iter_batches(batch_format="numpy"))
+    assert sum(len(b["image"]) for b in batches) == 5
+    assert batches[0]["image"][0].shape == (48, 48, 3)
+    centre = list(eval_stream(manifest, ids, task.test_lut(0), protocol="center_crop", crop_size=32).iter_batches(batch_format="numpy"))
+    assert centre[0]["image"][0].shape == (32, 32, 3)
+
+
+def test_pseudo_labels_by_batch_inference(ray_session, prepared, tmp_path: Path) -> None:
+    root, manifest, task = prepared
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", [10], weights=None)
+    with torch.no_grad():  # make class 3 confident everywhere: every background pixel gets pseudo-label 3
+        model.heads[1].bias.fill_(-20.0)
+        model.heads[1].bias[2] = 20.0
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "head_sizes": [10]}, checkpoint)
+    ids = read_rows(manifest).column("id").to_pylist()[:6]
+    out = root.join("pseudo-test")
+    write_pseudo_labels(manifest, ids, out, model_uri=str(checkpoint), backbone="mobilenet_v2", output_stride=16,
+                        lut=task.train_lut(1), threshold=0.7, actors=1, use_gpu=False, batch_size=3)
+    assert storage.is_complete(out)
+    rows = read_prepared_rows(out).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    for row in rows:
+        label = task.train_lut(1)[decode_map(row["label"])]
+        pseudo = decode_map(row["pseudo"])
+        assert (pseudo[label == 0] == 3).all() and (pseudo[label != 0] == 0).all()
