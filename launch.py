@@ -78,6 +78,28 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from eir.train.sweep import run_sweep
+
+    summary = run_sweep(args.sweep, args.overrides, resume=args.resume)
+    return 0 if summary["trials"] else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from eir.report import write_report
+
+    for path in write_report(args.dirs, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eir.bench import BENCHMARKS
+
+    BENCHMARKS[args.name](quick=args.quick, overrides=args.overrides)
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from eir.train import cache
 
@@ -184,6 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", required=True, help="PNG file to write")
     preview.add_argument("--count", type=int, default=8, help="number of samples (default 8)")
     preview.set_defaults(func=_cmd_preview)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="sweep experiment knobs with Ray Tune (one trial = one whole multi-step run), logged to MLflow",
+        description=textwrap.dedent(
+            """\
+            Run a sweep file (experiments/sweeps/*.yaml: name, base, overrides, space, num_samples, metric, mode,
+            scheduler, max_concurrent_trials). Each trial runs the whole experiment and reports after every step,
+            so ASHA can stop poor trials early. Trials share the step-0 cache. Results: <run.output_dir>/sweeps/<name>/
+            (summary.json, runs/<trial>/results.json); MLflow: experiment eir-sweep-<name>, a parent run with a nested
+            run per trial and per step — select the trial runs and press Compare in the MLflow UI."""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/camvid_memory.yaml")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    report = sub.add_parser(
+        "report",
+        help="Markdown tables and PNG plots from run dirs, sweep dirs, or folders of them",
+        description="Collect every finished results.json under DIR... and write report.md (final and per-step "
+        "mIoU all/old/new/hIoU, mean ± std over seeds) and PNG plots (mIoU per step per method; for sweeps, the "
+        "metric against each knob) to --out; for sweeps the files are also attached to the sweep's MLflow run.",
+    )
+    report.add_argument("dirs", nargs="+", help="run directories, sweep directories, or folders holding them")
+    report.add_argument("--out", default="report", help="output folder (default ./report)")
+    report.set_defaults(func=_cmd_report)
+
+    from eir.bench import BENCHMARKS
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark and write experiments/benchmarks/results/NAME.json (+ plots)",
+        description="Run a benchmark, print its table and write experiments/benchmarks/results/NAME.json with the "
+        "machine, versions, git SHA, date, config and raw numbers, plus PNG plots beside it. Long benchmarks skip runs "
+        "already recorded, so rerunning continues an interrupted one. See BENCHMARKS.md.",
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    bench.add_argument("--quick", action="store_true", help="a smaller version (performance benchmarks): NAME.quick.json")
+    bench.set_defaults(func=_cmd_bench)
 
     cache_cmd = sub.add_parser("cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/.")
     cache_cmd.add_argument("--output-dir", default="outputs", help="the run.output_dir whose cache to manage (default outputs)")

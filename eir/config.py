@@ -212,6 +212,29 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def inactive_keys(config: ExperimentConfig) -> set[str]:
+    """Keys that cannot change this config's results (e.g. paste settings of a method that never pastes).
+
+    `--resume` ignores differences in them, so adding a knob's value to a shared base file does
+    not lock out runs of methods that never read it.
+    """
+    flat = config.flat()
+    inactive: set[str] = set()
+    if config.memory.kind == "none":
+        inactive |= {k for k in flat if k.startswith("memory.") and k != "memory.kind"}
+    if config.memory.kind != "instances":
+        inactive |= {"memory.instance_rule", "memory.min_area"}
+    if not config.pseudo.enabled:
+        inactive.add("pseudo.threshold")
+    if not config.paste.enabled:
+        inactive |= {k for k in flat if k.startswith("paste.") and k != "paste.enabled"}
+    if config.loss.rskd_weight == 0:
+        inactive.add("loss.rskd_region")
+    if not config.pseudo.enabled:
+        inactive.add("data.pseudo_actors")
+    return inactive
+
+
 def valid_keys() -> list[str]:
     return sorted(ExperimentConfig().flat())
 

@@ -73,3 +73,50 @@ def bar_chart(counts: dict[str, int], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
+    """The standard continual-segmentation figure: a metric after each step, one line per method.
+
+    Runs of the same task and method (several seeds) are averaged; one panel per task.
+    """
+    tasks = sorted({f"{r['dataset']} {r['task']}" for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        methods: dict[str, list[list[float]]] = {}
+        for run in runs:
+            if f"{run['dataset']} {run['task']}" == task:
+                methods.setdefault(run["method"], []).append([s[metric] for s in run["steps"]])
+        for method, curves in sorted(methods.items()):
+            length = min(len(c) for c in curves)
+            mean = np.mean([c[:length] for c in curves], axis=0)
+            if length == 1:  # joint: one point, drawn as a line across the final step
+                ax.axhline(mean[0], linestyle="--", color="grey", label=f"{method}")
+            else:
+                ax.plot(range(length), mean, marker="o", label=method)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
+    """A sweep's metric against one knob (categorical knobs get evenly spaced ticks)."""
+    values = [v for v, _ in points]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    labels = sorted({str(v) for v in values}) if not numeric else None
+    xs = values if numeric else [labels.index(str(v)) for v in values]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.scatter(xs, [m for _, m in points], color="#c44e52")
+    if labels:
+        ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(knob)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import eir
@@ -85,3 +89,73 @@ def clear(output_root: Location) -> int:
     count = len(storage.list_dir(base))
     storage.delete_dir(base)
     return count
+
+
+@contextmanager
+def writer_lock(loc: Location, poll_s: float = 2.0) -> Iterator[None]:
+    """One writer per cache entry across processes and nodes: a named Ray actor holds the lock.
+
+    Concurrent sweep trials that need the same missing step 0 queue here; the first trains it,
+    the others find the entry complete (its marker is written last) when they get the lock.
+    A holder that dies takes its actor with it, so the lock cannot outlive a crashed trainer.
+    """
+    import ray
+
+    from eir.raysession import ensure_ray
+
+    ensure_ray()
+    owner = uuid.uuid4().hex
+    name = f"eir-step0-lock-{loc.name}"
+    waited = False
+    while True:
+        try:
+            actor = _Lock.options(name=name, namespace="eir", get_if_exists=True).remote()
+            if ray.get(actor.acquire.remote(owner)):
+                break
+        except ray.exceptions.RayActorError:
+            continue  # the holder's lock actor died with it: take a fresh one
+        if not waited:
+            log.info("step-0 cache entry %s is being trained by another run: waiting", loc.name)
+            waited = True
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        try:
+            ray.get(actor.release.remote(owner))
+        except ray.exceptions.RayActorError:
+            pass
+
+
+def _lock_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Lock:
+        def __init__(self) -> None:
+            self.owner: str | None = None
+
+        def acquire(self, owner: str) -> bool:
+            if self.owner is None:
+                self.owner = owner
+            return self.owner == owner
+
+        def release(self, owner: str) -> None:
+            if self.owner == owner:
+                self.owner = None
+
+    return Lock
+
+
+class _LazyLock:
+    """Defers `ray.remote` until first use, so importing this module does not import Ray."""
+
+    _cls = None
+
+    def options(self, **kwargs):
+        if _LazyLock._cls is None:
+            _LazyLock._cls = _lock_class()
+        return _LazyLock._cls.options(**kwargs)
+
+
+_Lock = _LazyLock()

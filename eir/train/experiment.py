@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, config_from_dict, dump_yaml
+from eir.config import ConfigError, ExperimentConfig, config_from_dict, dump_yaml, inactive_keys
 from eir.data.ingest import Manifest
 from eir.data.prepare import ensure_prepared
 from eir.data.splits import StepSplits, step_splits
@@ -126,7 +126,7 @@ class Experiment:
         return tuple(range(1, n_old + 1)), tuple(range(n_old + 1, n_seen + 1))
 
 
-def resolve(config: ExperimentConfig, *, progress: bool = True) -> Experiment:
+def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Location | None = None) -> Experiment:
     root = storage.resolve(config.run.output_dir)
     data = config.dataset
     synthetic = (data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed)
@@ -145,7 +145,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True) -> Experiment:
     return Experiment(
         config=config,
         output_root=root,
-        run_dir=root.join(config.run.name),
+        run_dir=run_dir or root.join(config.run.name),
         train_manifest=train_manifest,
         test_manifest=test_manifest,
         task=task,
@@ -190,9 +190,10 @@ def check_run_dir(exp: Experiment, resume: bool) -> None:
         )
     import yaml
 
-    previous = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri).flat()
-    current = exp.config.flat()
-    differ = sorted(key for key in current if previous.get(key) != current[key])
+    previous_config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
+    previous, current = previous_config.flat(), exp.config.flat()
+    ignored = inactive_keys(previous_config) & inactive_keys(exp.config)
+    differ = sorted(key for key in current if key not in ignored and previous.get(key) != current[key])
     if differ:
         detail = ", ".join(f"{k} ({previous.get(k)!r} → {current[k]!r})" for k in differ)
         raise RunDirError(f"--resume: {exp.run_dir.uri} was made by a different config; keys that differ: {detail}")
@@ -293,9 +294,16 @@ def run_experiment(
     dry_run: bool = False,
     reporter: Reporter | None = None,
     progress: bool = True,
+    run_dir: Location | None = None,
+    mlflow_experiment: str | None = None,
+    mlflow_parent: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every step; returns the results.json document."""
-    exp = resolve(config, progress=progress)
+    """Run (or resume) every step; returns the results.json document.
+
+    `reporter(step, row)` is called after every step (a Tune trial reports through it);
+    `run_dir`, `mlflow_experiment` and `mlflow_parent` place a sweep's trial inside its sweep.
+    """
+    exp = resolve(config, progress=progress, run_dir=run_dir)
     print(f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
           f"({config.task.setting}), {exp.schedule.num_steps} step(s), split checksum {exp.train_splits.checksum}")
     print(step_table(exp))
@@ -311,9 +319,9 @@ def run_experiment(
     ensure_ray()
     storage.makedirs(exp.run_dir)
     storage.write_bytes_atomic(exp.run_dir.join("config.yaml"), dump_yaml(config).encode())
-    tracker = Tracker(exp.output_root, f"eir-{config.dataset.name}-{config.task.name}")
+    tracker = Tracker(exp.output_root, mlflow_experiment or f"eir-{config.dataset.name}-{config.task.name}")
     run_ids = load_run_ids(exp.run_dir)
-    parent = tracker.start(config.run.name, tags={"eir.run_dir": exp.run_dir.uri}, run_id=run_ids.get("parent"))
+    parent = tracker.start(config.run.name, parent=mlflow_parent, tags={"eir.run_dir": exp.run_dir.uri}, run_id=run_ids.get("parent"))
     run_ids["parent"] = parent
     save_run_ids(exp.run_dir, run_ids)
     tracker.params(parent, {**config.flat(), "train_split_checksum": exp.train_splits.checksum,
@@ -478,13 +486,8 @@ def _run_step(
             scaling={"num_workers": cfg.scaling.num_workers},
         )
         cache_loc = cache.entry(exp.output_root, key0)
-    if cache_loc is not None and cache.lookup(cache_loc):
-        log.info("step 0 taken from the step-0 cache %s", cache_loc.uri)
-        storage.write_bytes_atomic(step_dir.join("model.pt"), storage.read_bytes(cache_loc.join("model.pt")))
-        confusion = np.asarray(storage.read_json(cache_loc.join("confusion.json")), dtype=np.int64)
-        source = "cache"
-        epochs = None
-    else:
+    def train() -> tuple[np.ndarray, Any]:
+        nonlocal plan
         started = time.perf_counter()
         stream, rows_per_epoch = step_stream(exp, step, step_dir, previous_model, plan)
         plan = dataclasses.replace(plan, rows_per_epoch=rows_per_epoch)
@@ -501,13 +504,29 @@ def _run_step(
             checkpoints_to_keep=cfg.train.checkpoints_to_keep,
             max_failures=cfg.train.max_failures,
         )
-        confusion, epochs, source = outcome.confusion, outcome.epochs, "trained"
         log.info("step %d trained in %.1fs", step, time.perf_counter() - started)
-        if cache_loc is not None:
-            storage.write_bytes_atomic(cache_loc.join("model.pt"), storage.read_bytes(step_dir.join("model.pt")))
-            storage.write_json_atomic(cache_loc.join("confusion.json"), confusion.tolist())
-            storage.write_json_atomic(cache_loc.join("key.json"), key0)
-            storage.mark_complete(cache_loc)
+        return outcome.confusion, outcome.epochs
+
+    def from_cache() -> np.ndarray:
+        log.info("step 0 taken from the step-0 cache %s", cache_loc.uri)
+        storage.write_bytes_atomic(step_dir.join("model.pt"), storage.read_bytes(cache_loc.join("model.pt")))
+        return np.asarray(storage.read_json(cache_loc.join("confusion.json")), dtype=np.int64)
+
+    epochs = None
+    if cache_loc is None:
+        (confusion, epochs), source = train(), "trained"
+    elif cache.lookup(cache_loc):
+        confusion, source = from_cache(), "cache"
+    else:
+        with cache.writer_lock(cache_loc):
+            if cache.lookup(cache_loc):  # another run trained it while we waited
+                confusion, source = from_cache(), "cache"
+            else:
+                (confusion, epochs), source = train(), "trained"
+                storage.write_bytes_atomic(cache_loc.join("model.pt"), storage.read_bytes(step_dir.join("model.pt")))
+                storage.write_json_atomic(cache_loc.join("confusion.json"), confusion.tolist())
+                storage.write_json_atomic(cache_loc.join("key.json"), key0)
+                storage.mark_complete(cache_loc)
     if cfg.memory.kind != "none" and step < exp.schedule.num_steps - 1:
         previous = load_memory(exp.run_dir.join(f"step_{step - 1}"), cfg.memory.kind) if step > 0 else None
         summary = build_memory(exp, step, step_dir, previous)

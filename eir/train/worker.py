@@ -92,7 +92,7 @@ def train_step_worker(plan_dict: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = state["epoch"] + 1, state["iteration"]
         if rank == 0:
-            print(f"[step {plan.step}] resumed from the epoch {state['epoch'] + 1} checkpoint", flush=True)
+            log.info("[step %d] resumed from the epoch %d checkpoint", plan.step, state["epoch"] + 1)
     model = ray.train.torch.prepare_model(core)
     old_model = None
     if plan.needs_old_model:  # RSKD distils from the frozen step t−1 model, on the same (pasted) batch
@@ -130,6 +130,11 @@ def train_step_worker(plan_dict: dict) -> None:
             if old_logits is not None:
                 region = region_mask(label, plan.current_channels, plan.rskd_region)
                 loss = loss + plan.rskd_weight * rskd_loss(logits.float(), old_logits.float(), region)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {float(loss)}; "
+                    f"training diverged at learning rate {plan.lr} (train.lr{'_incremental' if plan.step else ''}): lower it"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -170,11 +175,10 @@ def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank:
 def _report(metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position)."""
     if rank == 0:
-        print(
+        log.info(
             f"[step {plan.step}] epoch {metrics['epoch']}/{plan.epochs} loss {metrics['loss']:.4f} "
             f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {metrics['epoch_s']:.0f}s, "
-            f"ETA {metrics['eta_s'] / 60:.1f} min",
-            flush=True,
+            f"ETA {metrics['eta_s'] / 60:.1f} min"
         )
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None

@@ -1,0 +1,110 @@
+"""Accuracy benchmarks: every method of a task, run to the end, compared at each step.
+
+Runs go one after the other in one Ray instance; step 0 is trained once per task and seed and
+taken from the step-0 cache by every other method. A run already recorded in the results file
+is skipped, and an interrupted run resumes from its run directory, so the benchmark can span
+sessions: rerun the same command and it continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eir.bench.common import environment, read_results, results_path, write_results
+from eir.config import load_config
+from eir.train.experiment import run_experiment
+from eir.visualize import steps_figure
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+INCREMENTAL = ["finetune", "image_replay", "instance_replay", "eir_no_rskd", "eir", "joint"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    config: str  # experiment YAML, relative to the repository
+    method: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    def key(self, task: str) -> tuple[str, str, int]:
+        return (task, self.method, self.seed)
+
+
+def _plan(name: str) -> list[Planned]:
+    if name == "accuracy_camvid":
+        first = [Planned("experiments/camvid_5-3.yaml", m, 0) for m in INCREMENTAL]
+        second = [Planned("experiments/camvid_6-1.yaml", m, 0) for m in INCREMENTAL]
+        seeds = [Planned("experiments/camvid_5-3.yaml", m, s) for s in (1, 2) for m in ("finetune", "image_replay", "eir")]
+        return first + second + seeds
+    if name == "accuracy_synthetic":
+        return [Planned("experiments/synthetic_15-1.yaml", m, 0) for m in ("finetune", "image_replay", "eir", "joint")]
+    raise ValueError(f"unknown accuracy benchmark {name!r}")
+
+
+def run_entry(document: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    final = document["steps"][-1]
+    return {
+        "dataset": document["dataset"],
+        "task": document["task"],
+        "task_setting": document["task_setting"],
+        "method": document["method"],
+        "seed": document["seed"],
+        "final": {k: final[k] for k in ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU")},
+        "mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
+        "steps": document["steps"],
+        "run_name": document["run_name"],
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def run_accuracy(name: str, extra_overrides: list[str] | None = None) -> dict[str, Any]:
+    path = results_path(name)
+    document = read_results(path) or {"benchmark": name, "runs": []}
+    done = {(r["task"], r["method"], r["seed"]) for r in document["runs"]}
+    for planned in _plan(name):
+        base = load_config(REPO / planned.config)
+        task = base.task.name
+        if planned.key(task) in done:
+            log.info("%s %s seed %d: already in %s, skipped", task, planned.method, planned.seed, path.name)
+            continue
+        suffix = "" if planned.seed == 0 else f"_seed{planned.seed}"
+        overrides = [f"method.name={planned.method}", f"seed={planned.seed}", f"run.name={base.run.name}_{planned.method}{suffix}",
+                     *planned.overrides, *(extra_overrides or [])]
+        config = load_config(REPO / planned.config, overrides)
+        log.info("benchmark %s: %s %s seed %d", name, task, planned.method, planned.seed)
+        started = time.perf_counter()
+        result = run_experiment(config, resume=True)
+        document["runs"].append(run_entry(result, time.perf_counter() - started))
+        document.update(environment())
+        document["config"] = {"plan": [p.__dict__ for p in _plan(name)], "overrides": extra_overrides or []}
+        write_results(path, document)
+        steps_figure(document["runs"], path.with_suffix(".png"))
+    print(accuracy_table(document["runs"]))
+    return document
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> str:
+    """Final-step scores per task and method (mean ± std over seeds)."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((f"{run['dataset']} {run['task']}", run["method"]), []).append(run)
+    lines = ["| task | method | seeds | mIoU all | mIoU old | mIoU new | hIoU |", "|---|---|---|---|---|---|---|"]
+    for (task, method), items in sorted(groups.items()):
+        cells = []
+        for key in ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU"):
+            values = [r["final"][key] for r in items if r["final"][key] is not None]
+            if not values:
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2f}")
+            else:
+                cells.append(f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}")
+        lines.append(f"| {task} | {method} | {len(items)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

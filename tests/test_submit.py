@@ -1,0 +1,306 @@
+"""`launch.py submit`: fails fast and clearly on a dead address, never shows the token, runs a real job.
+
+The command runs in a fresh interpreter (`_submit`) because Ray reads RAY_AUTH_MODE once per process;
+the probe's pure parts run in-process. The end-to-end test starts its own Ray head in token mode and
+stops exactly that instance (its process session and its job drivers), never `ray stop`: other Ray
+instances on the machine belong to other tests and runs.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eir.submit import (
+    EXCLUDES,
+    SubmitError,
+    build_entrypoint,
+    build_runtime_env,
+    check_dashboard,
+    mask,
+    normalize_address,
+    secrets_of,
+    strip_separator,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SENTINEL = "eir-sentinel-token-5f1c9a2e"
+# launch.py's parser, reduced to `submit` (so these tests don't depend on launch.py's wiring).
+RUNNER = textwrap.dedent(
+    """\
+    import argparse, sys
+    from eir.submit import add_submit_parser
+    parser = argparse.ArgumentParser(prog="launch.py")
+    add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(args.func(args))
+    """
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without any Ray or MLflow settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(extra)
+    return env
+
+
+def _submit(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", RUNNER, "submit", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_entrypoint_quotes_each_argument_after_the_separator() -> None:
+    args = strip_separator(["--", "run", "experiments/quickstart.yaml", "run.name=a b", "--resume"])
+    assert build_entrypoint(args) == "python launch.py run experiments/quickstart.yaml 'run.name=a b' --resume"
+    with pytest.raises(SubmitError, match="no command to submit"):
+        build_entrypoint(strip_separator(["--"]))
+
+
+def test_runtime_env_uploads_the_repo_and_passes_only_the_tracking_uri(tmp_path: Path) -> None:
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "x", "RAY_AUTH_TOKEN": "y"}
+    env = build_runtime_env(REPO, environ)
+    assert env == {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}
+    assert {".venv", "outputs", ".git", "*.egg-info", "mlruns", "__pycache__"} <= set(EXCLUDES)
+    assert "env_vars" not in build_runtime_env(REPO, {})
+    with pytest.raises(SubmitError, match="password"):
+        build_runtime_env(REPO, {"MLFLOW_TRACKING_URI": "https://me:hunter2@mlflow.example.com"})
+    with pytest.raises(SubmitError, match=f"{tmp_path} has no launch.py"):
+        build_runtime_env(tmp_path, {})
+
+
+def test_address_must_be_a_dashboard_url() -> None:
+    assert normalize_address("http://head:8265/") == "http://head:8265"
+    with pytest.raises(SubmitError, match="not the GCS address"):
+        normalize_address("head:6379")
+
+
+def test_every_form_of_the_token_is_masked() -> None:
+    secrets = secrets_of({"authorization": f"Bearer {SENTINEL}"}, {"RAY_AUTH_TOKEN": "other-token"})
+    text = f"header Bearer {SENTINEL}, bare {SENTINEL}, env other-token"
+    assert mask(text, secrets) == "header ***, bare ***, env ***"
+
+
+# ---------------------------------------------------------------- the probe
+
+
+@pytest.fixture
+def fake_dashboard() -> Iterator[tuple[str, list[dict[str, str]], list[int]]]:
+    """A local HTTP server answering GET /api/version with the status in `status[0]`; records request headers."""
+    seen: list[dict[str, str]] = []
+    status = [200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            body = json.dumps({"ray_version": "2.60.0"} if status[0] == 200 else {"error": "no"}).encode()
+            self.send_response(status[0])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen, status
+    server.shutdown()
+    server.server_close()
+
+
+def test_probe_reads_the_version_and_explains_401_and_403(fake_dashboard) -> None:
+    address, seen, status = fake_dashboard
+    assert check_dashboard(address, {}, 5, {}) == "2.60.0"
+    status[0] = 401
+    with pytest.raises(SubmitError, match="answered 401.*set RAY_AUTH_MODE=token.*no token is sent unless RAY_AUTH_MODE=token"):
+        check_dashboard(address, {}, 5, {"RAY_AUTH_TOKEN": SENTINEL})
+    status[0] = 403
+    with pytest.raises(SubmitError, match="answered 403.*the token sent was rejected") as info:
+        check_dashboard(address, {"authorization": f"Bearer {SENTINEL}"}, 5, {})
+    assert SENTINEL not in str(info.value)
+    assert seen[-1]["authorization"] == f"Bearer {SENTINEL}"
+    status[0] = 404
+    with pytest.raises(SubmitError, match="not a working Ray dashboard"):
+        check_dashboard(address, {}, 5, {})
+
+
+def test_probe_gives_up_on_a_server_that_never_answers() -> None:
+    """A port that accepts connections but never replies: the SDK would wait forever, the probe 1 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(SubmitError, match=r"no Ray dashboard answered at .* \(tried GET /api/version, timed out after 1s\)"):
+            check_dashboard(address, {}, 1, {})
+        assert time.monotonic() - start < 5
+
+
+def test_dead_address_fails_fast_with_exit_2_and_never_shows_the_token() -> None:
+    address = f"http://127.0.0.1:{_free_port()}"
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL)
+    start = time.monotonic()
+    result = _submit(["--address", address, "--", "run", "experiments/quickstart.yaml"], env, timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert elapsed < 15
+    assert f"no Ray dashboard answered at {address} (tried GET /api/version, connection refused)" in result.stderr
+    assert SENTINEL not in result.stdout + result.stderr
+
+
+def test_token_mode_sends_rays_own_header_and_hides_the_token(fake_dashboard) -> None:
+    """With RAY_AUTH_MODE=token the probe sends the header Ray's SDK sends; a rejection never shows the token."""
+    address, seen, status = fake_dashboard
+    status[0] = 403
+    result = _submit(["--address", address, "--", "run", "experiments/quickstart.yaml"],
+                     _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL), timeout=60)
+    assert result.returncode == 2
+    assert "answered 403" in result.stderr
+    assert seen and seen[0]["authorization"] == f"Bearer {SENTINEL}"
+    assert SENTINEL not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif("add_submit_parser" not in (REPO / "launch.py").read_text(), reason="launch.py does not wire `submit` yet")
+def test_launch_py_submit_is_wired() -> None:
+    address = f"http://127.0.0.1:{_free_port()}"
+    result = subprocess.run([sys.executable, "launch.py", "submit", "--address", address, "--", "run",
+                             "experiments/quickstart.yaml", "train.epochs=1"],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"no Ray dashboard answered at {address}" in result.stderr
+
+
+# ---------------------------------------------------------------- a real cluster
+
+
+def _processes_of(session: int, gcs_port: int) -> list[int]:
+    """Our Ray instance: its session (ray start, GCS, raylet, dashboard, workers) and the job drivers
+    Ray starts in sessions of their own, recognised by RAY_ADDRESS naming our GCS port."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        state, _, _, sid = stat.rsplit(")", 1)[1].split()[:4]
+        if state == "Z":  # exited, waiting to be reaped
+            continue
+        if int(sid) == session or any(v.startswith(b"RAY_ADDRESS=") and v.endswith(f":{gcs_port}".encode()) for v in environ):
+            found.append(int(entry))
+    return found
+
+
+def _stop_ray(head: subprocess.Popen[bytes], gcs_port: int) -> None:
+    """SIGTERM `ray start --block` (it shuts its node down), then SIGKILL whatever of ours is left."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in _processes_of(head.pid, gcs_port):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    head.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _processes_of(head.pid, gcs_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(f"{address}/api/version", headers={"authorization": f"Bearer {token}"})
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    pytest.fail(f"the dashboard at {address} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_property) -> None:
+    """A real head in token mode, a real submission of a tiny synthetic run, its results.json read back."""
+    token = "eir-e2e-token-9d3b7c41"
+    venv_bin = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="eir-rt-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+    head_env = _env(
+        PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's python
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+        # Ray's memory monitor counts the whole machine, where other runs share the memory: off here.
+        RAY_memory_monitor_refresh_ms="0",
+    )
+    log = tmp_path / "ray-head.log"
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
+             f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+             "--num-cpus=8", "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_for_dashboard(address, token, head, log, timeout_s=180)
+        output_dir = tmp_path / "runs"
+        mlflow_db = tmp_path / "passed-through.db"
+        client_env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}")
+        start = time.monotonic()
+        result = _submit(
+            ["--address", address, "--", "run", "experiments/quickstart.yaml", f"run.output_dir={output_dir}",
+             "run.name=submitted", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48",
+             "task.name=15-5", "model.weights=null", "train.epochs=1", "train.epochs_incremental=1",
+             "train.batch_size=8", "train.crop_size=48", "scaling.cpus_per_worker=1"],
+            client_env, timeout=720,
+        )
+        wall_s = time.monotonic() - start
+        record_property("submit_wall_s", round(wall_s, 1))
+        print(f"submitted synthetic run: {wall_s:.1f} s from submit to SUCCEEDED")
+        shown = result.stdout + result.stderr
+        assert result.returncode == 0, shown[-4000:]
+        assert token not in shown
+        assert "submitted job raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
+        assert "Running entrypoint for job" in result.stdout  # the job's logs were followed
+        document = json.loads((output_dir / "submitted" / "results.json").read_text())
+        assert document["status"] == "finished"
+        assert mlflow_db.is_file(), "MLFLOW_TRACKING_URI did not reach the job"
+    finally:
+        _stop_ray(head, gcs_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert _processes_of(head.pid, gcs_port) == []
