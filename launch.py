@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output folder (default ./report)")
     report.set_defaults(func=_cmd_report)
 
+    from eir.submit import add_submit_parser
+
+    add_submit_parser(sub)
+
     from eir.bench import BENCHMARKS
 
     bench = sub.add_parser(

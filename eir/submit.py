@@ -85,9 +85,17 @@ def normalize_address(address: str) -> str:
 
 def auth_headers() -> dict[str, str]:
     """The header the Job SDK adds by itself (empty unless RAY_AUTH_MODE=token), from Ray's own helper."""
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+    from ray.exceptions import AuthenticationError
 
-    return dict(get_auth_headers_if_auth_enabled({}))
+    try:
+        return dict(get_auth_headers_if_auth_enabled({}))
+    except AuthenticationError:
+        raise SubmitError(
+            "RAY_AUTH_MODE=token but Ray found no token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write ~/.ray/auth_token"
+        ) from None
 
 
 def secrets_of(headers: Mapping[str, str], environ: Mapping[str, str]) -> list[str]:
@@ -201,16 +209,13 @@ def run_submit(args: argparse.Namespace) -> int:
         runtime_env = build_runtime_env(Path(args.working_dir).resolve(), environ)
         headers = auth_headers()
         secrets = secrets_of(headers, environ)
-        if environ.get("RAY_AUTH_MODE", "").lower() == "token" and not headers:
-            raise SubmitError(
-                "RAY_AUTH_MODE=token but Ray found no token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write ~/.ray/auth_token"
-            )
         cluster_version = check_dashboard(address, headers, args.probe_timeout, environ)
     except SubmitError as exc:
         print(f"error: {mask(str(exc), secrets)}", file=sys.stderr)
         return EXIT_USAGE
 
     import ray
+    from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
     if cluster_version != ray.__version__:
@@ -218,8 +223,12 @@ def run_submit(args: argparse.Namespace) -> int:
     note = _output_dir_note(launch_args)
     if note:
         print(note, file=sys.stderr)
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    except (RayError, RuntimeError, ConnectionError, ValueError) as exc:  # refused: auth, upload size, bad runtime_env
+        print(mask(f"error: the cluster at {address} did not accept the job: {exc}", secrets), file=sys.stderr)
+        return EXIT_USAGE
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     print(f"dashboard: {address}/#/jobs/{job_id}", flush=True)
     if args.no_wait:

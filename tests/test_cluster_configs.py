@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ PINNED = ("torch", "torchvision", "ray")
 
 
 def _pyproject_dependencies() -> list[str]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
 
 

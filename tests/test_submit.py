@@ -62,7 +62,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _submit(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", RUNNER, "submit", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-c", RUNNER, "submit", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,18 +111,25 @@ def test_every_form_of_the_token_is_masked() -> None:
 
 @pytest.fixture
 def fake_dashboard() -> Iterator[tuple[str, list[dict[str, str]], list[int]]]:
-    """A local HTTP server answering GET /api/version with the status in `status[0]`; records request headers."""
+    """A local HTTP server answering every GET with the status in `status[0]` (200: a Ray 2.60.0 version
+    document) and every POST with 500; records each request's method, path and headers."""
     seen: list[dict[str, str]] = []
     status = [200]
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append({k.lower(): v for k, v in self.headers.items()})
-            body = json.dumps({"ray_version": "2.60.0"} if status[0] == 200 else {"error": "no"}).encode()
-            self.send_response(status[0])
+        def _answer(self, code: int) -> None:
+            seen.append({"method": self.command, "path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            body = json.dumps({"ray_version": "2.60.0"} if code == 200 else {"error": "no"}).encode()
+            self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(status[0])
+
+        def do_POST(self) -> None:
+            self._answer(500)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -187,12 +194,32 @@ def test_token_mode_sends_rays_own_header_and_hides_the_token(fake_dashboard) ->
     assert SENTINEL not in result.stdout + result.stderr
 
 
+def test_token_mode_without_a_token_is_a_clear_error(tmp_path: Path) -> None:
+    result = _submit(["--address", "http://127.0.0.1:8265", "--", "run", "experiments/quickstart.yaml"],
+                     _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)), timeout=60)
+    assert result.returncode == 2
+    assert "RAY_AUTH_MODE=token but Ray found no token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_refused_submission_exits_2_without_a_traceback(fake_dashboard, tmp_path: Path) -> None:
+    """The dashboard answers the probe, then refuses the job itself (here: HTTP 500 on POST /api/jobs/)."""
+    address, seen, _ = fake_dashboard
+    (tmp_path / "launch.py").write_text("print('never runs')\n")
+    result = _submit(["--address", address, "--working-dir", str(tmp_path), "--", "run", "x.yaml"],
+                     _env(RAY_AUTH_MODE="disabled"), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"error: the cluster at {address} did not accept the job" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("POST", "/api/jobs/") in {(r["method"], r["path"]) for r in seen}
+
+
 @pytest.mark.skipif("add_submit_parser" not in (REPO / "launch.py").read_text(), reason="launch.py does not wire `submit` yet")
 def test_launch_py_submit_is_wired() -> None:
     address = f"http://127.0.0.1:{_free_port()}"
     result = subprocess.run([sys.executable, "launch.py", "submit", "--address", address, "--", "run",
                              "experiments/quickstart.yaml", "train.epochs=1"],
-                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                            check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert f"no Ray dashboard answered at {address}" in result.stderr
 

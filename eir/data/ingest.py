@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from eir import storage
 from eir.data.codec import encode_png
+from eir.progress import progress as progress_bar
 from eir.data.base import DatasetError, DatasetInfo, Sample, SegmentationReader
 from eir.storage import Location
 
@@ -245,7 +245,7 @@ def ingest(
     storage.makedirs(tmp)
     started = time.perf_counter()
     try:
-        samples = (reader.read(i) for i in tqdm(ids, desc=f"ingest {reader.info.name}/{split}", disable=not progress, unit="img"))
+        samples = (reader.read(i) for i in progress_bar(ids, f"ingest {reader.info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
         shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), tmp, shard_rows)
         if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
             raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")

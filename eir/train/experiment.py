@@ -232,6 +232,7 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         rskd_region=cfg.loss.rskd_region,
         torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
         fail_at_iteration=int(os.environ["EIR_FAIL_AT_ITERATION"]) if os.environ.get("EIR_FAIL_AT_ITERATION") else None,
+        fault_marker=os.environ.get("EIR_FAULT_MARKER"),
     )
 
 

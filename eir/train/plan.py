@@ -38,7 +38,10 @@ class StepPlan:
     rskd_weight: float = 0.0  # > 0 at t ≥ 1: the trainer holds the frozen old model
     rskd_region: str = "new_gt"
     torch_threads: int = 1
-    fail_at_iteration: int | None = None  # fault injection for the fault-tolerance tests
+    # Fault injection (tests of worker fault tolerance): rank 0 exits once at this iteration,
+    # leaving `fault_marker` behind so the restarted worker does not fail again.
+    fail_at_iteration: int | None = None
+    fault_marker: str | None = None
 
     @property
     def num_channels(self) -> int:

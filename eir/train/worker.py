@@ -109,11 +109,9 @@ def train_step_worker(plan_dict: dict) -> None:
         for batch in train_shard.iter_torch_batches(
             batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
         ):
-            if plan.fail_at_iteration is not None and iteration == plan.fail_at_iteration and rank == 0:
-                marker = os.environ.get("EIR_FAULT_MARKER")
-                if marker and not os.path.exists(marker):
-                    open(marker, "w").close()
-                    os._exit(1)  # simulate a lost worker, once
+            if plan.fail_at_iteration == iteration and rank == 0 and plan.fault_marker and not os.path.exists(plan.fault_marker):
+                open(plan.fault_marker, "w").close()
+                os._exit(1)  # a lost worker, once: Ray Train restarts the group from the last checkpoint
             factor = _poly(iteration, total_iters)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
