@@ -167,6 +167,7 @@ class ScalingConfig:
 class RunConfig:
     output_dir: str = "outputs"
     name: str = "run"
+    step0_cache: bool = True  # reuse (and fill) <output_dir>/cache/step0/
 
 
 @dataclass

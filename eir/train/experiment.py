@@ -478,7 +478,7 @@ def _run_step(
              step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
 
     cache_loc = None
-    if step == 0 and not exp.is_joint:
+    if step == 0 and not exp.is_joint and cfg.run.step0_cache:
         key0 = cache.step0_key(
             cfg.flat(),
             train_split_checksum=exp.train_splits.checksum,
@@ -487,6 +487,8 @@ def _run_step(
             scaling={"num_workers": cfg.scaling.num_workers},
         )
         cache_loc = cache.entry(exp.output_root, key0)
+    restarts = [0]
+
     def train() -> tuple[np.ndarray, Any]:
         nonlocal plan
         started = time.perf_counter()
@@ -506,6 +508,9 @@ def _run_step(
             max_failures=cfg.train.max_failures,
         )
         log.info("step %d trained in %.1fs", step, time.perf_counter() - started)
+        if outcome.restarts:
+            log.warning("step %d: Ray Train restarted the workers %d time(s) from the last epoch checkpoint", step, outcome.restarts)
+        restarts[0] = outcome.restarts
         return outcome.confusion, outcome.epochs
 
     def from_cache() -> np.ndarray:
@@ -536,6 +541,7 @@ def _run_step(
     old, new = exp.groups(step)
     scores = reduce_scores(confusion, old, new, background_is_class=exp.train_manifest.info.background_is_class)
     row = exp.row(step, scores, source)
+    row["checkpoint_resumes"] = restarts[0]
     if epochs is not None:
         for _, epoch_row in epochs.iterrows():
             tracker.metrics(child, {k: epoch_row.get(k) for k in ("loss", "lr", "images_per_s") if k in epoch_row}, step=int(epoch_row["epoch"]))

@@ -31,6 +31,7 @@ class StepOutcome:
     confusion: np.ndarray
     epochs: pd.DataFrame  # one row per reported epoch: loss, lr, images_per_s
     model_uri: str
+    restarts: int  # times Ray Train restarted the worker group from a checkpoint
 
 
 def run_train_step(
@@ -73,7 +74,7 @@ def run_train_step(
     model_loc = step_dir.join("model.pt")
     _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
     epochs = result.metrics_dataframe
-    return StepOutcome(confusion=confusion, epochs=epochs, model_uri=model_loc.uri)
+    return StepOutcome(confusion=confusion, epochs=epochs, model_uri=model_loc.uri, restarts=int(result.metrics.get("restarts", 0)))
 
 
 def _write_model(loc: Location, state: dict) -> None:

@@ -82,7 +82,7 @@ def train_step_worker(plan_dict: dict) -> None:
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start_epoch, iteration = 0, 0
+    start_epoch, iteration, resumed_at = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -91,6 +91,7 @@ def train_step_worker(plan_dict: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = state["epoch"] + 1, state["iteration"]
+        resumed_at = [*state.get("resumed_at", []), start_epoch]  # epochs a restarted worker group resumed at
         if rank == 0:
             log.info("[step %d] resumed from the epoch %d checkpoint", plan.step, state["epoch"] + 1)
     model = ray.train.torch.prepare_model(core)
@@ -150,12 +151,13 @@ def train_step_worker(plan_dict: dict) -> None:
             "iteration": iteration,
             "epoch_s": elapsed,
             "eta_s": elapsed * (plan.epochs - epoch - 1),
+            "restarts": len(resumed_at),
         }
         if epoch == plan.epochs - 1:
             metrics["confusion"] = _evaluate(core, plan, device, rank, world, amp)
-        _report(metrics, core, optimizer, scaler, epoch, iteration, rank, plan)
+        _report(metrics, core, optimizer, scaler, epoch, iteration, rank, plan, resumed_at)
     if start_epoch >= plan.epochs:  # restarted after the last checkpoint: only the scores are missing
-        ray.train.report({"epoch": plan.epochs, "confusion": _evaluate(core, plan, device, rank, world, amp)})
+        ray.train.report({"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, plan, device, rank, world, amp)})
 
 
 def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool) -> list:
@@ -170,7 +172,9 @@ def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank:
     return matrix.cpu().tolist()
 
 
-def _report(metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan) -> None:
+def _report(
+    metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan, resumed_at: list[int]
+) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position)."""
     if rank == 0:
         log.info(
@@ -188,6 +192,7 @@ def _report(metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int,
                 "epoch": epoch,
                 "iteration": iteration,
                 "head_sizes": list(plan.head_sizes),
+                "resumed_at": resumed_at,
             }
             torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
