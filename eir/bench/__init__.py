@@ -17,7 +17,14 @@ def _accuracy(name: str) -> Callable[..., Any]:
     return run
 
 
+def _memory_store(quick: bool = False, overrides: list[str] | None = None) -> Any:
+    from eir.bench.memory_store import run_memory_store
+
+    return run_memory_store(quick, overrides)
+
+
 BENCHMARKS: dict[str, Callable[..., Any]] = {
+    "memory_store": _memory_store,
     "accuracy_camvid": _accuracy("accuracy_camvid"),
     "accuracy_synthetic": _accuracy("accuracy_synthetic"),
 }
