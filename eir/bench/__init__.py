@@ -23,7 +23,14 @@ def _memory_store(quick: bool = False, overrides: list[str] | None = None) -> An
     return run_memory_store(quick, overrides)
 
 
+def _iteration(quick: bool = False, overrides: list[str] | None = None) -> Any:
+    from eir.bench.iteration import run_iteration
+
+    return run_iteration(quick, overrides)
+
+
 BENCHMARKS: dict[str, Callable[..., Any]] = {
+    "iteration": _iteration,
     "memory_store": _memory_store,
     "accuracy_camvid": _accuracy("accuracy_camvid"),
     "accuracy_synthetic": _accuracy("accuracy_synthetic"),

@@ -1,0 +1,108 @@
+"""`iteration`: time per training iteration of each method at the CamVid config's crop, and peak memory.
+
+Measured in one process per variant (a fresh process gives a clean peak RSS), same model, batch and
+crop, data excluded (the data workers run beside the trainer):
+- finetune / image_replay: new-model forward + backward (BCE on one-hot targets);
+- eir: + soft pasted targets, a frozen old-model forward and RSKD;
+- eir_per_iteration_recipe: eir + one more old-model forward, the pseudo-labels the authors'
+  recipe recomputes on every crop (this project computes them once per step instead).
+Keys: `eir_vs_finetune`, `eir_vs_per_iteration_recipe` (time ratios).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from eir.bench.common import environment, results_path, write_results
+from eir.config import load_config
+from eir.visualize import plt
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ("finetune", "image_replay", "eir", "eir_per_iteration_recipe")
+
+
+def _measure(variant: str, crop: int, batch: int, threads: int, iterations: int, warmup: int, queue: Any) -> None:
+    import torch
+
+    from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+    from eir.model import build_model
+    from eir.pseudo import pseudo_labels
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    old_heads, new = [5], 3  # CamVid 5-3, step 1
+    model = build_model("mobilenet_v2", [*old_heads, new], weights=None)
+    model.freeze_batchnorm()
+    old = build_model("mobilenet_v2", old_heads, weights=None).eval().requires_grad_(False) if variant.startswith("eir") else None
+    optimizer = torch.optim.SGD(model.param_groups(0.001, 1e-4), lr=0.001, momentum=0.9, nesterov=True)
+    images = torch.randn(batch, 3, crop, crop)
+    label = torch.randint(0, 9, (batch, crop, crop))
+    paste_class = torch.where(torch.rand(batch, crop, crop) < 0.2, torch.randint(1, 6, (batch, crop, crop)), torch.full((batch, crop, crop), 255))
+    paste_weight = torch.rand(batch, crop, crop).half()
+    times = []
+    model.train()
+    for index in range(warmup + iterations):
+        started = time.perf_counter()
+        if variant == "eir_per_iteration_recipe":
+            with torch.no_grad():
+                pseudo_labels(old(images), label, 0.7)
+        if variant.startswith("eir"):
+            targets, valid = soft_targets(label, 9, paste_class, paste_weight)
+        else:
+            targets, valid = soft_targets(label, 9)
+        logits = model(images)
+        loss = bce_loss(logits, targets, valid)
+        if old is not None:
+            with torch.no_grad():
+                old_logits = old(images)
+            loss = loss + 5.0 * rskd_loss(logits, old_logits, region_mask(label, [6, 7, 8], "new_gt"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    queue.put({"variant": variant, "s_per_iteration": sum(times) / len(times), "times": times,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_iteration(quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+    config = load_config(REPO / "experiments" / "camvid_5-3.yaml", overrides or [])
+    crop, batch = config.train.crop_size, config.train.batch_size // config.scaling.num_workers
+    threads = max(1, int(config.scaling.cpus_per_worker))
+    iterations, warmup = (4, 1) if quick else (12, 2)
+    context = mp.get_context("spawn")
+    results = {}
+    for variant in VARIANTS:
+        queue = context.Queue()
+        process = context.Process(target=_measure, args=(variant, crop, batch, threads, iterations, warmup, queue))
+        process.start()
+        results[variant] = queue.get()
+        process.join()
+        print(f"{variant:26s} {results[variant]['s_per_iteration'] * 1000:8.1f} ms/iteration  peak RSS {results[variant]['peak_rss_mb']:7.0f} MB")
+    t = {v: r["s_per_iteration"] for v, r in results.items()}
+    document = {
+        "benchmark": "iteration",
+        "quick": quick,
+        "eir_vs_finetune": round(t["eir"] / t["finetune"], 4),
+        "eir_vs_per_iteration_recipe": round(t["eir"] / t["eir_per_iteration_recipe"], 4),
+        **environment(),
+        "config": {"crop": crop, "per_worker_batch": batch, "torch_threads": threads, "iterations": iterations,
+                   "warmup": warmup, "backbone": "mobilenet_v2", "output_stride": 16, "task": "camvid 5-3 step 1"},
+        "results": results,
+    }
+    path = results_path("iteration", quick)
+    write_results(path, document)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(range(len(VARIANTS)), [t[v] * 1000 for v in VARIANTS], color=["#4c72b0", "#4c72b0", "#55a868", "#c44e52"])
+    ax.set_xticks(range(len(VARIANTS)), [v.replace("_per_iteration_recipe", "\n+ per-iteration\npseudo-labels") for v in VARIANTS], fontsize=8)
+    ax.set_ylabel("ms per iteration")
+    ax.set_title(f"training iteration, crop {crop}, batch {batch}, {threads} threads")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    print(f"eir_vs_finetune = {document['eir_vs_finetune']}, eir_vs_per_iteration_recipe = {document['eir_vs_per_iteration_recipe']}  → {path}")
+    return document
