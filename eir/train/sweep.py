@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 SWEEP_KEYS = {"name", "base", "overrides", "space", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials"}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("hIoU", "mIoU_all")
+# A trial is a driver that waits on its trainers; its own reservation is a token (Tune refuses 0).
+TRIAL_DRIVER_CPU = 0.1
 
 
 @dataclass
@@ -166,7 +168,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     )
     trainable = tune.with_resources(
         _make_trial(str(Path(path).resolve()), extra or [], folder.uri, tracker.uri, tracker.experiment_id, parent),
-        {"CPU": 0},
+        {"CPU": TRIAL_DRIVER_CPU},
     )
     log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,
              "grid" if all("grid" in d for d in spec.space.values()) else f"{spec.num_samples} samples ×", concurrency,

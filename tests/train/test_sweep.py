@@ -144,6 +144,8 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
             finished = [p for p in runs.glob("*/results.json") if json.loads(p.read_text())["status"] == "finished"]
             if finished:
                 break
+            if process.poll() is not None:
+                pytest.fail(f"the sweep ended (exit code {process.returncode}) before any trial finished")
             time.sleep(2)
         else:
             pytest.fail("no trial finished within 600 s")
