@@ -180,22 +180,32 @@ def scores_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def config_differences(previous: ExperimentConfig, current: ExperimentConfig) -> list[str]:
+    """Keys whose values differ and matter to at least one of the two configs."""
+    before, after = previous.flat(), current.flat()
+    ignored = inactive_keys(previous) & inactive_keys(current)
+    return sorted(key for key in after if key not in ignored and before.get(key) != after[key])
+
+
+def read_run_config(run_dir: Location) -> ExperimentConfig:
+    import yaml
+
+    loc = run_dir.join("config.yaml")
+    return config_from_dict(yaml.safe_load(storage.read_bytes(loc).decode()), where=loc.uri)
+
+
 def check_run_dir(exp: Experiment, resume: bool) -> None:
-    config_loc = exp.run_dir.join("config.yaml")
-    if not storage.exists(config_loc):
+    if not storage.exists(exp.run_dir.join("config.yaml")):
         return
     if not resume:
         raise RunDirError(
             f"run directory {exp.run_dir.uri} already exists: pass --resume to continue it, or choose another run.name"
         )
-    import yaml
-
-    previous_config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
-    previous, current = previous_config.flat(), exp.config.flat()
-    ignored = inactive_keys(previous_config) & inactive_keys(exp.config)
-    differ = sorted(key for key in current if key not in ignored and previous.get(key) != current[key])
+    previous = read_run_config(exp.run_dir)
+    differ = config_differences(previous, exp.config)
     if differ:
-        detail = ", ".join(f"{k} ({previous.get(k)!r} → {current[k]!r})" for k in differ)
+        before, after = previous.flat(), exp.config.flat()
+        detail = ", ".join(f"{k} ({before.get(k)!r} → {after[k]!r})" for k in differ)
         raise RunDirError(f"--resume: {exp.run_dir.uri} was made by a different config; keys that differ: {detail}")
 
 
