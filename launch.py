@@ -16,6 +16,7 @@ from pathlib import Path
 from eir import storage
 from eir.config import ConfigError
 from eir.data.base import DatasetError
+from eir.data.registry import DATASETS
 from eir.tasks import TaskError
 from eir.train.experiment import RunDirError
 
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    prep.add_argument("dataset", choices=["voc", "ade20k", "camvid", "folder", "synthetic"])
+    prep.add_argument("dataset", choices=DATASETS)
     prep.add_argument("--root", help="raw dataset folder (VOC2012/, ADEChallengeData2016/, CamVid/, or a folder with images/ masks/)")
     prep.add_argument("--split", default="train", help="split to ingest (train, val, train_aug, ...; default train)")
     prep.add_argument("--out", required=True, help="output folder (a local path or a pyarrow URI); the split goes to OUT/<split>/")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the run's own task, class order and evaluation protocol (override with --protocol).",
     )
     ev.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
-    ev.add_argument("--dataset", required=True, choices=["voc", "ade20k", "camvid", "folder", "synthetic"])
+    ev.add_argument("--dataset", required=True, choices=DATASETS)
     ev.add_argument("--root", required=True, help="raw dataset folder or a prepared dataset folder")
     ev.add_argument("--split", required=True, help="split to score, e.g. val or test")
     ev.add_argument("--step", type=int, default=None, help="step whose model to score (default: last)")
