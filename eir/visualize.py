@@ -95,6 +95,7 @@ def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
             else:
                 ax.plot(range(length), mean, marker="o", label=method)
         ax.set_title(task)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)

@@ -182,9 +182,17 @@ def scores_table(rows: list[dict[str, Any]]) -> str:
 
 def config_differences(previous: ExperimentConfig, current: ExperimentConfig) -> list[str]:
     """Keys whose values differ and matter to at least one of the two configs."""
-    before, after = previous.flat(), current.flat()
+    before, after = _normalised(previous.flat()), _normalised(current.flat())
     ignored = inactive_keys(previous) & inactive_keys(current)
     return sorted(key for key in after if key not in ignored and before.get(key) != after[key])
+
+
+PATH_KEYS = ("dataset.root", "run.output_dir")
+
+
+def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
+    """Local paths compared by where they point (`outputs` from the repo = `/repo/outputs`)."""
+    return {k: (os.path.abspath(v) if k in PATH_KEYS and v and "://" not in v else v) for k, v in flat.items()}
 
 
 def read_run_config(run_dir: Location) -> ExperimentConfig:
