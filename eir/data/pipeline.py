@@ -32,20 +32,23 @@ from eir.storage import Location
 ROW_COLUMNS = ["id", "image", "label"]
 
 
-def _read_rows(manifest: Manifest, ids: list[str], num_blocks: int | None = None) -> ray.data.Dataset:
-    """The chosen rows of a prepared dataset as a lazy Ray Dataset.
+def _read_files(locations: list[Location], fs) -> ray.data.Dataset:
+    """Parquet files as a lazy Ray Dataset with one block per file.
 
-    Parquet V2 datasource packs small datasets into one block (one read task, first batch only
-    at the end of the epoch: RAY_NOTES.md), so the V1 reader with one block per shard is used.
+    The Parquet V2 datasource packs small datasets into one block (one read task, first batch
+    only at the end of the epoch: RAY_NOTES.md), so the V1 reader is used with a block per file.
     """
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False  # one bar per operator floods driver logs; eir prints its own progress
-    ds = ray.data.read_parquet(
-        manifest.shard_uris if not manifest.location.is_local else [loc.path for loc in manifest.shard_locations],
-        filesystem=manifest.location.fs,
-        override_num_blocks=num_blocks or len(manifest.shards),
-    ).select_columns(ROW_COLUMNS)
+    return ray.data.read_parquet(
+        [loc.path if loc.is_local else loc.uri for loc in locations], filesystem=fs, override_num_blocks=max(1, len(locations))
+    )
+
+
+def _read_rows(manifest: Manifest, ids: list[str]) -> ray.data.Dataset:
+    """The chosen rows of a prepared dataset (filtered by id inside the read tasks)."""
+    ds = _read_files(manifest.shard_locations, manifest.location.fs).select_columns(ROW_COLUMNS)
     wanted = pa.array(sorted(set(ids)), type=pa.string())
 
     def keep(table: pa.Table) -> pa.Table:
@@ -284,11 +287,6 @@ def write_pseudo_labels(
 
 
 def read_prepared_rows(folder: Location) -> ray.data.Dataset:
-    """Rows a step wrote itself (pseudo-labelled rows), one block per file (see `_read_rows`)."""
-    files = [name for name in storage.list_dir(folder) if name.endswith(".parquet")]
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = False
-    paths = [folder.join(name) for name in files]
-    return ray.data.read_parquet(
-        [p.path if p.is_local else p.uri for p in paths], filesystem=folder.fs, override_num_blocks=max(1, len(files))
-    )
+    """Rows a step wrote itself (pseudo-labelled rows), one block per file."""
+    files = [folder.join(name) for name in storage.list_dir(folder) if name.endswith(".parquet")]
+    return _read_files(files, folder.fs)

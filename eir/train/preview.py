@@ -64,7 +64,6 @@ def write_preview(run_dir: str, step: int, out: str, count: int = 8) -> str:
     if not storage.exists(config_loc):
         raise RunDirError(f"{run.uri} is not a run directory (no config.yaml)")
     config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
-    exp = resolve(config, progress=False)
-    exp.run_dir = run
+    exp = resolve(config, progress=False, run_dir=run)
     image_grid(preview_panels(exp, step, count), HEADERS, out)
     return out

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, load_config, valid_keys
+from eir.config import ConfigError, ExperimentConfig, load_config, parse_overrides, valid_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,9 @@ class SweepSpec:
     def config(self, params: dict[str, Any] | None = None, extra: list[str] | None = None) -> ExperimentConfig:
         """The experiment config of one trial: base ← sweep overrides ← command line ← sampled params."""
         updates = dict(self.overrides)
-        updates.update(_parse_extra(extra or []))
+        updates.update(parse_overrides(extra or []))
         updates.update(params or {})
         return load_config(self.base, updates)
-
-
-def _parse_extra(items: list[str]) -> dict[str, Any]:
-    from eir.config import parse_overrides
-
-    return parse_overrides(items)
 
 
 def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
