@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -93,69 +92,61 @@ def clear(output_root: Location) -> int:
 
 @contextmanager
 def writer_lock(loc: Location, poll_s: float = 2.0) -> Iterator[None]:
-    """One writer per cache entry across processes and nodes: a named Ray actor holds the lock.
+    """One writer per cache entry across processes and nodes: holding the lock is owning a named Ray actor.
 
     Concurrent sweep trials that need the same missing step 0 queue here; the first trains it,
     the others find the entry complete (its marker is written last) when they get the lock.
-    A holder that dies takes its actor with it, so the lock cannot outlive a crashed trainer.
+    Creating a named actor is the atomic test-and-set (the GCS registers the name synchronously
+    and refuses a second one, measured with two racing processes), and the actor is owned by the
+    process that created it, so a holder that dies takes the lock with it. A shared lock actor
+    with an `owner` field would not do: its lifetime is tied to whichever process created it, so
+    it can die under a live holder and admit a second writer (CI caught that).
     """
     import ray
 
     from eir.raysession import ensure_ray
 
     ensure_ray()
-    owner = uuid.uuid4().hex
-    name = f"eir-step0-lock-{loc.name}"
+    name = lock_name(loc)
     waited = False
     while True:
         try:
-            actor = _Lock.options(name=name, namespace="eir", get_if_exists=True).remote()
-            if ray.get(actor.acquire.remote(owner)):
-                break
-        except ray.exceptions.RayActorError:
-            continue  # the holder's lock actor died with it: take a fresh one
-        if not waited:
-            log.info("step-0 cache entry %s is being trained by another run: waiting", loc.name)
-            waited = True
-        time.sleep(poll_s)
+            token = _LockToken.options(name=name, namespace=LOCK_NAMESPACE).remote()
+            break
+        except ValueError:  # ActorAlreadyExistsError: another run holds it
+            if not waited:
+                log.info("step-0 cache entry %s is being trained by another run: waiting", loc.name)
+                waited = True
+            time.sleep(poll_s)
     try:
         yield
     finally:
-        try:
-            ray.get(actor.release.remote(owner))
-        except ray.exceptions.RayActorError:
-            pass
+        ray.kill(token)
 
 
-def _lock_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Lock:
-        def __init__(self) -> None:
-            self.owner: str | None = None
-
-        def acquire(self, owner: str) -> bool:
-            if self.owner is None:
-                self.owner = owner
-            return self.owner == owner
-
-        def release(self, owner: str) -> None:
-            if self.owner == owner:
-                self.owner = None
-
-    return Lock
+LOCK_NAMESPACE = "eir"
 
 
-class _LazyLock:
+def lock_name(loc: Location) -> str:
+    """Per entry *and* per output root: two roots holding the same key are two separate caches."""
+    return "eir-step0-lock-" + hashlib.sha256(loc.uri.encode()).hexdigest()[:24]
+
+
+class _LazyToken:
     """Defers `ray.remote` until first use, so importing this module does not import Ray."""
 
     _cls = None
 
     def options(self, **kwargs):
-        if _LazyLock._cls is None:
-            _LazyLock._cls = _lock_class()
-        return _LazyLock._cls.options(**kwargs)
+        if _LazyToken._cls is None:
+            import ray
+
+            @ray.remote(num_cpus=0)
+            class LockToken:
+                """Holds nothing: its existence under the lock's name is the lock."""
+
+            _LazyToken._cls = LockToken
+        return _LazyToken._cls.options(**kwargs)
 
 
-_Lock = _LazyLock()
+_LockToken = _LazyToken()
