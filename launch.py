@@ -97,7 +97,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eir.bench import BENCHMARKS
 
-    BENCHMARKS[args.name](quick=args.quick, overrides=args.overrides, limit=args.limit)
+    methods = args.methods.split(",") if args.methods else None
+    BENCHMARKS[args.name](quick=args.quick, overrides=args.overrides, limit=args.limit, methods=methods)
     return 0
 
 
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     bench.add_argument("--quick", action="store_true", help="a smaller version (performance benchmarks): NAME.quick.json")
     bench.add_argument("--limit", type=int, default=None, help="accuracy benchmarks: train at most N runs now (rerun to continue)")
+    bench.add_argument("--methods", default=None, help="accuracy benchmarks: only these methods now, comma-separated (e.g. eir,image_replay)")
     bench.set_defaults(func=_cmd_bench)
 
     cache_cmd = sub.add_parser("cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/.")

@@ -7,23 +7,23 @@ from typing import Any
 
 
 def _accuracy(name: str) -> Callable[..., Any]:
-    def run(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None) -> Any:
+    def run(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
         from eir.bench.accuracy import run_accuracy
 
         if quick:
             raise ValueError(f"{name} has no --quick form: it is an accuracy benchmark (rerun to continue it)")
-        return run_accuracy(name, overrides, limit)
+        return run_accuracy(name, overrides, limit, methods)
 
     return run
 
 
-def _memory_store(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None) -> Any:
+def _memory_store(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
     from eir.bench.memory_store import run_memory_store
 
     return run_memory_store(quick, overrides)
 
 
-def _iteration(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None) -> Any:
+def _iteration(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
     from eir.bench.iteration import run_iteration
 
     return run_iteration(quick, overrides)

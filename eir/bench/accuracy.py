@@ -64,14 +64,21 @@ def run_entry(document: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
     }
 
 
-def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Run the benchmark's planned runs in order; `limit` caps how many runs are trained this time."""
+def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int | None = None,
+                 methods: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark's planned runs in order; `limit` caps how many runs are trained this time and
+    `methods` restricts this invocation to some methods (to see the one in question first)."""
     from eir import storage
 
+    unknown = sorted(set(methods or []) - set(INCREMENTAL))
+    if unknown:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; expected some of {INCREMENTAL}")
     path = results_path(name)
     document = read_results(path) or {"benchmark": name, "runs": []}
     done = {(r["task"], r["method"], r["seed"]) for r in document["runs"]}
     for planned in _plan(name):
+        if methods and planned.method not in methods:
+            continue
         base = load_config(REPO / planned.config)
         task = base.task.name
         if planned.key(task) in done:
