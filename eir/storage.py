@@ -58,6 +58,17 @@ def resolve(uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | N
     return Location(fs, path, text)
 
 
+def ray_storage(loc: Location) -> dict[str, Any]:
+    """`storage_path`/`storage_filesystem` for Ray Train and Tune run configs.
+
+    With an explicit filesystem Ray wants the path on it (`bucket/key`), not the URI; passing
+    our own filesystem keeps the options the URI carried (endpoint, region) for every worker.
+    """
+    if loc.is_local:
+        return {"storage_path": loc.path, "storage_filesystem": None}
+    return {"storage_path": loc.path, "storage_filesystem": loc.fs}
+
+
 def exists(loc: Location) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 

@@ -38,6 +38,18 @@ def tracking_uri(output_root: Location) -> str:
     return f"sqlite:///{os.path.join(output_root.path, 'mlflow.db')}"
 
 
+def artifact_location(uri: str, output_root: Location) -> str | None:
+    """Where a new experiment's artifacts go with a sqlite store: beside the runs (local roots) or
+    beside the database (remote roots), never MLflow's default `./mlruns` in whatever directory the
+    command ran from. A tracking server decides for itself (None)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    if output_root.is_local:
+        return "file://" + os.path.join(output_root.path, "mlartifacts")
+    database = uri.removeprefix("sqlite:///")
+    return "file://" + os.path.join(os.path.dirname(os.path.abspath(database)), "mlartifacts")
+
+
 class Tracker:
     """A thin, explicit wrapper over MlflowClient for the run tree eir writes."""
 
@@ -46,10 +58,7 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            artifacts = None
-            if self.uri.startswith("sqlite:") and output_root.is_local:
-                artifacts = "file://" + os.path.join(output_root.path, "mlartifacts")
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location(self.uri, output_root))
         else:
             self.experiment_id = found.experiment_id
 

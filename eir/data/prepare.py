@@ -95,6 +95,10 @@ def ensure_prepared(
     if root:
         manifest = _prepared_at(storage.resolve(root), split)
         if manifest is not None:
+            if not output_root.is_local and "://" not in root:
+                log.warning("dataset.root=%s is a prepared dataset on this machine's disk while run.output_dir=%s is "
+                            "remote: workers on other nodes cannot read it; prepare it onto shared storage "
+                            "(`launch.py prepare ... --out s3://...`) or give the raw folder", root, output_root.uri)
             return manifest
         if "://" in root:
             raise DatasetError(

@@ -57,8 +57,7 @@ def run_train_step(
         ),
         run_config=RunConfig(
             name="train",
-            storage_path=step_dir.uri,
-            storage_filesystem=None if step_dir.is_local else step_dir.fs,
+            **storage.ray_storage(step_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=max_failures),
         ),

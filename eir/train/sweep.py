@@ -184,8 +184,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
-                storage_path=folder.parent.uri,
-                storage_filesystem=None if folder.is_local else folder.fs,
+                **storage.ray_storage(folder.parent),
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )

@@ -1,0 +1,101 @@
+"""A whole EIR run whose `run.output_dir` is an S3 bucket (a real moto S3 server on 127.0.0.1).
+
+The bucket has no atomic rename and no local paths, so this is the cluster's shared-storage
+path end to end: the dataset cache, splits, checkpoints, Ray Train storage, the instance store,
+pseudo-labels, the step-0 cache and results.json all go through pyarrow's S3 filesystem, and
+the Ray Train workers and Ray Data tasks (separate processes) read what the driver wrote.
+The run is `launch.py run` in a subprocess with the standard AWS environment variables, as a
+user on a cluster would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from eir import storage
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "eir-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> str:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.time() > deadline:
+                os.killpg(process.pid, signal.SIGTERM)
+                pytest.fail("moto S3 server did not start within 60 s")
+            time.sleep(0.3)
+    yield endpoint
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def test_eir_run_with_output_dir_on_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="test", secret_key="test", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    # The raw dataset lives on the driver's disk (the generator writes local files); everything
+    # the run derives from it goes to the bucket.
+    subprocess.run([sys.executable, str(REPO / "launch.py"), "prepare", "synthetic", "--num-images", "40",
+                    "--image-size", "48", "--out", str(tmp_path / "synthetic")], check=True, capture_output=True, timeout=300)
+    output_dir = f"s3://{BUCKET}/runs"
+    env = {**os.environ, **aws_env(s3_endpoint), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "EIR_RAY_NUM_CPUS": "6", "RAY_ADDRESS": ""}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"),
+         f"run.output_dir={output_dir}", "run.name=on_s3", f"dataset.root={tmp_path / 'synthetic' / 'raw'}",
+         "task.name=15-5", "method.name=eir", "memory.size=20", "model.weights=null", "train.epochs=1",
+         "train.epochs_incremental=1", "train.batch_size=8", "train.crop_size=48", "eval.batch_size=8",
+         "scaling.cpus_per_worker=1"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"results: {output_dir}/on_s3/results.json" in result.stdout
+    assert not any(work.iterdir()), f"the run wrote to the local working directory: {list(work.iterdir())}"
+
+    os.environ.update(aws_env(s3_endpoint))  # read back through the same URI a user would give
+    try:
+        root = storage.resolve(output_dir)
+        run = root.join("on_s3")
+        document = storage.read_json(run.join("results.json"))
+        assert document["status"] == "finished" and [s["source"] for s in document["steps"]] == ["trained", "trained"]
+        for path in ("step_0/_COMPLETE", "step_0/model.pt", "step_0/instances.parquet", "step_1/_COMPLETE",
+                     "step_1/model.pt", "step_1/pseudo/_COMPLETE", "config.yaml"):
+            assert storage.exists(run.join(path)), f"{run.join(path).uri} missing"
+        entries = storage.list_dir(root.join("cache", "step0"))
+        assert len(entries) == 1 and storage.is_complete(root.join("cache", "step0", entries[0]))
+        assert any(storage.is_complete(root.join("datasets", name)) for name in storage.list_dir(root.join("datasets")))
+    finally:
+        for key in aws_env(s3_endpoint):
+            os.environ.pop(key, None)
