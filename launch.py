@@ -17,6 +17,7 @@ from eir import storage
 from eir.config import ConfigError
 from eir.data.base import DatasetError
 from eir.data.registry import DATASETS
+from eir.model import CheckpointError
 from eir.tasks import TaskError
 from eir.train.experiment import RunDirError
 
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, TaskError, RunDirError, FileExistsError) as exc:
+    except (ConfigError, DatasetError, TaskError, RunDirError, CheckpointError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

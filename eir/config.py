@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import types
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -400,6 +401,13 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
     if config.memory.size < 0:
         raise ConfigError(f"bad value {config.memory.size!r} for memory.size: expected 0 or more")
+    if config.memory.size == 0 and config.memory.kind != "none":
+        # Allowed (a sweep may include M = 0 as its no-memory point), but never silently.
+        warnings.warn(
+            f"memory.size=0 with method {config.method.name!r}: nothing is stored, so replay and pasting have "
+            "nothing to draw from; the run is this method without a memory",
+            stacklevel=2,
+        )
     if not 0 <= config.memory.min_area < 1:
         raise ConfigError(f"bad value {config.memory.min_area!r} for memory.min_area: expected a fraction in [0, 1)")
     if not 0 < config.pseudo.threshold < 1:

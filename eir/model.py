@@ -37,6 +37,10 @@ IMAGENET_WEIGHTS = {
 _HEAD_KEY = re.compile(r"^heads\.(\d+)\.")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this run's task, class order or backbone."""
+
+
 def build_model(
     backbone: str,
     classes_per_step: Sequence[int],
@@ -237,7 +241,7 @@ class IncrementalDeepLabV3(nn.Module):
         """Load the previous step's weights; heads the checkpoint lacks are initialised fresh.
 
         Strict on everything else: a key the model lacks, a missing non-head key, or a shape
-        that differs (a checkpoint from another task or backbone) raises a ValueError listing
+        that differs (a checkpoint from another task or backbone) raises a CheckpointError listing
         the keys. Fresh heads (indices beyond the checkpoint's last head) get `new_head_init`
         after loading, so "copy_background" copies the *loaded* background head.
         """
@@ -254,7 +258,7 @@ class IncrementalDeepLabV3(nn.Module):
         found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         problems = [f"{label}: {_short_list(keys)}" for label, keys in found if keys]
         if problems:
-            raise ValueError(
+            raise CheckpointError(
                 "checkpoint does not fit this model (different task, backbone or output layout?); "
                 + "; ".join(problems)
             )

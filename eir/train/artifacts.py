@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,14 @@ from eir.visualize import bar_chart, colorize, confusion_figure, image_grid
 PREVIEW_IMAGES = 6
 
 
-def load_step_model(model_uri: str, backbone: str, output_stride: int) -> torch.nn.Module:
+def load_step_model(model_uri: str, backbone: str, output_stride: int, expected_heads: Sequence[int] | None = None) -> torch.nn.Module:
+    """A step's published model; with `expected_heads`, refuse a checkpoint of another task."""
     from eir.model import build_model
-    from eir.train.worker import load_torch
+    from eir.train.worker import check_head_sizes, load_torch
 
     state = load_torch(model_uri)
+    if expected_heads is not None:
+        check_head_sizes(state, expected_heads, model_uri, "the step evaluated")
     model = build_model(backbone, state["head_sizes"], output_stride=output_stride, weights=None)
     model.load_state_dict(state["model"])
     return model.eval()

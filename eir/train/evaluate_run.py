@@ -79,7 +79,9 @@ def evaluate_run(
     eval_step = task.num_steps - 1 if joint else step
     ids = select_ids(task, manifest, purpose="test")[eval_step]
     channels = ChannelSpace.of(task)
-    model = load_step_model(run.join(f"step_{step}", "model.pt").uri, config.model.backbone, config.model.output_stride)
+    schedule = task.joint() if joint else task
+    model = load_step_model(run.join(f"step_{step}", "model.pt").uri, config.model.backbone, config.model.output_stride,
+                            expected_heads=[len(classes) for classes in schedule.steps[: step + 1]])
     lut = channels.map_lut(task.test_lut(eval_step))
     n_old = len(task.steps[0])
     n_seen = len(task.classes_seen(eval_step))

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 
 import ray.train
 import ray.train.torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from eir import storage
 from eir.data.transforms import normalize
 from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
-from eir.model import build_model
+from eir.model import CheckpointError, build_model
 from eir.train.evaluate import confusion_on_batches
 from eir.train.plan import StepPlan
 
@@ -36,16 +37,20 @@ def load_torch(uri: str) -> dict:
     return torch.load(io.BytesIO(storage.read_bytes(storage.resolve(uri))), map_location="cpu", weights_only=True)
 
 
+def check_head_sizes(state: dict, expected: Sequence[int], uri: str, what: str) -> None:
+    """A checkpoint of another task (or class order) has other heads: say so before loading it."""
+    if list(state.get("head_sizes", [])) != list(expected):
+        raise CheckpointError(
+            f"checkpoint {uri} has heads {state.get('head_sizes')} but {what} of this run's task has heads "
+            f"{list(expected)}: it comes from a different task or class order"
+        )
+
+
 def build_old_model(plan: StepPlan) -> torch.nn.Module:
     """Step t−1's model, loaded from its checkpoint (the heads must match: same task and order)."""
     model = build_model(plan.backbone, plan.head_sizes[:-1], output_stride=plan.output_stride, weights=None)
     previous = load_torch(plan.previous_model)
-    expected = list(plan.head_sizes[:-1])
-    if list(previous.get("head_sizes", [])) != expected:
-        raise ValueError(
-            f"checkpoint {plan.previous_model} has heads {previous.get('head_sizes')} but step {plan.step} "
-            f"expects step t−1's heads {expected}: it comes from a different task or class order"
-        )
+    check_head_sizes(previous, plan.head_sizes[:-1], plan.previous_model, f"step {plan.step - 1}")
     model.load_previous(previous["model"])
     return model
 
