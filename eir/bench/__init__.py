@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,21 +18,19 @@ def _accuracy(name: str) -> Callable[..., Any]:
     return run
 
 
-def _memory_store(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
-    from eir.bench.memory_store import run_memory_store
+def _performance(name: str) -> Callable[..., Any]:
+    """`eir.bench.<name>.run_<name>(quick, overrides)`, imported only when that benchmark runs."""
 
-    return run_memory_store(quick, overrides)
+    def run(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
+        if limit is not None or methods:
+            raise ValueError(f"{name}: --limit and --methods apply to accuracy benchmarks only")
+        return getattr(importlib.import_module(f"eir.bench.{name}"), f"run_{name}")(quick, overrides)
 
-
-def _iteration(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
-    from eir.bench.iteration import run_iteration
-
-    return run_iteration(quick, overrides)
+    return run
 
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {
-    "iteration": _iteration,
-    "memory_store": _memory_store,
+    **{name: _performance(name) for name in ("pipeline", "iteration", "memory_store", "sweep_cache", "scaling")},
     "accuracy_camvid": _accuracy("accuracy_camvid"),
     "accuracy_synthetic": _accuracy("accuracy_synthetic"),
 }

@@ -80,16 +80,17 @@ class StreamSpec:
         return self.paste is not None or self.replay_per_row > 0
 
 
-_STORES: dict[str, tuple[list, dict[int, np.ndarray]]] = {}
+_STORES: dict[str, tuple[list, dict[int, np.ndarray], dict]] = {}
 
 
-def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray]]:
-    """The decoded store and its rows per channel, cached per worker process (decoded once per step)."""
+def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray], dict]:
+    """The decoded store, its rows per channel and a cache of cell-sized instances, kept per
+    worker process (decoded once per step, each instance resized once per cell size)."""
     key = spec.store.hex()
     if key not in _STORES:
         store = InstanceStore.from_bytes(ray.get(spec.store))
         _STORES.clear()  # one step's store at a time per process
-        _STORES[key] = (store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel))
+        _STORES[key] = (store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel), {})
     return _STORES[key]
 
 
@@ -111,8 +112,10 @@ class SampleMaker:
     preview shows is exactly what the trainer receives.
     """
 
-    def __init__(self, spec: StreamSpec, arrays: list, by_channel: dict[int, np.ndarray], rng: np.random.Generator):
+    def __init__(self, spec: StreamSpec, arrays: list, by_channel: dict[int, np.ndarray], rng: np.random.Generator,
+                 scaled_cache: dict | None = None):
         self.spec, self.arrays, self.by_channel, self.rng = spec, arrays, by_channel, rng
+        self.scaled_cache = {} if scaled_cache is None else scaled_cache
         self.augment = JointAugment(spec.crop_size, scale=spec.scale)
         self.no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
         self.no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
@@ -137,6 +140,7 @@ class SampleMaker:
                 spec.old_channels,
                 spec.paste,
                 self.rng,
+                scaled_cache=self.scaled_cache,
             )
             image_c = hwc.transpose(2, 0, 1)
         if pseudo_c is not None:
@@ -153,8 +157,8 @@ class SampleMaker:
 
 def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
     torch.set_num_threads(1)
-    arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
-    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng())
+    arrays, by_channel, scaled = _store_arrays(spec) if spec.store is not None else ([], {}, {})
+    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng(), scaled)
     samples = [
         sample
         for row in range(len(batch["image"]))
@@ -172,14 +176,24 @@ def train_stream(
     batch_size: int = 8,
     num_cpus: float = 1.0,
     rows: ray.data.Dataset | None = None,
+    epochs: int = 1,
 ) -> ray.data.Dataset:
-    """The step's per-epoch training stream, in Ray Data CPU tasks.
+    """The step's training stream over `epochs` epochs, in Ray Data CPU tasks, as one execution.
 
     Rows come from the prepared dataset (`manifest` + `ids`) or, when the step has
-    pseudo-labels or replayed images, from a ready Dataset (`rows`).
+    pseudo-labels or replayed images, from a ready Dataset (`rows`). They are read once and
+    kept in the object store (encoded bytes: the step's share of the dataset), and every
+    epoch is a fresh random block order of them, chained into one stream. Re-executing the
+    pipeline per epoch instead re-read the Parquet and paid Ray Data's start-up (~0.6 s to
+    the first batch on 2 cores) every epoch, which on a small dataset and a fast trainer is a
+    large share of the epoch (`launch.py bench pipeline`).
     """
-    source = rows if rows is not None else _read_rows(manifest, ids)
-    return source.randomize_block_order().map_batches(
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    source = (rows if rows is not None else _read_rows(manifest, ids)).materialize()
+    orders = [source.randomize_block_order() for _ in range(epochs)]
+    chained = orders[0].union(*orders[1:]) if epochs > 1 else orders[0]
+    return chained.map_batches(
         _train_batch,
         fn_kwargs={"spec": spec},
         batch_size=batch_size,

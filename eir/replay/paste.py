@@ -155,6 +155,7 @@ def paste_instances(
     old_channels: Sequence[int],
     config: PasteConfig,
     rng: np.random.Generator,
+    scaled_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Paste stored instances into one crop (METHOD.md §3.3); the inputs are not modified.
 
@@ -164,7 +165,9 @@ def paste_instances(
     Returns (image, paste_class uint8 with 255 = no paste, paste_weight float16 = λ where
     pasted and 0 elsewhere, one dict per paste: channel, index, cell, bbox, lambda).
     The instances of one image land in different cells and never overlap; were they to,
-    the later one would win in both maps.
+    the later one would win in both maps. `scaled_cache` keeps each instance resized to a cell
+    side across calls: with a fixed crop the cells never change size, so a data worker resizes
+    an instance once per step instead of once per paste (resizing was half of the paste's cost).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != label.shape or pseudo.shape != label.shape:
         raise ValueError(
@@ -183,9 +186,15 @@ def paste_instances(
     cells = rank_cells(label, pseudo, config.grid)
     for channel, cell in zip(channels, cells):
         index = int(rng.choice(store_index_by_channel[channel]))
-        _, crop, mask = store_arrays[index]
         cy0, cx0, cy1, cx1 = cell
-        inst, inst_mask = _scaled(crop, mask, min(cy1 - cy0, cx1 - cx0))
+        side = min(cy1 - cy0, cx1 - cx0)
+        if scaled_cache is not None and (index, side) in scaled_cache:
+            inst, inst_mask = scaled_cache[index, side]
+        else:
+            _, crop, mask = store_arrays[index]
+            inst, inst_mask = _scaled(crop, mask, side)
+            if scaled_cache is not None:
+                scaled_cache[index, side] = (inst, inst_mask)
         y1, x1 = min(cy0 + inst_mask.shape[0], label.shape[0]), min(cx0 + inst_mask.shape[1], label.shape[1])
         inside = inst_mask[: y1 - cy0, : x1 - cx0]
         lam = 1.0 if config.hard else float(rng.uniform(0.0, 1.0))

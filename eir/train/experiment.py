@@ -456,7 +456,7 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
     spec = stream_spec(exp, step, memory, store_ref)
     extra = len(memory) if cfg.memory.kind == "images" and memory is not None else round(len(ids) * spec.replay_per_row)
     stream = train_stream(exp.train_manifest, ids, spec, batch_size=plan.per_worker_batch,
-                          num_cpus=cfg.data.num_cpus_per_worker, rows=rows)
+                          num_cpus=cfg.data.num_cpus_per_worker, rows=rows, epochs=plan.epochs)
     return stream, len(ids) + extra
 
 
@@ -562,7 +562,7 @@ def _run_step(
     row["checkpoint_resumes"] = restarts[0]
     if epochs is not None:
         for _, epoch_row in epochs.iterrows():
-            tracker.metrics(child, {k: epoch_row.get(k) for k in ("loss", "lr", "images_per_s") if k in epoch_row}, step=int(epoch_row["epoch"]))
+            tracker.metrics(child, {k: epoch_row.get(k) for k in ("loss", "lr", "images_per_s", "data_wait_share") if k in epoch_row}, step=int(epoch_row["epoch"]))
     tracker.metrics(child, _numeric(row), step=step)
     tracker.tags(child, {"eir.step0_source": source})
     storage.write_json_atomic(step_dir.join("confusion.json"), confusion.tolist())

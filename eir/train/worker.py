@@ -9,6 +9,7 @@ and after the last epoch the step's confusion matrix on the test stream, summed 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -106,15 +107,27 @@ def train_step_worker(plan_dict: dict) -> None:
         old_model.requires_grad_(False)
 
     rows_per_worker = plan.rows_per_epoch // world
-    iters_per_epoch = max(1, math.ceil(rows_per_worker / plan.per_worker_batch))
-    total_iters = plan.epochs * iters_per_epoch
-    train_shard = ray.train.get_dataset_shard("train")
+
+    def epoch_end(epoch: int) -> int:
+        """Iterations done when `epoch` ends: epochs share batches at their seams, so the step's
+        last partial batch is the only one."""
+        return max(epoch + 1, math.ceil((epoch + 1) * rows_per_worker / plan.per_worker_batch))
+
+    total_iters = epoch_end(plan.epochs - 1)
+    # The stream holds every epoch in one execution (eir.data.pipeline.train_stream): one
+    # iterator for the whole step, cut into epochs by count. After a restart from the epoch-k
+    # checkpoint the stream starts over and the remaining epochs take its first batches.
+    stream = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
+    ))
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
-        ):
+        # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
+        # the model, decided (the loss read below syncs the device every iteration).
+        data_wait, ready = 0.0, time.perf_counter()
+        for batch in itertools.islice(stream, epoch_end(epoch) - (epoch_end(epoch - 1) if epoch else 0)):
+            data_wait += time.perf_counter() - ready
             if plan.fail_at_iteration == iteration and rank == 0 and plan.fault_marker and not os.path.exists(plan.fault_marker):
                 open(plan.fault_marker, "w").close()
                 os._exit(1)  # a lost worker, once: Ray Train restarts the group from the last checkpoint
@@ -147,6 +160,7 @@ def train_step_worker(plan_dict: dict) -> None:
             seen += images.shape[0]
             batches += 1
             iteration += 1
+            ready = time.perf_counter()
         elapsed = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,
@@ -155,6 +169,7 @@ def train_step_worker(plan_dict: dict) -> None:
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "iteration": iteration,
             "epoch_s": elapsed,
+            "data_wait_share": data_wait / max(elapsed, 1e-9),
             "eta_s": elapsed * (plan.epochs - epoch - 1),
             "restarts": len(resumed_at),
         }

@@ -53,6 +53,16 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert set(np.unique(np.concatenate([b["label"].ravel() for b in batches]))) <= {0, *range(11, 21), 255}
 
 
+def test_every_epoch_in_one_stream(ray_session, prepared) -> None:
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:12]
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
+    stream = train_stream(manifest, ids, spec, batch_size=4, epochs=3)
+    assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 36
+    with pytest.raises(ValueError, match="epochs"):
+        train_stream(manifest, ids, spec, epochs=0)
+
+
 def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     _, manifest, task = prepared
     rows = read_rows(manifest).to_pylist()

@@ -227,3 +227,19 @@ def test_config_is_validated():
     arrays, index = _store()
     with pytest.raises(ValueError, match="expected H x W x 3"):
         _paste(image, label[:4], pseudo, arrays, index)
+
+
+def test_scaled_cache_changes_nothing_but_the_work():
+    rng = np.random.default_rng(3)
+    arrays = [(c, rng.integers(0, 255, (5 + c, 9, 3), dtype=np.uint8), rng.random((5 + c, 9)) > 0.3) for c in (1, 2, 3)]
+    index = index_by_channel(np.array([1, 2, 3]), np.arange(256, dtype=np.uint8))
+    image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    label, pseudo = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    cache: dict = {}
+    for seed in range(4):
+        plain = paste_instances(image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed))
+        cached = paste_instances(image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed),
+                                 scaled_cache=cache)
+        for a, b in zip(plain[:3], cached[:3]):
+            np.testing.assert_array_equal(a, b)
+    assert cache and all(side == 8 for _, side in cache), "instances are cached per (index, cell side)"
