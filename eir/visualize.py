@@ -75,6 +75,19 @@ def bar_chart(counts: dict[str, int], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colors: list[str] | None = None) -> None:
+    """One horizontal bar per labelled value, first on top: the benchmarks' comparison plots."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(values) + 1.4))
+    ax.barh(range(len(values)), list(values.values()), color=colors or "#4c72b0")
+    ax.set_yticks(range(len(values)), list(values), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
     """The standard continual-segmentation figure: a metric after each step, one line per method.
 

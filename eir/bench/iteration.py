@@ -19,7 +19,7 @@ from typing import Any
 
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
-from eir.visualize import plt
+from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("finetune", "image_replay", "eir", "eir_per_iteration_recipe")
@@ -96,13 +96,8 @@ def run_iteration(quick: bool = False, overrides: list[str] | None = None) -> di
     }
     path = results_path("iteration", quick)
     write_results(path, document)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(range(len(VARIANTS)), [t[v] * 1000 for v in VARIANTS], color=["#4c72b0", "#4c72b0", "#55a868", "#c44e52"])
-    ax.set_xticks(range(len(VARIANTS)), [v.replace("_per_iteration_recipe", "\n+ per-iteration\npseudo-labels") for v in VARIANTS], fontsize=8)
-    ax.set_ylabel("ms per iteration")
-    ax.set_title(f"training iteration, crop {crop}, batch {batch}, {threads} threads")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    hbar_figure({v.replace("_per_iteration_recipe", " + per-iteration pseudo-labels"): t[v] * 1000 for v in VARIANTS},
+                path.with_suffix(".png"), xlabel="ms per iteration", colors=["#4c72b0", "#4c72b0", "#55a868", "#c44e52"],
+                title=f"training iteration, crop {crop}, batch {batch}, {threads} threads")
     print(f"eir_vs_finetune = {document['eir_vs_finetune']}, eir_vs_per_iteration_recipe = {document['eir_vs_per_iteration_recipe']}  → {path}")
     return document

@@ -34,7 +34,7 @@ import numpy as np
 
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
-from eir.visualize import plt
+from eir.visualize import hbar_figure
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -198,20 +198,9 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
     }
     path = results_path("pipeline", quick)
     write_results(path, document)
-    _plot(results, path.with_suffix(".png"), cpus)
+    hbar_figure({n.replace("_", " "): r["img_per_s"] for n, r in results.items()}, path.with_suffix(".png"),
+                xlabel=f"input images per second ({cpus} CPUs)", title="training input pipeline, CamVid 5-3 step 1",
+                colors=["#4c72b0" if n.startswith("ray") else "#8c8c8c" for n in results])
     print(f"paste_slowdown = {document['paste_slowdown']}, ray_vs_dataloader = {document['ray_vs_dataloader']}  → {path}")
     return document
 
-
-def _plot(results: dict[str, dict[str, float]], path: Path, cpus: int) -> None:
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh(range(len(names)), [results[n]["img_per_s"] for n in names],
-            color=["#4c72b0" if n.startswith("ray") else "#8c8c8c" for n in names])
-    ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"input images per second ({cpus} CPUs)")
-    ax.set_title("training input pipeline, CamVid 5-3 step 1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -19,7 +19,7 @@ from typing import Any
 
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
-from eir.visualize import plt
+from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_VARIANTS = (("1 worker × 1 thread", 1, 1), ("1 worker × 2 threads", 1, 2), ("2 workers × 1 thread", 2, 1))
@@ -90,15 +90,7 @@ def run_scaling(quick: bool = False, overrides: list[str] | None = None) -> dict
     }
     path = results_path("scaling", quick)
     write_results(path, document)
-    fig, ax = plt.subplots(figsize=(5.5, 2.6))
-    names = list(results)
-    ax.barh(range(len(names)), [results[n]["img_per_s"] for n in names], color="#4c72b0")
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("training images per second (CPU)")
-    ax.set_title("Ray Train throughput, CamVid 5-3 step 0")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    hbar_figure({n: r["img_per_s"] for n, r in results.items()}, path.with_suffix(".png"),
+                xlabel="training images per second (CPU)", title="Ray Train throughput, CamVid 5-3 step 0")
     print(f"two_workers_vs_one = {document['two_workers_vs_one']}  → {path}")
     return document

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eir.bench.common import environment, results_path, write_results
-from eir.visualize import plt
+from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,15 +54,9 @@ def run_sweep_cache(quick: bool = False, overrides: list[str] | None = None) -> 
     }
     path = results_path("sweep_cache", quick)
     write_results(path, document)
-    fig, ax = plt.subplots(figsize=(5, 2.4))
-    names = ["cache", "no_cache"]
-    ax.barh([0, 1], [results[n]["wall_s"] for n in names], color=["#55a868", "#8c8c8c"])
-    ax.set_yticks([0, 1], [f"step-0 cache\n(trained {results['cache']['step0_trained']}×)",
-                           f"no cache\n(trained {results['no_cache']['step0_trained']}×)"], fontsize=8)
-    ax.set_xlabel("sweep wall time (s)")
-    ax.set_title(f"{results['cache']['trials']}-trial sweep: cache_speedup {document['cache_speedup']}")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    hbar_figure({f"step-0 cache (trained {results['cache']['step0_trained']}×)": results["cache"]["wall_s"],
+                 f"no cache (trained {results['no_cache']['step0_trained']}×)": results["no_cache"]["wall_s"]},
+                path.with_suffix(".png"), xlabel="sweep wall time (s)", colors=["#55a868", "#8c8c8c"],
+                title=f"{results['cache']['trials']}-trial sweep: cache_speedup {document['cache_speedup']}")
     print(f"cache_speedup = {document['cache_speedup']}  → {path}")
     return document
