@@ -95,7 +95,10 @@ def decode_image(data: bytes, path: Path) -> tuple[np.ndarray, str]:
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "unknown").lower()
             rgb = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:
+        raise DatasetError(f"unreadable image {path}: not a format Pillow recognises, {len(data)} bytes "
+                           "(expected a JPEG or PNG file)") from exc
+    except (OSError, SyntaxError) as exc:
         raise DatasetError(f"unreadable image {path}: {exc} (expected a JPEG or PNG file)") from exc
     return rgb, fmt
 
