@@ -61,9 +61,10 @@ def _oracle_pseudo_rows(exp: Any, ids: list[str], folder: Path, shard_rows: int 
 
 
 def _time_run(make_run, epochs: int) -> tuple[float, int, float]:
-    """Wall seconds and output samples of `make_run(epochs)` after a one-epoch warm-up run, and the
-    wait for its first batch (the start-up a run pays before any work reaches the trainer)."""
-    for _ in make_run(1):
+    """Wall seconds and output samples of `make_run(epochs)` after an identical warm-up run (it
+    starts the worker processes: a Ray task worker pays its torch import once, ~2 s here), and
+    the wait for the first batch (the start-up a run pays before any work reaches the trainer)."""
+    for _ in make_run(epochs):
         pass
     run = make_run(epochs)
     started, samples, first_batch = time.perf_counter(), 0, None
