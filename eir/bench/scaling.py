@@ -43,7 +43,7 @@ def _throughput(config_overrides: list[str], images: int, epochs: int, num_worke
         outcome = run_train_step(
             plan,
             train_stream(exp.train_manifest, ids, stream_spec(exp, 0, None, None), batch_size=plan.per_worker_batch,
-                         num_cpus=config.data.num_cpus_per_worker),
+                         num_cpus=config.data.num_cpus_per_worker, epochs=epochs),
             eval_stream(exp.test_manifest, test_ids, exp.channels.map_lut(exp.task.test_lut(0)),
                         protocol=config.eval.protocol, crop_size=config.eval.crop_size),
             storage.resolve(folder).join("step_0"),

@@ -161,6 +161,11 @@ def train_step_worker(plan_dict: dict) -> None:
             batches += 1
             iteration += 1
             ready = time.perf_counter()
+        if batches == 0:
+            raise RuntimeError(
+                f"step {plan.step}: the training stream ran out before epoch {epoch + 1} of {plan.epochs}; it must "
+                "hold every epoch (eir.data.pipeline.train_stream(..., epochs=plan.epochs))"
+            )
         elapsed = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,
