@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import ray.train
 
 from eir import storage
 from eir.config import load_config
@@ -27,6 +28,6 @@ def test_a_stream_without_every_epoch_fails_the_step(ray_session, tmp_path: Path
     one_epoch = train_stream(exp.train_manifest, ids, stream_spec(exp, 0, None, None), batch_size=8, epochs=1)
     test = eval_stream(exp.test_manifest, list(exp.test_splits.ids[0])[:4], exp.channels.map_lut(exp.task.test_lut(0)),
                        protocol="full", crop_size=48)
-    with pytest.raises(RuntimeError, match="ran out before epoch 2 of 2"):
+    with pytest.raises(ray.train.WorkerGroupError, match="ran out before epoch 2 of 2"):
         run_train_step(plan, one_epoch, test, storage.resolve(tmp_path).join("step_0"), num_workers=1, use_gpu=False,
                        cpus_per_worker=1, checkpoints_to_keep=1, max_failures=0)
