@@ -7,6 +7,7 @@ and makes a step reproducible from its plan alone (it is written beside the step
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -58,3 +59,13 @@ class StepPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def iterations_per_epoch(rows_per_worker: int, batch: int, epochs: int) -> list[int]:
+    """How many batches each epoch takes from a stream that chains every epoch (one execution).
+
+    Epochs share batches at their seams, so only the step's last batch is partial: the counts
+    sum to ceil(epochs x rows / batch), and every epoch gets at least one batch.
+    """
+    ends = [max(e + 1, math.ceil((e + 1) * rows_per_worker / batch)) for e in range(epochs)]
+    return [end - start for start, end in zip([0, *ends[:-1]], ends)]

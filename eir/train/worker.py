@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import math
 import os
 import tempfile
 import time
@@ -27,7 +26,7 @@ from eir.data.transforms import normalize
 from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
 from eir.model import CheckpointError, build_model
 from eir.train.evaluate import confusion_on_batches
-from eir.train.plan import StepPlan
+from eir.train.plan import StepPlan, iterations_per_epoch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -106,14 +105,8 @@ def train_step_worker(plan_dict: dict) -> None:
         old_model = build_old_model(plan).to(device).eval()
         old_model.requires_grad_(False)
 
-    rows_per_worker = plan.rows_per_epoch // world
-
-    def epoch_end(epoch: int) -> int:
-        """Iterations done when `epoch` ends: epochs share batches at their seams, so the step's
-        last partial batch is the only one."""
-        return max(epoch + 1, math.ceil((epoch + 1) * rows_per_worker / plan.per_worker_batch))
-
-    total_iters = epoch_end(plan.epochs - 1)
+    epoch_iterations = iterations_per_epoch(plan.rows_per_epoch // world, plan.per_worker_batch, plan.epochs)
+    total_iters = sum(epoch_iterations)
     # The stream holds every epoch in one execution (eir.data.pipeline.train_stream): one
     # iterator for the whole step, cut into epochs by count. After a restart from the epoch-k
     # checkpoint the stream starts over and the remaining epochs take its first batches.
@@ -126,7 +119,7 @@ def train_step_worker(plan_dict: dict) -> None:
         # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
         # the model, decided (the loss read below syncs the device every iteration).
         data_wait, ready = 0.0, time.perf_counter()
-        for batch in itertools.islice(stream, epoch_end(epoch) - (epoch_end(epoch - 1) if epoch else 0)):
+        for batch in itertools.islice(stream, epoch_iterations[epoch]):
             data_wait += time.perf_counter() - ready
             if plan.fail_at_iteration == iteration and rank == 0 and plan.fault_marker and not os.path.exists(plan.fault_marker):
                 open(plan.fault_marker, "w").close()
