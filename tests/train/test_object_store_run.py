@@ -5,11 +5,13 @@ path end to end: the dataset cache, splits, checkpoints, Ray Train storage, the 
 pseudo-labels, the step-0 cache and results.json all go through pyarrow's S3 filesystem, and
 the Ray Train workers and Ray Data tasks (separate processes) read what the driver wrote.
 The run is `launch.py run` in a subprocess with the standard AWS environment variables, as a
-user on a cluster would start it.
+user on a cluster would start it. Its task, 19-1, ends with a one-class step: RSKD's background
+group, the loss and every score must stay finite there (no NaN anywhere, in results.json or MLflow).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pyarrow.fs as pafs
 import pytest
 
@@ -75,7 +78,7 @@ def test_eir_run_with_output_dir_on_s3(s3_endpoint: str, tmp_path: Path) -> None
     result = subprocess.run(
         [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"),
          f"run.output_dir={output_dir}", "run.name=on_s3", f"dataset.root={tmp_path / 'synthetic' / 'raw'}",
-         "task.name=15-5", "method.name=eir", "memory.size=20", "model.weights=null", "train.epochs=1",
+         "task.name=19-1", "method.name=eir", "memory.size=20", "model.weights=null", "train.epochs=1",
          "train.epochs_incremental=1", "train.batch_size=8", "train.crop_size=48", "eval.batch_size=8",
          "scaling.cpus_per_worker=1"],
         cwd=work, env=env, capture_output=True, text=True, timeout=900,
@@ -96,6 +99,23 @@ def test_eir_run_with_output_dir_on_s3(s3_endpoint: str, tmp_path: Path) -> None
         entries = storage.list_dir(root.join("cache", "step0"))
         assert len(entries) == 1 and storage.is_complete(root.join("cache", "step0", entries[0]))
         assert any(storage.is_complete(root.join("datasets", name)) for name in storage.list_dir(root.join("datasets")))
+        assert _non_finite(document) == [], "a one-class step leaves no NaN/inf in results.json"
     finally:
         for key in aws_env(s3_endpoint):
             os.environ.pop(key, None)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("eir-synthetic-19-1").experiment_id])
+    step1 = [r for r in runs if r.info.run_name == "step_1"]
+    assert step1 and "loss" in step1[0].data.metrics, "step 1 logged its training loss"
+    for run in runs:
+        for key in run.data.metrics:
+            history = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+            assert all(math.isfinite(v) for v in history), f"{run.info.run_name}: {key} = {history}"
+
+
+def _non_finite(value, where: str = "") -> list[str]:
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in _non_finite(item, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [bad for i, item in enumerate(value) for bad in _non_finite(item, f"{where}[{i}]")]
+    return [where] if isinstance(value, float) and not math.isfinite(value) else []
