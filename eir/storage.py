@@ -64,9 +64,7 @@ def ray_storage(loc: Location) -> dict[str, Any]:
     With an explicit filesystem Ray wants the path on it (`bucket/key`), not the URI; passing
     our own filesystem keeps the options the URI carried (endpoint, region) for every worker.
     """
-    if loc.is_local:
-        return {"storage_path": loc.path, "storage_filesystem": None}
-    return {"storage_path": loc.path, "storage_filesystem": loc.fs}
+    return {"storage_path": loc.path, "storage_filesystem": None if loc.is_local else loc.fs}
 
 
 def exists(loc: Location) -> bool:

@@ -88,9 +88,9 @@ def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int
         overrides = [f"method.name={planned.method}", f"seed={planned.seed}", f"run.name={base.run.name}_{planned.method}{suffix}",
                      *planned.overrides, *(extra_overrides or [])]
         config = load_config(REPO / planned.config, overrides)
-        finished = storage.resolve(config.run.output_dir).join(config.run.name, "results.json")
         started = time.perf_counter()
         run_dir = storage.resolve(config.run.output_dir).join(config.run.name)
+        finished = run_dir.join("results.json")
         recorded = (
             storage.exists(finished)
             and storage.read_json(finished).get("status") == "finished"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 import tempfile
 import time
@@ -36,7 +35,6 @@ from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
 from eir.visualize import hbar_figure
 
-log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 RAY_VARIANTS = ("plain", "pseudo", "paste", "paste_replay")
 
@@ -82,14 +80,9 @@ def _ray_run(exp: Any, ids: list[str], spec: Any, rows: Any, batch: int):
 
     def run(epochs: int):
         stream = train_stream(exp.train_manifest, ids, spec, batch_size=batch, num_cpus=1.0, rows=rows, epochs=epochs)
-        return _timed_iteration(stream.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2))
+        return stream.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2)
 
     return run
-
-
-def _timed_iteration(batches):
-    """Start the clock at the first `next`, not when the stream object was built."""
-    yield from batches
 
 
 class _SampleDataset:

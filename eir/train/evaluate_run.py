@@ -12,16 +12,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from eir import storage
-from eir.config import config_from_dict
 from eir.data.pipeline import eval_batch
 from eir.data.prepare import ensure_prepared
 from eir.data.splits import select_ids
 from eir.metrics import reduce_scores
 from eir.train.evaluate import confusion_on_batches
-from eir.train.experiment import ChannelSpace, RunDirError, results_document, step_row
+from eir.train.experiment import ChannelSpace, RunDirError, read_run_config, results_document, step_row
 from eir.train.artifacts import load_step_model
 
 
@@ -52,10 +50,7 @@ def evaluate_run(
     protocol: str | None = None,
 ) -> dict[str, Any]:
     run = storage.resolve(run_dir)
-    config_loc = run.join("config.yaml")
-    if not storage.exists(config_loc):
-        raise RunDirError(f"{run.uri} is not a run directory (no config.yaml)")
-    config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
+    config = read_run_config(run)
     if dataset != config.dataset.name:
         raise RunDirError(f"run {run.uri} was trained on {config.dataset.name!r}; --dataset {dataset!r} has another label space")
     finished = [name for name in storage.list_dir(run) if name.startswith("step_") and storage.is_complete(run.join(name))]

@@ -196,9 +196,12 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_run_config(run_dir: Location) -> ExperimentConfig:
+    """The config a run dir was made with (every command that opens a run dir reads it here)."""
     import yaml
 
     loc = run_dir.join("config.yaml")
+    if not storage.exists(loc):
+        raise RunDirError(f"{run_dir.uri} is not a run directory (no config.yaml)")
     return config_from_dict(yaml.safe_load(storage.read_bytes(loc).decode()), where=loc.uri)
 
 

@@ -8,15 +8,13 @@ training input, not an illustration.
 from __future__ import annotations
 
 import numpy as np
-import yaml
 
 from eir import storage
-from eir.config import config_from_dict
 from eir.data.ingest import read_rows
 from eir.data.pipeline import PseudoLabeler, SampleMaker
 from eir.replay.paste import index_by_channel
 from eir.replay.store import InstanceStore
-from eir.train.experiment import Experiment, RunDirError, resolve, stream_spec
+from eir.train.experiment import Experiment, RunDirError, read_run_config, resolve, stream_spec
 from eir.visualize import colorize, image_grid
 
 HEADERS = ["training image", "target (blended)", "pseudo-label"]
@@ -60,10 +58,7 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
 
 def write_preview(run_dir: str, step: int, out: str, count: int = 8) -> str:
     run = storage.resolve(run_dir)
-    config_loc = run.join("config.yaml")
-    if not storage.exists(config_loc):
-        raise RunDirError(f"{run.uri} is not a run directory (no config.yaml)")
-    config = config_from_dict(yaml.safe_load(storage.read_bytes(config_loc).decode()), where=config_loc.uri)
+    config = read_run_config(run)
     exp = resolve(config, progress=False, run_dir=run)
     image_grid(preview_panels(exp, step, count), HEADERS, out)
     return out
