@@ -49,7 +49,7 @@ def _throughput(config_overrides: list[str], images: int, epochs: int, num_worke
             storage.resolve(folder).join("step_0"),
             num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=threads, checkpoints_to_keep=1, max_failures=0,
         )
-    last = outcome.epochs.iloc[-1]
+    last = outcome.epochs[-1]
     return {"img_per_s": round(float(last["images_per_s"]), 2), "data_wait_share": round(float(last["data_wait_share"]), 4),
             "epoch_s": round(float(last["epoch_s"]), 2), "per_worker_batch": plan.per_worker_batch,
             "global_batch": plan.global_batch, "crop": config.train.crop_size}

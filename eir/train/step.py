@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import ray.data
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepOutcome:
     confusion: np.ndarray
-    epochs: pd.DataFrame  # one row per reported epoch: loss, lr, images_per_s
+    epochs: list[dict]  # one entry per trained epoch, restarts included: loss, lr, images_per_s, …
     model_uri: str
     restarts: int  # times Ray Train restarted the worker group from a checkpoint
 
@@ -72,8 +71,7 @@ def run_train_step(
         state = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
     model_loc = step_dir.join("model.pt")
     _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
-    epochs = result.metrics_dataframe
-    return StepOutcome(confusion=confusion, epochs=epochs, model_uri=model_loc.uri, restarts=int(result.metrics.get("restarts", 0)))
+    return StepOutcome(confusion=confusion, epochs=state["history"], model_uri=model_loc.uri, restarts=len(state["resumed_at"]))
 
 
 def _write_model(loc: Location, state: dict) -> None:

@@ -87,7 +87,7 @@ def train_step_worker(plan_dict: dict) -> None:
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start_epoch, iteration, resumed_at = 0, 0, []
+    start_epoch, iteration, resumed_at, history = 0, 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -97,6 +97,7 @@ def train_step_worker(plan_dict: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, iteration = state["epoch"] + 1, state["iteration"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]  # epochs a restarted worker group resumed at
+        history = state.get("history", [])
         if rank == 0:
             log.info("[step %d] resumed from the epoch %d checkpoint", plan.step, state["epoch"] + 1)
     model = ray.train.torch.prepare_model(core)
@@ -171,11 +172,19 @@ def train_step_worker(plan_dict: dict) -> None:
             "eta_s": elapsed * (plan.epochs - epoch - 1),
             "restarts": len(resumed_at),
         }
-        if epoch == plan.epochs - 1:
-            metrics["confusion"] = _evaluate(core, plan, device, rank, world, amp)
-        _report(metrics, core, optimizer, scaler, epoch, iteration, rank, plan, resumed_at)
+        history.append(metrics)
+        if rank == 0:
+            log.info(
+                f"[step {plan.step}] epoch {epoch + 1}/{plan.epochs} loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
+                f"ETA {metrics['eta_s'] / 60:.1f} min"
+            )
+        final = {"confusion": _evaluate(core, plan, device, rank, world, amp)} if epoch == plan.epochs - 1 else {}
+        _report({**metrics, **final}, core, optimizer, scaler, epoch, iteration, rank, plan, resumed_at, history)
     if start_epoch >= plan.epochs:  # restarted after the last checkpoint: only the scores are missing
-        ray.train.report({"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, plan, device, rank, world, amp)})
+        # Reported with a checkpoint: Train's result carries the metrics of the latest checkpoint only.
+        scores = {"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, plan, device, rank, world, amp)}
+        _report(scores, core, optimizer, scaler, plan.epochs - 1, iteration, rank, plan, resumed_at, history)
 
 
 def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool) -> list:
@@ -191,15 +200,14 @@ def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank:
 
 
 def _report(
-    metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan, resumed_at: list[int]
+    metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan,
+    resumed_at: list[int], history: list[dict],
 ) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position)."""
-    if rank == 0:
-        log.info(
-            f"[step {plan.step}] epoch {metrics['epoch']}/{plan.epochs} loss {metrics['loss']:.4f} "
-            f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {metrics['epoch_s']:.0f}s, "
-            f"ETA {metrics['eta_s'] / 60:.1f} min"
-        )
+    """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position, history).
+
+    The per-epoch history rides in the checkpoint because Train's result keeps the metrics of the
+    retained checkpoints only (`CheckpointConfig(num_to_keep)`), and a restart must not lose it.
+    """
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -211,6 +219,7 @@ def _report(
                 "iteration": iteration,
                 "head_sizes": list(plan.head_sizes),
                 "resumed_at": resumed_at,
+                "history": history,
             }
             torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -30,6 +30,7 @@ TINY = [
     "train.epochs_incremental=1",
     "train.batch_size=8",
     "train.crop_size=48",
+    "train.checkpoints_to_keep=1",  # fewer kept checkpoints than epochs: MLflow still gets every epoch
     "eval.batch_size=8",
     "scaling.cpus_per_worker=1",
 ]
@@ -89,6 +90,9 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     step1 = next(r for r in children if r.info.run_name == "step_1")
     assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
     client = mlflow.MlflowClient()
+    step0 = next(r for r in children if r.info.run_name == "step_0")
+    for name in ("loss", "lr", "images_per_s", "data_wait_share"):
+        assert [m.step for m in client.get_metric_history(step0.info.run_id, name)] == [1, 2], name
     artifacts = {a.path for a in client.list_artifacts(step1.info.run_id)}
     assert {"per_class_iou.csv", "confusion.png", "predictions.png"} <= artifacts
 

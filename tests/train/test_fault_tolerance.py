@@ -72,14 +72,30 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 600) -> No
         process.wait()
 
 
+def _registered_checkpoint(step_dir: Path) -> bool:
+    """Whether Ray Train has *registered* an epoch checkpoint, not just written its files.
+
+    A checkpoint's files land in storage before the Train controller records them in its snapshot
+    (`checkpoint_manager_snapshot.json`); a driver killed in between leaves files that a resumed run
+    rightly ignores. Killing on the files alone made this test a race that a busy CI machine lost.
+    """
+    for snapshot in step_dir.rglob("checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (json.JSONDecodeError, OSError):  # caught mid-write: look again next second
+            continue
+    return False
+
+
 @pytest.mark.parametrize("kill_point", ["between_steps", "during_step"])
 def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "interrupted"
     if kill_point == "between_steps":
         condition = lambda: (run / "step_0" / "_COMPLETE").exists()  # noqa: E731
-    else:  # an epoch checkpoint of step 1 exists, the step is not finished
-        condition = lambda: any((run / "step_1" / "train").rglob("checkpoint.pt"))  # noqa: E731
+    else:  # Ray Train has registered an epoch checkpoint of step 1, the step is not finished
+        condition = lambda: _registered_checkpoint(run / "step_1")  # noqa: E731
     _kill_when(_launch(tmp_path), condition)
     assert not (run / "results.json").exists() or json.loads((run / "results.json").read_text())["status"] != "finished"
     step0_model = run / "step_0" / "model.pt"
