@@ -362,6 +362,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return config
 
 
+def anchored_paths(config: ExperimentConfig, base: Path) -> dict[str, str]:
+    """Overrides that pin the config's relative local paths to `base` (absolute, URIs untouched).
+
+    Why: a Ray Tune trial runs in its own working directory, so a relative `dataset.root`,
+    `run.output_dir` or weights file would point elsewhere there — and each trial would fill a
+    step-0 cache of its own. The sweep driver anchors them to the directory it was started in.
+    """
+    paths = {"dataset.root": config.dataset.root, "run.output_dir": config.run.output_dir}
+    if config.model.weights not in (None, "imagenet"):
+        paths["model.weights"] = config.model.weights
+    return {
+        key: str((base / value).resolve())
+        for key, value in paths.items()
+        if value and "://" not in value and not Path(value).is_absolute()
+    }
+
+
 def config_from_dict(tree: dict[str, Any], where: str = "config") -> ExperimentConfig:
     config = ExperimentConfig()
     _apply(config, flatten(tree), where)
@@ -455,6 +472,7 @@ def dump_yaml(config: ExperimentConfig) -> str:
 
 __all__ = [
     "ConfigError",
+    "anchored_paths",
     "ExperimentConfig",
     "config_from_dict",
     "describe_keys",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from eir.config import (
+    anchored_paths,
     ConfigError,
     ExperimentConfig,
     config_from_dict,
@@ -234,3 +235,17 @@ def test_dump_and_reload_round_trip() -> None:
     again = config_from_dict(yaml.safe_load(dump_yaml(config)))
     assert again == config
     assert again.fingerprint() == config.fingerprint()
+
+
+def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path) -> None:
+    relative = load_config(overrides=["dataset.name=camvid", "dataset.root=data/CamVid", "run.output_dir=outputs",
+                                      "model.weights=weights/mnv2.pth"])
+    assert anchored_paths(relative, tmp_path) == {
+        "dataset.root": str(tmp_path / "data" / "CamVid"),
+        "run.output_dir": str(tmp_path / "outputs"),
+        "model.weights": str(tmp_path / "weights" / "mnv2.pth"),
+    }
+    elsewhere = load_config(overrides=["dataset.name=camvid", f"dataset.root={tmp_path}", "run.output_dir=s3://b/runs",
+                                       "model.weights=imagenet"])
+    assert anchored_paths(elsewhere, Path("/somewhere/else")) == {}
+    assert anchored_paths(load_config(overrides=["model.weights=null"]), tmp_path) == {"run.output_dir": str(tmp_path / "outputs")}

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, load_config, parse_overrides, valid_keys
+from eir.config import ConfigError, ExperimentConfig, anchored_paths, load_config, parse_overrides, valid_keys
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     from eir.tracking import Tracker
 
     spec = load_sweep(path, extra)
+    # Trials run in their own working directories: relative paths are pinned to this one.
+    extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
     base = spec.config(None, extra)
     output_root = storage.resolve(base.run.output_dir)
     folder = sweep_dir(spec, extra)
@@ -161,7 +163,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         else FIFOScheduler()
     )
     trainable = tune.with_resources(
-        _make_trial(str(Path(path).resolve()), extra or [], folder.uri, tracker.uri, tracker.experiment_id, parent),
+        _make_trial(str(Path(path).resolve()), extra, folder.uri, tracker.uri, tracker.experiment_id, parent),
         {"CPU": TRIAL_DRIVER_CPU},
     )
     log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,

@@ -96,9 +96,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    summary = run_sweep(TINY, [f"run.output_dir={tmp_path}"])
+    # A relative output dir, as users write it: trials run in their own working directories, so it
+    # must mean this directory for all of them (one dataset, one step-0 cache).
+    monkeypatch.chdir(tmp_path)
+    summary = run_sweep(TINY, ["run.output_dir=runs"])
     assert len(summary["trials"]) == 2 and not summary["failed"]
     assert summary["step0_trained"] == 1 and summary["step0_reused"] == 1, "step 0 is trained once per sweep"
+    assert len(list((tmp_path / "runs" / "cache" / "step0").glob("*/key.json"))) == 1
     assert {t["params"]["memory.size"] for t in summary["trials"]} == {10, 30}
     for trial in summary["trials"]:
         results = json.loads((Path(trial["run_dir"]) / "results.json").read_text())
