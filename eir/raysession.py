@@ -20,7 +20,16 @@ def local_num_cpus() -> int:
     return int(os.environ.get("EIR_RAY_NUM_CPUS", max(8, 2 * (os.cpu_count() or 1))))
 
 
+_started_locally = False
+
+
+def started_locally() -> bool:
+    """Whether this process started the private local instance (its logical CPUs exceed the cores)."""
+    return _started_locally
+
+
 def ensure_ray() -> None:
+    global _started_locally
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -31,3 +40,4 @@ def ensure_ray() -> None:
     num_cpus = local_num_cpus()
     log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    _started_locally = True

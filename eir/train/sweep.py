@@ -120,9 +120,16 @@ def trial_demand(config: ExperimentConfig) -> dict[str, float]:
     return {"CPU": cpus, "GPU": float(config.scaling.num_workers) if config.scaling.use_gpu else 0.0}
 
 
-def default_concurrency(config: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Trials that fit side by side in the cluster without starving each other's trainers."""
+def default_concurrency(config: ExperimentConfig, resources: dict[str, float], cores: int | None = None) -> int:
+    """Trials that fit side by side in the cluster without starving each other's trainers.
+
+    `cores` caps the CPUs counted: a private local Ray has more logical CPUs than the machine has
+    cores (so trials, trainers and data tasks can all be scheduled), and two CamVid trials on 2
+    cores measured 1.7 img/s each against ~10 img/s for one alone.
+    """
     demand = trial_demand(config)
+    if cores is not None:
+        resources = {**resources, "CPU": min(resources.get("CPU", 0.0), float(cores))}
     fits = [math.floor(resources.get(kind, 0.0) / need) for kind, need in demand.items() if need > 0]
     return max(1, min(fits)) if fits else 1
 
@@ -137,7 +144,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from eir.raysession import ensure_ray
+    from eir.raysession import ensure_ray, started_locally
     from eir.tracking import Tracker
 
     spec = load_sweep(path, extra)
@@ -155,7 +162,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     tracker.params(parent, {f"space.{k}": str(v) for k, v in spec.space.items()} | {
         "base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler})
 
-    concurrency = spec.max_concurrent_trials or default_concurrency(base, ray.cluster_resources())
+    concurrency = spec.max_concurrent_trials or default_concurrency(
+        base, ray.cluster_resources(), cores=os.cpu_count() if started_locally() else None)
     num_steps = _num_steps(base)
     scheduler = (
         ASHAScheduler(time_attr="step", max_t=max(1, num_steps - 1), grace_period=1, reduction_factor=2)

@@ -58,6 +58,10 @@ def test_default_concurrency_leaves_room_for_every_trainer() -> None:
     assert default_concurrency(config, {"CPU": 4}) == 1
     gpu = load_config(overrides=["scaling.num_workers=2", "scaling.use_gpu=true", "train.batch_size=8"])
     assert default_concurrency(gpu, {"CPU": 64, "GPU": 4}) == 2
+    # a private local Ray counts more logical CPUs than cores: the cores decide
+    assert default_concurrency(config, {"CPU": 16}, cores=10) == 2
+    assert default_concurrency(config, {"CPU": 8}, cores=2) == 1
+    assert default_concurrency(config, {"CPU": 8}, cores=64) == 1
 
 
 def free_port() -> int:
