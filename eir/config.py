@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from eir.storage import is_uri, local_path
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message says which and why."""
@@ -372,11 +374,8 @@ def anchored_paths(config: ExperimentConfig, base: Path) -> dict[str, str]:
     paths = {"dataset.root": config.dataset.root, "run.output_dir": config.run.output_dir}
     if config.model.weights not in (None, "imagenet"):
         paths["model.weights"] = config.model.weights
-    return {
-        key: str((base / value).resolve())
-        for key, value in paths.items()
-        if value and "://" not in value and not Path(value).is_absolute()
-    }
+    anchored = {key: local_path(value, base) for key, value in paths.items() if value and not is_uri(value)}
+    return {key: value for key, value in anchored.items() if value != paths[key]}
 
 
 def config_from_dict(tree: dict[str, Any], where: str = "config") -> ExperimentConfig:

@@ -46,13 +46,23 @@ class Location:
         return Location(self.fs, self.path.rstrip("/").rsplit("/", 1)[0], self.uri.rstrip("/").rsplit("/", 1)[0])
 
 
+def is_uri(text: str) -> bool:
+    """`s3://…`, `gs://…`, `file://…`: anything else is a local path."""
+    return "://" in text
+
+
+def local_path(text: str, base: str | os.PathLike[str] | None = None) -> str:
+    """A local path made absolute (`~` expanded) against `base`, the working directory by default."""
+    return os.path.abspath(os.path.join(base if base is not None else os.getcwd(), os.path.expanduser(text)))
+
+
 def resolve(uri_or_path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> Location:
     """Turn a local path or a URI into a Location (local paths are made absolute)."""
     text = os.fspath(uri_or_path)
     if filesystem is not None:
         return Location(filesystem, text, text)
-    if "://" not in text:
-        path = os.path.abspath(os.path.expanduser(text))
+    if not is_uri(text):
+        path = local_path(text)
         return Location(pafs.LocalFileSystem(), path, path)
     fs, path = pafs.FileSystem.from_uri(text)
     return Location(fs, path, text)

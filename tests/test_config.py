@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from eir.config import (
-    anchored_paths,
     ConfigError,
     ExperimentConfig,
+    anchored_paths,
     config_from_dict,
     dump_yaml,
     load_config,
