@@ -16,9 +16,11 @@ def ray_session() -> Iterator[None]:
     """
     import ray
 
+    from eir.raysession import start_local
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        start_local(num_cpus=4)
     yield
     if started:
         ray.shutdown()
