@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     from eir.raysession import ensure_ray, started_locally
     from eir.tracking import Tracker
 
+    started = time.perf_counter()
     spec = load_sweep(path, extra)
     # Trials run in their own working directories: relative paths are pinned to this one.
     extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
@@ -199,7 +201,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
             ),
         )
     grid = tuner.fit()
-    summary = summarize(spec, grid, folder)
+    summary = summarize(spec, grid, folder) | {"wall_s": round(time.perf_counter() - started, 1)}
     best = summary.get("best")
     tracker.metrics(parent, {f"best_{spec.metric}": best["metric"]} if best else {})
     tracker.tags(parent, {"best_trial": best["trial_id"] if best else "none"})
@@ -272,6 +274,7 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
             "params": params,
             "metric": metrics.get(spec.metric),
             "last_step": metrics.get("step"),
+            "time_total_s": metrics.get("time_total_s"),  # Tune's: summed over restores
             "status": document["status"] if document else "stopped early",
             "step0": document["steps"][0]["source"] if document else None,
             "run_dir": folder.join("runs", trial_id).uri,
@@ -288,7 +291,8 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
 
 def summary_table(summary: dict[str, Any]) -> str:
     lines = [f"sweep {summary['sweep']}: {len(summary['trials'])} trials finished, {len(summary['failed'])} failed; "
-             f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×"]
+             f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
+             f"wall {summary['wall_s'] / 60:.1f} min (this invocation)"]
     for trial in sorted(summary["trials"], key=lambda t: -(t["metric"] or -1e9)):
         lines.append(f"  {trial['trial_id']}  {summary['metric']}={trial['metric']}  {trial['params']}  ({trial['status']})")
     for failure in summary["failed"]:

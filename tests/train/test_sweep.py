@@ -120,6 +120,7 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     assert summary["step0_trained"] == 1 and summary["step0_reused"] == 1, "step 0 is trained once per sweep"
     assert len(list((tmp_path / "runs" / "cache" / "step0").glob("*/key.json"))) == 1
     assert {t["params"]["memory.size"] for t in summary["trials"]} == {10, 30}
+    assert 0 < max(t["time_total_s"] for t in summary["trials"]) <= summary["wall_s"]
     for trial in summary["trials"]:
         results = json.loads((Path(trial["run_dir"]) / "results.json").read_text())
         assert results["status"] == "finished"
