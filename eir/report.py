@@ -46,11 +46,26 @@ def collect(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 
 def _params_of(run: dict[str, Any], sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The swept params of a trial's run ({} for a plain run).
+
+    Matched by where the trial's run dir lies in its sweep dir now (`runs/<trial id>`), not by the
+    summary's absolute `run_dir`: that names the directory the sweep ran in, which a copied or
+    downloaded sweep no longer has.
+    """
     for sweep in sweeps:
         for trial in sweep["trials"]:
-            if Path(trial["run_dir"]).resolve() == Path(run["path"]).resolve():
+            if (Path(sweep["path"]) / "runs" / trial["trial_id"]).resolve() == Path(run["path"]).resolve():
                 return trial["params"]
     return {}
+
+
+def label_runs(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> None:
+    """Give each run its swept params and a `label` (method, plus the params of a sweep trial), so
+    trials of one method stay apart in tables and figures while seeds of one setting group."""
+    for run in runs:
+        run["params"] = _params_of(run, sweeps)
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()))
+        run["label"] = f"{run['method']} ({knobs})" if knobs else run["method"]
 
 
 def _fmt(values: list[float | None]) -> str:
@@ -62,21 +77,26 @@ def _fmt(values: list[float | None]) -> str:
     return f"{np.mean(present):.2f} ± {np.std(present, ddof=1):.2f}"
 
 
+def _in_order(params: dict[str, Any]) -> tuple:
+    """Sort key for swept params: numbers by value (25 before 100), anything else by text."""
+    return tuple((k, (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))) for k, v in sorted(params.items()))
+
+
 def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
+    """Markdown: final-step and per-step scores per setting (runs of `label_runs`)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        params = _params_of(run, sweeps)
-        label = ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or run.get("run_name", "")
-        key = (run["dataset"], run["task"], run["task_setting"], run["method"], label if params else run["method"])
-        groups[key].append(run)
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()))
+        groups[(run["dataset"], run["task"], run["task_setting"], run["method"], knobs or "–")].append(run)
     lines = ["## Final step", "", "| dataset | task | method | setting | seeds | mIoU all | mIoU old | mIoU new | hIoU |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for (dataset, task, setting, method, label), items in sorted(groups.items()):
+    ordered = sorted(groups.items(), key=lambda group: (group[0][:4], _in_order(group[1][0]["params"])))
+    for (dataset, task, setting, method, label), items in ordered:
         cells = [_fmt([r["steps"][-1][m] for r in items]) for m in METRICS]
         lines.append(f"| {dataset} | {task} ({setting}) | {method} | {label} | {len(items)} | " + " | ".join(cells) + " |")
     lines += ["", "## Per step (mIoU all / old / new / hIoU)", ""]
-    for (dataset, task, setting, method, label), items in sorted(groups.items()):
-        lines.append(f"**{dataset} {task} {method} {label}** ({len(items)} run(s))")
+    for (dataset, task, setting, method, label), items in ordered:
+        lines.append(f"**{dataset} {task} {method}{'' if label == '–' else ' ' + label}** ({len(items)} run(s))")
         lines.append("")
         lines.append("| step | mIoU all | mIoU old | mIoU new | hIoU |")
         lines.append("|---|---|---|---|---|")
@@ -94,6 +114,7 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
 
 def write_report(paths: list[str], out: str) -> list[str]:
     runs, sweeps = collect(paths)
+    label_runs(runs, sweeps)
     os.makedirs(out, exist_ok=True)
     written = []
     markdown = os.path.join(out, "report.md")

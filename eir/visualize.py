@@ -91,7 +91,8 @@ def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colo
 def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
     """The standard continual-segmentation figure: a metric after each step, one line per method.
 
-    Runs of the same task and method (several seeds) are averaged; one panel per task.
+    Runs of the same task and label (a run's `label`, else its method: several seeds) are averaged;
+    one panel per task.
     """
     tasks = sorted({f"{r['dataset']} {r['task']}" for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
@@ -99,7 +100,7 @@ def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
         methods: dict[str, list[list[float]]] = {}
         for run in runs:
             if f"{run['dataset']} {run['task']}" == task:
-                methods.setdefault(run["method"], []).append([s[metric] for s in run["steps"]])
+                methods.setdefault(run.get("label", run["method"]), []).append([s[metric] for s in run["steps"]])
         for method, curves in sorted(methods.items()):
             length = min(len(c) for c in curves)
             mean = np.mean([c[:length] for c in curves], axis=0)

@@ -1,0 +1,55 @@
+"""`launch.py report` on hand-written run and sweep dirs: no training needed to check the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eir.report import write_report
+
+
+def _run(folder: Path, method: str, seed: int, final: float) -> None:
+    folder.mkdir(parents=True)
+    steps = [{"step": 0, "mIoU_all": 60.0, "mIoU_old": 60.0, "mIoU_new": None, "hIoU": None},
+             {"step": 1, "mIoU_all": final, "mIoU_old": final + 5, "mIoU_new": final - 5, "hIoU": final - 1}]
+    (folder / "results.json").write_text(json.dumps({
+        "status": "finished", "dataset": "camvid", "task": "5-3", "task_setting": "overlapped",
+        "method": method, "seed": seed, "run_name": folder.name, "steps": steps}))
+
+
+def _sweep(folder: Path, ran_in: str, sizes: dict[str, int]) -> None:
+    trials = [{"trial_id": trial, "params": {"memory.size": size}, "metric": 1.0, "status": "finished",
+               "step0": "cache", "run_dir": f"{ran_in}/runs/{trial}"} for trial, size in sizes.items()]
+    (folder / "summary.json").write_text(json.dumps({
+        "sweep": "memory", "metric": "hIoU", "mode": "max", "trials": trials, "failed": [], "best": trials[0],
+        "step0_trained": 1, "step0_reused": len(trials) - 1}))
+
+
+def test_sweep_trials_are_rows_of_their_own_even_after_the_sweep_dir_moved(tmp_path: Path) -> None:
+    sweep = tmp_path / "copied" / "memory"
+    sizes = {"a_00000": 100, "a_00001": 25, "a_00002": 0}
+    for trial, final in zip(sizes, (30.0, 31.0, 32.0)):
+        _run(sweep / "runs" / trial, "eir", 0, final)
+    _sweep(sweep, "/somewhere/else/sweeps/memory", sizes)  # the summary names where it ran
+
+    write_report([str(sweep)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| camvid")]
+    assert [row.split(" | ")[3] for row in rows] == ["memory.size=0", "memory.size=25", "memory.size=100"]
+    assert all(row.split(" | ")[4] == "1" for row in rows), "trials of different settings are not averaged as seeds"
+    assert "| 32.00 | 37.00 | 27.00 | 31.00 |" in rows[0]
+    assert "**camvid 5-3 eir memory.size=25** (1 run(s))" in text
+    assert (tmp_path / "out" / "memory_hIoU_vs_memory.size.png").is_file()
+
+
+def test_seeds_of_one_setting_are_averaged(tmp_path: Path) -> None:
+    _run(tmp_path / "runs" / "eir", "eir", 0, 30.0)
+    _run(tmp_path / "runs" / "eir_seed1", "eir", 1, 34.0)
+    _run(tmp_path / "runs" / "finetune", "finetune", 0, 2.0)
+
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| camvid")]
+    assert len(rows) == 2
+    eir = next(row for row in rows if " eir " in row)
+    assert eir.split(" | ")[4] == "2" and "32.00 ± 2.83" in eir
+    assert (tmp_path / "out" / "miou_per_step.png").is_file()
