@@ -60,11 +60,13 @@ def _params_of(run: dict[str, Any], sweeps: list[dict[str, Any]]) -> dict[str, A
 
 
 def label_runs(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> None:
-    """Give each run its swept params and a `label` (method, plus the params of a sweep trial), so
-    trials of one method stay apart in tables and figures while seeds of one setting group."""
+    """Give each run its swept `params`, their text as `setting` ("–" for a plain run) and a `label`
+    (method, plus the setting of a sweep trial), so trials of one method stay apart in tables and
+    figures while seeds of one setting group."""
     for run in runs:
         run["params"] = _params_of(run, sweeps)
         knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()))
+        run["setting"] = knobs or "–"
         run["label"] = f"{run['method']} ({knobs})" if knobs else run["method"]
 
 
@@ -86,8 +88,7 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
     """Markdown: final-step and per-step scores per setting (runs of `label_runs`)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()))
-        groups[(run["dataset"], run["task"], run["task_setting"], run["method"], knobs or "–")].append(run)
+        groups[(run["dataset"], run["task"], run["task_setting"], run["method"], run["setting"])].append(run)
     lines = ["## Final step", "", "| dataset | task | method | setting | seeds | mIoU all | mIoU old | mIoU new | hIoU |",
              "|---|---|---|---|---|---|---|---|---|"]
     ordered = sorted(groups.items(), key=lambda group: (group[0][:4], _in_order(group[1][0]["params"])))
