@@ -564,7 +564,7 @@ def _run_step(
     row = exp.row(step, scores, source)
     row["checkpoint_resumes"] = restarts[0]
     for epoch_row in epochs or []:
-        tracker.metrics(child, {k: epoch_row[k] for k in ("loss", "lr", "images_per_s", "data_wait_share")}, step=int(epoch_row["epoch"]))
+        tracker.metrics(child, {k: epoch_row[k] for k in ("loss", "loss_bce", "loss_rskd", "lr", "images_per_s", "data_wait_share") if k in epoch_row}, step=int(epoch_row["epoch"]))
     tracker.metrics(child, _numeric(row), step=step)
     tracker.tags(child, {"eir.step0_source": source})
     storage.write_json_atomic(step_dir.join("confusion.json"), confusion.tolist())

@@ -117,6 +117,7 @@ def train_step_worker(plan_dict: dict) -> None:
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        bce_sum, rskd_sum = 0.0, 0.0  # the unweighted parts: which term moved when the loss did
         # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
         # the model, decided (the loss read below syncs the device every iteration).
         data_wait, ready = 0.0, time.perf_counter()
@@ -137,20 +138,25 @@ def train_step_worker(plan_dict: dict) -> None:
                 if old_model is not None:
                     with torch.no_grad():
                         old_logits = old_model(images)
-            loss = plan.bce_weight * bce_loss(logits.float(), targets, valid)
+            bce = bce_loss(logits.float(), targets, valid)
+            rskd = torch.zeros((), device=bce.device)
             if old_logits is not None:
                 region = region_mask(label, plan.current_channels, plan.rskd_region)
-                loss = loss + plan.rskd_weight * rskd_loss(logits.float(), old_logits.float(), region)
+                rskd = rskd_loss(logits.float(), old_logits.float(), region)
+            loss = plan.bce_weight * bce + plan.rskd_weight * rskd
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {float(loss)}; "
-                    f"training diverged at learning rate {plan.lr} (train.lr{'_incremental' if plan.step else ''}): lower it"
+                    f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {float(loss)} "
+                    f"(bce {float(bce):.4g}, rskd {float(rskd):.4g}); training diverged at learning rate {plan.lr} "
+                    f"(train.lr{'_incremental' if plan.step else ''}): lower it"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             loss_sum += float(loss.detach())
+            bce_sum += float(bce.detach())
+            rskd_sum += float(rskd.detach())
             seen += images.shape[0]
             batches += 1
             iteration += 1
@@ -164,6 +170,8 @@ def train_step_worker(plan_dict: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, batches),
+            "loss_bce": bce_sum / max(1, batches),
+            "loss_rskd": rskd_sum / max(1, batches),
             "lr": base_lrs[0] * _poly(iteration, total_iters),
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "iteration": iteration,
@@ -176,6 +184,7 @@ def train_step_worker(plan_dict: dict) -> None:
         if rank == 0:
             log.info(
                 f"[step {plan.step}] epoch {epoch + 1}/{plan.epochs} loss {metrics['loss']:.4f} "
+                f"(bce {metrics['loss_bce']:.4f}, rskd {metrics['loss_rskd']:.4f}) "
                 f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
                 f"ETA {metrics['eta_s'] / 60:.1f} min"
             )

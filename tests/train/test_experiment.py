@@ -164,4 +164,12 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     plan = json.loads((run / "step_1" / "plan.json").read_text())
     assert plan["rskd_weight"] == (5.0 if method == "eir" else 0.0)
     assert plan["rows_per_epoch"] >= plan["num_train_rows"]
+    # The loss's parts are logged per epoch, so a diverging run shows which term moved.
+    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    parent = next(r for r in runs if r.info.run_name == method)
+    step1 = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.info.run_name == "step_1")
+    loss, bce, rskd = (step1.data.metrics[k] for k in ("loss", "loss_bce", "loss_rskd"))
+    assert bce > 0 and loss == pytest.approx(plan["bce_weight"] * bce + plan["rskd_weight"] * rskd, rel=1e-6)
+    assert (rskd > 0) == (method == "eir")
 
