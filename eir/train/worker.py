@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -144,19 +145,21 @@ def train_step_worker(plan_dict: dict) -> None:
                 region = region_mask(label, plan.current_channels, plan.rskd_region)
                 rskd = rskd_loss(logits.float(), old_logits.float(), region)
             loss = plan.bce_weight * bce + plan.rskd_weight * rskd
-            if not torch.isfinite(loss):
+            # One device sync per iteration reads all three (the finiteness check needs it anyway).
+            loss_value, bce_value, rskd_value = torch.stack([loss, bce, rskd]).detach().tolist()
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {float(loss)} "
-                    f"(bce {float(bce):.4g}, rskd {float(rskd):.4g}); training diverged at learning rate {plan.lr} "
+                    f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {loss_value} "
+                    f"(bce {bce_value:.4g}, rskd {rskd_value:.4g}); training diverged at learning rate {plan.lr} "
                     f"(train.lr{'_incremental' if plan.step else ''}): lower it"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss.detach())
-            bce_sum += float(bce.detach())
-            rskd_sum += float(rskd.detach())
+            loss_sum += loss_value
+            bce_sum += bce_value
+            rskd_sum += rskd_value
             seen += images.shape[0]
             batches += 1
             iteration += 1

@@ -36,6 +36,16 @@ TINY = [
 ]
 
 
+def _mlflow_runs(output_dir: Path) -> list:
+    """Every MLflow run the module's experiments logged (one tracking store per module)."""
+    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+
+
+def _children(runs: list, parent: object) -> list:
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -78,12 +88,11 @@ def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> 
 
 
 def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    runs = _mlflow_runs(output_dir)
     parents = [r for r in runs if r.info.run_name == "finetune"]
     assert len(parents) == 1
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = _children(runs, parent)
     assert sorted(r.info.run_name for r in children) == ["step_0", "step_1"]
     assert parent.data.params["method.name"] == "finetune"
     assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(finetune_run["steps"][-1]["mIoU_all"], abs=1e-3)
@@ -113,8 +122,7 @@ def test_resume_of_finished_run_skips_every_step(finetune_run: dict, output_dir:
     again = run_experiment(tiny_config(output_dir, "run.name=finetune"), resume=True, progress=False)
     assert model.stat().st_mtime_ns == before
     assert [s["mIoU_all"] for s in again["steps"]] == [s["mIoU_all"] for s in finetune_run["steps"]]
-    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    runs = _mlflow_runs(output_dir)
     assert len([r for r in runs if r.info.run_name == "finetune"]) == 1, "resume must not duplicate the MLflow run"
 
 
@@ -165,10 +173,9 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     assert plan["rskd_weight"] == (5.0 if method == "eir" else 0.0)
     assert plan["rows_per_epoch"] >= plan["num_train_rows"]
     # The loss's parts are logged per epoch, so a diverging run shows which term moved.
-    mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    runs = _mlflow_runs(output_dir)
     parent = next(r for r in runs if r.info.run_name == method)
-    step1 = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.info.run_name == "step_1")
+    step1 = next(r for r in _children(runs, parent) if r.info.run_name == "step_1")
     loss, bce, rskd = (step1.data.metrics[k] for k in ("loss", "loss_bce", "loss_rskd"))
     assert bce > 0 and loss == pytest.approx(plan["bce_weight"] * bce + plan["rskd_weight"] * rskd, rel=1e-6)
     assert (rskd > 0) == (method == "eir")
