@@ -108,31 +108,109 @@ def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int
             log.info("benchmark %s: %s %s seed %d", name, task, planned.method, planned.seed)
             result = run_experiment(config, resume=True)
         document["runs"].append(run_entry(result, None if recorded else time.perf_counter() - started))
-        document.update(environment())
-        document["config"] = {"plan": [p.__dict__ for p in _plan(name)], "overrides": extra_overrides or []}
-        write_results(path, document)
-        steps_figure(document["runs"], path.with_suffix(".png"))
+        _publish(name, path, document, extra_overrides)
+    if document["runs"] and document.get("goals") != accuracy_goals(document["runs"]):
+        _publish(name, path, document, extra_overrides)  # a file written before the goals were summarised
     print(accuracy_table(document["runs"]))
+    print(goals_table(accuracy_goals(document["runs"])))
     return document
+
+
+def _publish(name: str, path: Path, document: dict[str, Any], extra_overrides: list[str] | None) -> None:
+    """Write the results file and its figure, the goals recomputed from every run recorded so far."""
+    document["goals"] = accuracy_goals(document["runs"])
+    document.update(environment())
+    document["config"] = {"plan": [p.__dict__ for p in _plan(name)], "overrides": extra_overrides or []}
+    write_results(path, document)
+    steps_figure(document["runs"], path.with_suffix(".png"))
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Runs by ("<dataset> <task>", method): the seeds of one method on one task."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((f"{run['dataset']} {run['task']}", run["method"]), []).append(run)
+    return groups
+
+
+def _final_stats(items: list[dict[str, Any]], key: str) -> tuple[float, float | None, int] | None:
+    """Mean, sample std (None for one seed) and seed count of a final-step score, or None when unscored."""
+    import numpy as np
+
+    values = [r["final"][key] for r in items if r["final"][key] is not None]
+    if not values:
+        return None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None), len(values)
+
+
+# The issue's order goal: each method above the next on these final-step scores.
+ORDER = [("eir", "image_replay"), ("image_replay", "finetune")]
+ORDER_SCORES = ("mIoU_all", "hIoU")
+
+
+def accuracy_goals(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The accuracy goals per task, read from the runs recorded so far.
+
+    `eir_vs_joint` is eir's mean final `mIoU_all` over joint's. An order entry compares the first
+    method's mean with the second's (`above`) and says whether the gap is *beyond the seed spread*:
+    their mean ± sample-std intervals do not overlap. The goal is `met` when both hold. With fewer
+    than two seeds of either method the spread is unknown: `beyond_seed_spread` and `met` are None,
+    never a guess.
+    """
+    groups = _groups(runs)
+    goals: dict[str, dict[str, Any]] = {}
+    for task in sorted({task for task, _ in groups}):
+        entry: dict[str, Any] = {}
+        eir, joint = (_final_stats(groups.get((task, m), []), "mIoU_all") for m in ("eir", "joint"))
+        if eir and joint and joint[0] > 0:
+            entry["eir_vs_joint"] = round(eir[0] / joint[0], 3)
+        for upper, lower in ORDER:
+            for score in ORDER_SCORES:
+                a, b = (_final_stats(groups.get((task, m), []), score) for m in (upper, lower))
+                if a is None or b is None:
+                    continue
+                above = a[0] > b[0]
+                beyond = abs(a[0] - b[0]) > a[1] + b[1] if a[1] is not None and b[1] is not None else None
+                entry[f"{upper}_above_{lower}_{score}"] = {
+                    "means": [round(a[0], 2), round(b[0], 2)],
+                    "stds": [None if a[1] is None else round(a[1], 2), None if b[1] is None else round(b[1], 2)],
+                    "seeds": [a[2], b[2]],
+                    "above": above,
+                    "beyond_seed_spread": beyond,
+                    "met": None if beyond is None else above and beyond,
+                }
+        goals[task] = entry
+    return goals
+
+
+def goals_table(goals: dict[str, dict[str, Any]]) -> str:
+    """The goals as lines a person reads after the scores table."""
+    lines = []
+    for task, entry in goals.items():
+        if "eir_vs_joint" in entry:
+            lines.append(f"{task}: eir / joint mIoU_all = {entry['eir_vs_joint']:.3f}")
+        for name, check in entry.items():
+            if name == "eir_vs_joint":
+                continue
+            spread = {True: "beyond the seed spread", False: "within the seed spread", None: "seed spread unknown"}
+            verdict = ("above" if check["above"] else "NOT above") + ", " + spread[check["beyond_seed_spread"]]
+            lines.append(f"{task}: {name}: {check['means'][0]:.2f} vs {check['means'][1]:.2f} ({verdict})")
+    return "\n".join(lines)
 
 
 def accuracy_table(runs: list[dict[str, Any]]) -> str:
     """Final-step scores per task and method (mean ± std over seeds)."""
-    import numpy as np
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault((f"{run['dataset']} {run['task']}", run["method"]), []).append(run)
+    groups = _groups(runs)
     lines = ["| task | method | seeds | mIoU all | mIoU old | mIoU new | hIoU |", "|---|---|---|---|---|---|---|"]
     for (task, method), items in sorted(groups.items()):
         cells = []
         for key in ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU"):
-            values = [r["final"][key] for r in items if r["final"][key] is not None]
-            if not values:
+            stats = _final_stats(items, key)
+            if stats is None:
                 cells.append("–")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.2f}")
+            elif stats[1] is None:
+                cells.append(f"{stats[0]:.2f}")
             else:
-                cells.append(f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}")
+                cells.append(f"{stats[0]:.2f} ± {stats[1]:.2f}")
         lines.append(f"| {task} | {method} | {len(items)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

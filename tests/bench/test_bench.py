@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from eir.bench import BENCHMARKS
-from eir.bench.accuracy import accuracy_table, run_accuracy
+from eir.bench.accuracy import accuracy_goals, accuracy_table, goals_table, run_accuracy
 from eir.visualize import hbar_figure
 
 
@@ -49,3 +49,39 @@ def test_accuracy_table_gives_mean_and_sample_std_over_seeds() -> None:
 def test_hbar_figure_writes_a_png(tmp_path: Path) -> None:
     hbar_figure({"a": 1.0, "b": 2.5}, tmp_path / "f.png", xlabel="x", title="t")
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _scored(method: str, seed: int, all_: float, hiou: float) -> dict:
+    return {"dataset": "camvid", "task": "5-3", "method": method, "seed": seed,
+            "final": {"mIoU_all": all_, "mIoU_old": all_, "mIoU_new": all_, "hIoU": hiou}}
+
+
+def test_goals_say_beyond_the_seed_spread_only_when_the_intervals_part() -> None:
+    runs = [_scored("eir", 0, 30.0, 20.0), _scored("eir", 1, 34.0, 22.0),  # 32 ± 2.83, 21 ± 1.41
+            _scored("image_replay", 0, 27.0, 1.0), _scored("image_replay", 1, 29.0, 3.0),  # 28 ± 1.41, 2 ± 1.41
+            _scored("finetune", 0, 2.0, 0.5),  # one seed: its spread is unknown
+            _scored("joint", 0, 40.0, 38.0)]
+    goals = accuracy_goals(runs)["camvid 5-3"]
+    assert goals["eir_vs_joint"] == 0.8
+    overlap = goals["eir_above_image_replay_mIoU_all"]  # 32 − 2.83 = 29.17 < 28 + 1.41 = 29.41
+    assert overlap["above"] is True and overlap["beyond_seed_spread"] is False and overlap["met"] is False
+    assert overlap["means"] == [32.0, 28.0] and overlap["stds"] == [2.83, 1.41] and overlap["seeds"] == [2, 2]
+    assert goals["eir_above_image_replay_hIoU"]["met"] is True
+    unknown = goals["image_replay_above_finetune_mIoU_all"]
+    assert unknown["above"] is True and unknown["beyond_seed_spread"] is None and unknown["met"] is None
+    assert "eir_above_finetune_mIoU_all" not in goals  # only the chain is judged
+    table = goals_table(accuracy_goals(runs))
+    assert "camvid 5-3: eir / joint mIoU_all = 0.800" in table
+    assert "eir_above_image_replay_mIoU_all: 32.00 vs 28.00 (above, within the seed spread)" in table
+    assert "image_replay_above_finetune_mIoU_all: 28.00 vs 2.00 (above, seed spread unknown)" in table
+
+
+def test_goals_report_a_method_below_the_next_and_skip_unscored_pairs() -> None:
+    runs = [_scored("eir", 0, 1.0, 1.0), _scored("eir", 1, 1.2, 1.0),
+            _scored("image_replay", 0, 5.0, 4.0), _scored("image_replay", 1, 5.4, 4.0)]
+    runs[0]["final"]["hIoU"] = runs[1]["final"]["hIoU"] = None  # e.g. a run stopped at step 0
+    goals = accuracy_goals(runs)["camvid 5-3"]
+    assert "eir_vs_joint" not in goals and "eir_above_image_replay_hIoU" not in goals
+    below = goals["eir_above_image_replay_mIoU_all"]  # 1.1 ± 0.14 against 5.2 ± 0.28: clearly below
+    assert below["above"] is False and below["beyond_seed_spread"] is True and below["met"] is False
+    assert "NOT above, beyond the seed spread" in goals_table({"camvid 5-3": goals})
