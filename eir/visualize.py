@@ -88,26 +88,40 @@ def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colo
     plt.close(fig)
 
 
-def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
-    """The standard continual-segmentation figure: a metric after each step, one line per method.
+def step_curves(runs: list[dict], task: str, metric: str = "mIoU_all") -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(legend label, mean curve, sample-std curve or None for one seed) per method of one task.
 
-    Runs of the same task and label (a run's `label`, else its method: several seeds) are averaged;
-    one panel per task.
+    Runs of the same task and label (a run's `label`, else its method: several seeds) are averaged
+    over the steps all of them reached; ordered by the final value, best first, so the legend reads
+    like the results table.
     """
+    methods: dict[str, list[list[float]]] = {}
+    for run in runs:
+        if f"{run['dataset']} {run['task']}" == task:
+            methods.setdefault(run.get("label", run["method"]), []).append([s[metric] for s in run["steps"]])
+    curves = []
+    for method, per_seed in methods.items():
+        length = min(len(c) for c in per_seed)
+        stacked = np.array([c[:length] for c in per_seed], dtype=float)
+        label = method if len(per_seed) == 1 else f"{method} ({len(per_seed)} seeds)"
+        curves.append((label, stacked.mean(axis=0), stacked.std(axis=0, ddof=1) if len(per_seed) > 1 else None))
+    return sorted(curves, key=lambda curve: -curve[1][-1])
+
+
+def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
+    """The standard continual-segmentation figure: a metric after each step, one line per method,
+    with a ±1 sample-std band where there are several seeds (the spread a comparison rests on);
+    one panel per task."""
     tasks = sorted({f"{r['dataset']} {r['task']}" for r in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        methods: dict[str, list[list[float]]] = {}
-        for run in runs:
-            if f"{run['dataset']} {run['task']}" == task:
-                methods.setdefault(run.get("label", run["method"]), []).append([s[metric] for s in run["steps"]])
-        for method, curves in sorted(methods.items()):
-            length = min(len(c) for c in curves)
-            mean = np.mean([c[:length] for c in curves], axis=0)
-            if length == 1:  # joint: one point, drawn as a line across the final step
-                ax.axhline(mean[0], linestyle="--", color="grey", label=f"{method}")
-            else:
-                ax.plot(range(length), mean, marker="o", label=method)
+        for label, mean, std in step_curves(runs, task, metric):
+            if len(mean) == 1:  # joint: one point, drawn as a line across the final step
+                ax.axhline(mean[0], linestyle="--", color="grey", label=label)
+                continue
+            line, = ax.plot(range(len(mean)), mean, marker="o", label=label)
+            if std is not None:
+                ax.fill_between(range(len(mean)), mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.set_title(task)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("step")
