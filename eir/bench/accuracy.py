@@ -109,10 +109,11 @@ def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int
             result = run_experiment(config, resume=True)
         document["runs"].append(run_entry(result, None if recorded else time.perf_counter() - started))
         _publish(name, path, document, extra_overrides)
-    if document["runs"] and document.get("goals") != accuracy_goals(document["runs"]):
+    goals = accuracy_goals(document["runs"])
+    if document["runs"] and document.get("goals") != goals:
         _publish(name, path, document, extra_overrides)  # a file written before the goals were summarised
     print(accuracy_table(document["runs"]))
-    print(goals_table(accuracy_goals(document["runs"])))
+    print(goals_table(goals))
     return document
 
 
@@ -173,7 +174,7 @@ def accuracy_goals(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 beyond = abs(a[0] - b[0]) > a[1] + b[1] if a[1] is not None and b[1] is not None else None
                 entry[f"{upper}_above_{lower}_{score}"] = {
                     "means": [round(a[0], 2), round(b[0], 2)],
-                    "stds": [None if a[1] is None else round(a[1], 2), None if b[1] is None else round(b[1], 2)],
+                    "stds": [None if std is None else round(std, 2) for std in (a[1], b[1])],
                     "seeds": [a[2], b[2]],
                     "above": above,
                     "beyond_seed_spread": beyond,
@@ -181,6 +182,9 @@ def accuracy_goals(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 }
         goals[task] = entry
     return goals
+
+
+_SPREAD_WORDS = {True: "beyond the seed spread", False: "within the seed spread", None: "seed spread unknown"}
 
 
 def goals_table(goals: dict[str, dict[str, Any]]) -> str:
@@ -192,8 +196,7 @@ def goals_table(goals: dict[str, dict[str, Any]]) -> str:
         for name, check in entry.items():
             if name == "eir_vs_joint":
                 continue
-            spread = {True: "beyond the seed spread", False: "within the seed spread", None: "seed spread unknown"}
-            verdict = ("above" if check["above"] else "NOT above") + ", " + spread[check["beyond_seed_spread"]]
+            verdict = ("above" if check["above"] else "NOT above") + ", " + _SPREAD_WORDS[check["beyond_seed_spread"]]
             lines.append(f"{task}: {name}: {check['means'][0]:.2f} vs {check['means'][1]:.2f} ({verdict})")
     return "\n".join(lines)
 
