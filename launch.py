@@ -80,6 +80,20 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
+    from eir.train.pseudo_quality import quality_table, score_pseudo_labels
+
+    document = score_pseudo_labels(args.run_dir, out=args.out)
+    if args.plot:
+        from eir.visualize import pseudo_recall_figure
+
+        pseudo_recall_figure(document, args.plot)
+        print(f"wrote {args.plot}")
+    print(f"pseudo-labels of {document['run']} (threshold {document['threshold']}) against the complete training labels, %")
+    print(quality_table(document))
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from eir.train.sweep import run_sweep
 
@@ -209,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", required=True, help="PNG file to write")
     preview.add_argument("--count", type=int, default=8, help="number of samples (default 8)")
     preview.set_defaults(func=_cmd_preview)
+
+    pseudo = sub.add_parser(
+        "pseudo-labels",
+        help="score a run's stored pseudo-labels against the complete training labels (recall/precision per old class)",
+        description="For each incremental step of RUN_DIR with stored pseudo-labels (eir, eir_no_rskd), count how many "
+        "old-class pixels of the step's training images the pseudo-labels recover (recall) and how many of the pixels "
+        "they claim are right (precision), overall and per old class. An oracle diagnostic: it uses the dataset's "
+        "complete labels, which training never sees; meaningful where those are complete (overlapped CamVid, VOC, ADE).",
+    )
+    pseudo.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
+    pseudo.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    pseudo.add_argument("--plot", default=None, help="also draw each old class's recall per step to this PNG")
+    pseudo.set_defaults(func=_cmd_pseudo_labels)
 
     sweep = sub.add_parser(
         "sweep",

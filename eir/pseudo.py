@@ -9,7 +9,10 @@ pixels from ground truth, and it is computed once per step on the un-augmented i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -29,3 +32,29 @@ def pseudo_labels(old_logits: torch.Tensor, label: torch.Tensor, threshold: floa
 def merge_pseudo(label, pseudo):
     """Training label with pseudo-labels filled into background pixels (works on numpy or torch)."""
     return (label == 0) * pseudo + (label != 0) * label
+
+
+def pseudo_label_quality(confusion: np.ndarray, old_channels: Sequence[int]) -> dict[str, Any]:
+    """Recall and precision (percent) of pseudo-labels per old channel, from a confusion matrix whose
+    rows are the complete ground truth and columns the pseudo-label map (0 = none).
+
+    An oracle diagnostic, not a score: the complete labels are exactly what the method may not see
+    at step t. It says how much of the old classes the targets still carry, which bounds what a
+    step can keep; recall that falls step after step explains forgetting that compounds with the
+    number of steps. A channel with no pixel to recover (or none claimed) gets None, not 0.
+    """
+    matrix = np.asarray(confusion, dtype=np.int64)
+    old = [int(c) for c in old_channels]
+    hits, truth, claimed = matrix.diagonal()[old], matrix[old].sum(axis=1), matrix[:, old].sum(axis=0)
+    return {
+        "recall_old": _percent(hits.sum(), truth.sum()),
+        "precision_old": _percent(hits.sum(), claimed.sum()),
+        "per_channel": {
+            c: {"recall": _percent(h, t), "precision": _percent(h, p), "pixels": int(t)}
+            for c, h, t, p in zip(old, hits, truth, claimed)
+        },
+    }
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return None if whole == 0 else 100.0 * float(part) / float(whole)

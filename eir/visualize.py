@@ -149,3 +149,27 @@ def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pseudo_recall_figure(document: dict, path) -> None:
+    """Pseudo-label recall of each old class after each step (`launch.py pseudo-labels`), with the
+    pixel-weighted recall of all old classes in black: a falling line is forgetting in the making."""
+    steps = [s["step"] for s in document["steps"]]
+    classes = list(dict.fromkeys(name for s in document["steps"] for name in s["per_class"]))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name in classes:
+        points = [(s["step"], s["per_class"][name]["recall"]) for s in document["steps"]
+                  if s["per_class"].get(name, {}).get("recall") is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", linewidth=1, label=name)
+    ax.plot(steps, [s["recall_old"] for s in document["steps"]], color="black", linewidth=2.5, marker="s", label="all old")
+    ax.set_title(f"{document['dataset']} {document['task']} {document['method']}: pseudo-label recall", fontsize=9)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("step")
+    ax.set_ylabel("old-class pixels recovered (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

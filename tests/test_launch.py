@@ -15,7 +15,7 @@ def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["run"], ["evaluate"], ["cache"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["run"], ["evaluate"], ["cache"], ["pseudo-labels"]])
 def test_help_explains_each_command(command: list[str]) -> None:
     result = launch(*command, "--help")
     assert result.returncode == 0, result.stderr

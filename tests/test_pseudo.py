@@ -1,4 +1,4 @@
-"""The pseudo-label threshold rule on hand-made logit maps."""
+"""The pseudo-label threshold rule on hand-made logit maps, and the quality reduction on a hand-made matrix."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eir.pseudo import merge_pseudo, pseudo_labels
+from eir.pseudo import merge_pseudo, pseudo_label_quality, pseudo_labels
 
 
 def logit(p: float) -> float:
@@ -54,3 +54,23 @@ def test_bad_threshold_and_shapes() -> None:
         pseudo_labels(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1), threshold=1.5)
     with pytest.raises(ValueError, match="shapes"):
         pseudo_labels(torch.zeros(1, 2, 2, 2), torch.zeros(1, 1, 1))
+
+
+def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
+    # rows = complete ground truth, columns = pseudo-label (0 = none); channels 1, 2 old, 3 new.
+    confusion = np.array([
+        [50, 5, 0, 0],   # background: 5 pixels wrongly claimed as channel 1
+        [10, 30, 0, 0],  # channel 1: 30 of 40 recovered
+        [20, 0, 0, 0],   # channel 2: none recovered, none claimed
+        [7, 0, 0, 0],    # a new-class pixel is never an old pixel to recover
+    ])
+    quality = pseudo_label_quality(confusion, old_channels=[1, 2])
+    assert quality["recall_old"] == pytest.approx(100 * 30 / 60)
+    assert quality["precision_old"] == pytest.approx(100 * 30 / 35)
+    assert quality["per_channel"][1] == {"recall": pytest.approx(75.0), "precision": pytest.approx(100 * 30 / 35), "pixels": 40}
+    assert quality["per_channel"][2] == {"recall": 0.0, "precision": None, "pixels": 20}
+
+
+def test_quality_with_nothing_to_recover_is_none_not_zero() -> None:
+    quality = pseudo_label_quality(np.array([[9, 0], [0, 0]]), old_channels=[1])
+    assert quality["recall_old"] is None and quality["precision_old"] is None

@@ -7,8 +7,12 @@ last epoch checkpoint, and a fresh run never shares a name with another run's st
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +67,8 @@ def run_train_step(
         datasets={"train": train_ds, "test": eval_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    with _sigint_handler_restored():
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"step {plan.step} failed: {result.error}") from result.error
     confusion = np.asarray(result.metrics["confusion"], dtype=np.int64)
@@ -72,6 +77,25 @@ def run_train_step(
     model_loc = step_dir.join("model.pt")
     _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
     return StepOutcome(confusion=confusion, epochs=state["history"], model_uri=model_loc.uri, restarts=len(state["resumed_at"]))
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """Put back the caller's SIGINT handler once `fit()` returns.
+
+    Ray Train 2.60's `fit()` installs a handler that aborts *its* controller and never removes it.
+    Left in place, a Ctrl-C between steps (pseudo-labelling, evaluation, building the memory) goes
+    to the finished step's controller, where abort is a no-op, and is swallowed. Signal handlers
+    can only be set from the main thread; elsewhere (a Tune trial) Ray installs none either.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _write_model(loc: Location, state: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import mlflow
@@ -132,6 +133,22 @@ def test_second_method_reuses_step0_from_cache(finetune_run: dict, output_dir: P
     assert finetune_run["steps"][0]["source"] == "trained"
     assert other["steps"][0]["mIoU_all"] == finetune_run["steps"][0]["mIoU_all"]
     assert other["steps"][1]["source"] == "trained"
+
+
+def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: Path) -> None:
+    """Ray Train's `fit()` leaves its own SIGINT handler behind; the step runner must put the driver's back.
+
+    Otherwise a Ctrl-C between steps goes to the finished step's controller and is swallowed.
+    """
+    interrupts: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
+    try:
+        document = run_experiment(tiny_config(output_dir, "run.name=sigint", "train.lr_incremental=0.003"), progress=False)
+        assert document["steps"][1]["source"] == "trained", "step 1 must go through Ray Train's fit()"
+        signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupts == [signal.SIGINT]
 
 
 def test_evaluate_matches_the_run(finetune_run: dict, output_dir: Path) -> None:

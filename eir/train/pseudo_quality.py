@@ -1,0 +1,81 @@
+"""`launch.py pseudo-labels`: how much of the old classes a run's stored pseudo-labels recover.
+
+Each incremental step of a pseudo-labelling method (eir, eir_no_rskd) keeps its training rows in
+`step_<t>/pseudo/` with the raw dataset label beside the `pseudo` map. On overlapped CamVid, VOC
+and ADE the raw label is the complete annotation, so the old-class pixels the step's targets
+lost to background are countable: this scores every step's pseudo-labels against them, per old
+class. BENCHMARKS.md's explanation of the 6-1 erosion comes from this command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from eir import storage
+from eir.data.codec import decode_map
+from eir.metrics import ConfusionMatrix
+from eir.progress import progress as progress_bar
+from eir.pseudo import pseudo_label_quality
+from eir.train.experiment import Experiment, RunDirError, read_run_config, resolve
+
+
+def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Per step with finished pseudo-labels: recall/precision of old classes, overall and per class."""
+    run = storage.resolve(run_dir)
+    config = read_run_config(run)
+    exp = resolve(config, progress=False, run_dir=run)
+    steps = [_score_step(exp, step, progress) for step in range(1, exp.schedule.num_steps) if _has_pseudo(exp, step)]
+    if not steps:
+        raise RunDirError(
+            f"{run.uri} has no finished pseudo-labels (step_<t>/pseudo/ with its completion marker): only "
+            f"pseudo-labelling methods (eir, eir_no_rskd with pseudo.enabled=true) write them; this run is {config.method.name!r}"
+        )
+    document = {
+        "run": run.uri,
+        "method": config.method.name,
+        "dataset": config.dataset.name,
+        "task": config.task.name,
+        "task_setting": config.task.setting,
+        "threshold": config.pseudo.threshold,
+        "steps": steps,
+    }
+    if out:
+        storage.write_json_atomic(storage.resolve(out), document)
+    return document
+
+
+def _has_pseudo(exp: Experiment, step: int) -> bool:
+    return storage.is_complete(exp.run_dir.join(f"step_{step}", "pseudo"))
+
+
+def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
+    folder = exp.run_dir.join(f"step_{step}", "pseudo")
+    files = [folder.join(name) for name in sorted(storage.list_dir(folder)) if name.endswith(".parquet")]
+    channels = exp.channels
+    matrix = ConfusionMatrix(len(channels.class_of_channel))
+    images = 0
+    for loc in progress_bar(files, f"step {step} pseudo-labels", enabled=progress, unit="file"):
+        with loc.fs.open_input_file(loc.path) as handle:
+            table = pq.read_table(handle, columns=["label", "pseudo"])
+        for label, pseudo in zip(table.column("label").to_pylist(), table.column("pseudo").to_pylist()):
+            matrix.accumulate(decode_map(pseudo), channels.lut[decode_map(label)])
+            images += 1
+    old_channels = range(1, len(exp.schedule.classes_seen(step - 1)) + 1)
+    quality = pseudo_label_quality(matrix.matrix, old_channels)
+    names = exp.train_manifest.info.class_names
+    per_class = {names[channels.class_of_channel[c]]: scores for c, scores in quality.pop("per_channel").items()}
+    return {"step": step, "images": images, **quality, "per_class": per_class}
+
+
+def quality_table(document: dict[str, Any]) -> str:
+    """Plain-text table: one line per step, then each old class's recall (precision) at that step."""
+    def fmt(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    lines = [f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  per class: recall (precision)"]
+    for step in document["steps"]:
+        classes = ", ".join(f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})" for name, s in step["per_class"].items())
+        lines.append(f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  {fmt(step['precision_old']):>13}  {classes}")
+    return "\n".join(lines)
