@@ -46,12 +46,16 @@ def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool 
     return document
 
 
+def _pseudo_dir(exp: Experiment, step: int) -> storage.Location:
+    return exp.run_dir.join(f"step_{step}", "pseudo")
+
+
 def _has_pseudo(exp: Experiment, step: int) -> bool:
-    return storage.is_complete(exp.run_dir.join(f"step_{step}", "pseudo"))
+    return storage.is_complete(_pseudo_dir(exp, step))
 
 
 def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
-    folder = exp.run_dir.join(f"step_{step}", "pseudo")
+    folder = _pseudo_dir(exp, step)
     files = [folder.join(name) for name in sorted(storage.list_dir(folder)) if name.endswith(".parquet")]
     channels = exp.channels
     matrix = ConfusionMatrix(len(channels.class_of_channel))
