@@ -34,7 +34,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             raise DatasetError(f"--out {args.out}: the synthetic generator writes local files; give a local folder")
         raw = Path(out.path) / "raw"
         try:
-            generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size)
+            generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite)
         except ValueError as exc:  # bad generator arguments: a user error, not a crash
             raise DatasetError(f"prepare synthetic: {exc}") from exc
         root, splits = raw, ["train", "val"]
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--split", default="train", help="split to ingest (train, val, train_aug, ...; default train)")
     prep.add_argument("--out", required=True, help="output folder (a local path or a pyarrow URI); the split goes to OUT/<split>/")
     prep.add_argument("--image-scale", type=float, default=1.0, help="resize images and labels at ingest (0.5 = half size)")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing, different prepared output")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an existing, different prepared output (synthetic: and a different OUT/raw/)")
     prep.add_argument("--num-images", type=int, default=600, help="synthetic: number of images (train + val)")
     prep.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     prep.add_argument("--image-size", type=int, default=112, help="synthetic: image side in pixels")

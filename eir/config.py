@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from eir.storage import is_uri, local_path
+from eir.tasks import DATASET_NUM_CLASSES, TaskError, get_task, parse_task_name
 
 
 class ConfigError(ValueError):
@@ -148,6 +149,7 @@ class TrainConfig:
     scale_min: float = 0.5  # RandomResizedCrop scale range (METHOD.md §2)
     scale_max: float = 2.0
     amp: bool = True  # only takes effect on GPU
+    warmup_fraction: float = 0.0  # share of a step's iterations with a linear LR warm-up (METHOD.md §2: 0.2 on ADE)
     checkpoints_to_keep: int = 2
     max_failures: int = 0
 
@@ -406,6 +408,8 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"bad value {value!r} for {key}: expected a learning rate > 0")
     if not 0 < config.dataset.image_scale <= 1:
         raise ConfigError(f"bad value {config.dataset.image_scale!r} for dataset.image_scale: expected 0 < scale <= 1")
+    if not 0 <= config.train.warmup_fraction < 1:
+        raise ConfigError(f"bad value {config.train.warmup_fraction!r} for train.warmup_fraction: expected a share in [0, 1)")
     if not 0 < config.train.scale_min <= config.train.scale_max:
         raise ConfigError("train.scale_min must be > 0 and <= train.scale_max")
     if config.train.batch_size % config.scaling.num_workers:
@@ -413,6 +417,7 @@ def validate(config: ExperimentConfig) -> None:
             f"train.batch_size={config.train.batch_size} does not divide across "
             f"scaling.num_workers={config.scaling.num_workers}: the global batch must be a multiple of the worker count"
         )
+    _validate_task(config)
     if config.dataset.name != "synthetic" and not config.dataset.root:
         raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
     if config.memory.size < 0:
@@ -444,6 +449,23 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError("data.pseudo_actors must be >= 1 and data.num_cpus_per_worker > 0")
     if not config.run.name or "/" in config.run.name:
         raise ConfigError(f"bad value {config.run.name!r} for run.name: expected a non-empty name without '/'")
+
+
+def _validate_task(config: ExperimentConfig) -> None:
+    """Build the task now, so a bad `task.*` value fails before any dataset is ingested.
+
+    Datasets of known size get the whole check (B < K, steps that divide, a valid class order);
+    for a generic folder, whose K is known only once it is read, the name's form is checked here
+    and the rest when the run resolves.
+    """
+    task = config.task
+    try:
+        if config.dataset.name in DATASET_NUM_CLASSES:
+            get_task(config.dataset.name, task.name, task.setting, class_order=task.class_order)
+        else:
+            parse_task_name(task.name)
+    except TaskError as exc:
+        raise ConfigError(f"bad task (task.name={task.name!r}, task.setting={task.setting!r}): {exc}") from exc
 
 
 def describe_keys() -> str:

@@ -30,8 +30,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Never uploaded with the job: environments, local results and caches (the upload limit is 100 MiB).
-EXCLUDES = [".venv", "outputs", ".git", "*.egg-info", "mlruns", "__pycache__", ".pytest_cache"]
+# Never uploaded with the job: environments, local results, prepared data, reports, MLflow stores and
+# caches (the upload limit is 100 MiB, and local results may be private). Gitignore syntax, relative to
+# the working dir: `/data` and `/report` are anchored because eir/data and tests/data are code.
+EXCLUDES = [".venv", "outputs", "/data", "/report", "mlruns", "mlartifacts", "*.db", ".git", "*.egg-info",
+            "__pycache__", ".pytest_cache"]
 # The only local settings a job inherits; secrets stay on the cluster (runtime_env is shown on the dashboard).
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI",)
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -256,11 +259,11 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:
         description=textwrap.dedent(
             """\
             Submit `python launch.py <COMMAND...>` to the Ray cluster whose dashboard is at --address, with this
-            checkout uploaded as the job's working directory (without .venv, outputs, .git, caches), then follow
-            its logs. Exit code: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 2 when it could not
-            be submitted. MLFLOW_TRACKING_URI is passed to the job when set. Token authentication: set
-            RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token); the token is never printed.
-            Results must go to shared storage on a multi-node cluster: run.output_dir=s3://... (cluster/README.md)."""
+            checkout uploaded as the job's working directory (without .venv, outputs, data, report, MLflow stores,
+            .git, caches), then follow its logs. Exit code: 0 when the job SUCCEEDED, 1 when it FAILED or was
+            STOPPED, 2 when it could not be submitted. MLFLOW_TRACKING_URI is passed to the job when set.
+            Token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token); the token
+            is never printed. Results must go to shared storage on a multi-node cluster: run.output_dir=s3://... (cluster/README.md)."""
         ),
         epilog=textwrap.dedent(
             """\

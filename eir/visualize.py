@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 
 import matplotlib
@@ -9,6 +11,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from eir import storage  # noqa: E402
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> None:
+    """Write `fig` as a PNG at `path` (a local path or a URI) and close it.
+
+    The PNG is rendered in memory and written with `storage.write_bytes_atomic`, so an
+    interrupted write never leaves a truncated image under the final name (reports and
+    benchmark plots are read and committed as they are), and `--out`/`--plot` may be URIs.
+    """
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        storage.write_bytes_atomic(storage.resolve(path), buffer.getvalue())
+    finally:
+        plt.close(fig)
 
 
 def palette(num_colors: int = 256) -> np.ndarray:
@@ -44,8 +64,7 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str], path: str, title:
     ax.set_ylabel("ground truth")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str], path: str) -> None:
@@ -60,8 +79,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str], pat
             if r == 0:
                 ax.set_title(headers[c], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def bar_chart(counts: dict[str, int], path: str, title: str) -> None:
@@ -71,8 +89,7 @@ def bar_chart(counts: dict[str, int], path: str, title: str) -> None:
     ax.set_ylabel("count")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colors: list[str] | None = None) -> None:
@@ -84,8 +101,7 @@ def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colo
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def step_curves(runs: list[dict], task: str, metric: str = "mIoU_all") -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -129,8 +145,7 @@ def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
@@ -147,8 +162,7 @@ def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pseudo_recall_figure(document: dict, path) -> None:
@@ -171,5 +185,4 @@ def pseudo_recall_figure(document: dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

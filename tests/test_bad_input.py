@@ -37,6 +37,7 @@ def folder_dataset(root: Path, masks: dict[str, np.ndarray]) -> Path:
     for name, mask in masks.items():
         Image.fromarray(np.full((*mask.shape, 3), 90, np.uint8)).save(root / "images" / f"{name}.png")
         Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{name}.png")
+    (root / "train.txt").write_text("\n".join(masks) + "\n")
     return root
 
 
@@ -88,7 +89,8 @@ def test_empty_split_is_refused(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("task.name=7-7", ["7-7"]),
+        ("task.name=7-7", ["task.name='7-7'", "valid increments for base 7: [1, 13]"]),
+        ("task.name=foo", ["task.name='foo'", "malformed task name"]),
         ("task.class_order=[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,99]", ["class_order", "99", "1..20"]),
         ("method.name=magic", ["method.name", "magic", "eir"]),
         ("train.epoch=3", ["train.epoch", "train.epochs"]),
@@ -98,6 +100,7 @@ def test_unknown_task_class_method_and_key(override: str, expected: list[str], t
     err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path}", override)
     for fragment in expected:
         assert fragment in err
+    assert not (tmp_path / "datasets").exists(), "a bad config fails before any dataset is generated or ingested"
 
 
 def test_a_step_without_training_images_names_the_step(tmp_path: Path, capsys) -> None:
@@ -106,7 +109,7 @@ def test_a_step_without_training_images_names_the_step(tmp_path: Path, capsys) -
     root = folder_dataset(tmp_path / "raw", masks)
     err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path / 'runs'}", "dataset.name=folder",
                 f"dataset.root={root}", "dataset.test_split=train", "task.name=2-1")
-    assert "step 1" in err and "0" in err
+    assert "step 1 (classes [3]) has 0 training images" in err
 
 
 def test_memory_size_zero_warns_and_larger_than_the_candidates_is_covered_by_the_stores() -> None:

@@ -104,6 +104,28 @@ def test_launcher_setup_installs_the_pyproject_pins_and_the_project(path: Path) 
     assert _load(path)["file_mounts"].get("~/eir") == ".", f"{path.name}: the repository is not mounted at ~/eir"
 
 
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifest_has_a_head_and_an_autoscaling_gpu_group(name: str, kind: str) -> None:
+    """The keys KubeRay needs to create the cluster, and a GPU group the in-tree autoscaler may grow."""
+    doc = _load(CLUSTER / "kuberay" / name)
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", kind)
+    assert doc["metadata"]["name"]
+    spec = _cluster_specs(doc)
+    assert spec["enableInTreeAutoscaling"] is True, f"{name}: the GPU group would never scale"
+    assert all(c["name"] and c["image"] for c in _containers([spec["headGroupSpec"]])), f"{name}: no head container"
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if all(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in _containers([g]))]
+    assert gpu_groups, f"{name}: no worker group limits nvidia.com/gpu"
+    for group in gpu_groups:
+        assert group["groupName"]
+        assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        assert group["maxReplicas"] > group["minReplicas"], f"{name}: {group['groupName']} cannot autoscale"
+        for container in _containers([group]):  # Kubernetes refuses a GPU request that differs from the limit
+            resources = container["resources"]
+            assert resources.get("requests", {}).get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"]) == \
+                resources["limits"]["nvidia.com/gpu"]
+
+
 def test_kuberay_images_match_the_pyproject_ray_pin() -> None:
     ray_version = _pins(_pyproject_dependencies())["ray"]
     for path in (CLUSTER / "kuberay").glob("*.yaml"):

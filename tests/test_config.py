@@ -101,13 +101,16 @@ def test_override_values_are_parsed_as_yaml() -> None:
     assert parse_overrides(["run.name=a=b", "dataset.root="]) == {"run.name": "a=b", "dataset.root": ""}
 
 
+REVERSED = ",".join(map(str, range(20, 0, -1)))  # a valid class order of the default (synthetic) dataset
+
+
 def test_overrides_apply_with_their_types() -> None:
     config = load_config(
-        overrides=["train.lr=1e-3", "train.amp=false", "task.class_order=[3,1,2]", "model.weights=null", "scaling.cpus_per_worker=2"]
+        overrides=["train.lr=1e-3", "train.amp=false", f"task.class_order=[{REVERSED}]", "model.weights=null", "scaling.cpus_per_worker=2"]
     )
     assert config.train.lr == pytest.approx(0.001)
     assert config.train.amp is False
-    assert config.task.class_order == [3, 1, 2]
+    assert config.task.class_order == list(range(20, 0, -1))
     assert config.model.weights is None
     assert config.scaling.cpus_per_worker == 2.0 and isinstance(config.scaling.cpus_per_worker, float)
 
@@ -198,8 +201,8 @@ def test_range_checks() -> None:
 
 def test_dataset_root_required_except_for_synthetic() -> None:
     with pytest.raises(ConfigError, match="dataset.root is required for dataset.name='camvid'"):
-        load_config(overrides=["dataset.name=camvid"])
-    assert load_config(overrides=["dataset.name=camvid", "dataset.root=/data/CamVid"]).dataset.root == "/data/CamVid"
+        load_config(overrides=["dataset.name=camvid", "task.name=5-3"])
+    assert load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=/data/CamVid"]).dataset.root == "/data/CamVid"
     assert load_config(overrides=["dataset.name=synthetic"]).dataset.root == ""
 
 
@@ -231,21 +234,21 @@ def test_fingerprint_is_stable_and_tracks_values() -> None:
 def test_dump_and_reload_round_trip() -> None:
     import yaml
 
-    config = load_config(overrides=["train.lr=1e-3", "task.class_order=[2,1]", "model.weights=null"])
+    config = load_config(overrides=["train.lr=1e-3", f"task.class_order=[{REVERSED}]", "model.weights=null"])
     again = config_from_dict(yaml.safe_load(dump_yaml(config)))
     assert again == config
     assert again.fingerprint() == config.fingerprint()
 
 
 def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path) -> None:
-    relative = load_config(overrides=["dataset.name=camvid", "dataset.root=data/CamVid", "run.output_dir=outputs",
+    relative = load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=data/CamVid", "run.output_dir=outputs",
                                       "model.weights=weights/mnv2.pth"])
     assert anchored_paths(relative, tmp_path) == {
         "dataset.root": str(tmp_path / "data" / "CamVid"),
         "run.output_dir": str(tmp_path / "outputs"),
         "model.weights": str(tmp_path / "weights" / "mnv2.pth"),
     }
-    elsewhere = load_config(overrides=["dataset.name=camvid", f"dataset.root={tmp_path}", "run.output_dir=s3://b/runs",
+    elsewhere = load_config(overrides=["dataset.name=camvid", "task.name=5-3", f"dataset.root={tmp_path}", "run.output_dir=s3://b/runs",
                                        "model.weights=imagenet"])
     assert anchored_paths(elsewhere, Path("/somewhere/else")) == {}
     assert anchored_paths(load_config(overrides=["model.weights=null"]), tmp_path) == {"run.output_dir": str(tmp_path / "outputs")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,25 @@ def test_prepare_synthetic_writes_both_splits(tmp_path: Path) -> None:
     train = read_manifest(storage.resolve(out / "train"))
     assert (train.split, train.num_rows) == ("train", 16)
     assert lines[0].endswith(train.checksum[:16])
+
+
+def test_prepare_synthetic_replaces_a_different_dataset_only_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    small = ("prepare", "synthetic", "--num-images", "10", "--image-size", "48", "--out", str(out))
+    assert launch(*small).returncode == 0
+    bigger = ("prepare", "synthetic", "--num-images", "15", "--image-size", "48", "--out", str(out))
+    refused = launch(*bigger)
+    assert refused.returncode == 2 and f"error: {out / 'raw'} already exists" in refused.stderr
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads((out / "raw" / "SYNTHETIC.json").read_text())["num_images"] == 10  # untouched
+
+    replaced = launch(*bigger, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "raw" / "SYNTHETIC.json").read_text())["num_images"] == 15
+    assert len(list((out / "raw" / "JPEGImages").iterdir())) == 15
+    rows = [read_manifest(storage.resolve(out / split)).num_rows for split in ("train", "val")]
+    assert sum(rows) == 15
+    assert sorted(p.name for p in out.iterdir()) == ["raw", "train", "val"]  # no temp or old copy left
 
 
 def test_prepare_with_a_missing_root_exits_2_naming_it(tmp_path: Path) -> None:

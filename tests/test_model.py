@@ -37,6 +37,17 @@ def test_mobilenet_output_stride(output_stride, side):
         assert model.backbone(torch.zeros(1, 3, 32, 32)).shape == (1, 1280, side, side)
 
 
+@pytest.mark.parametrize("output_stride, rates", [(16, [6, 12, 18]), (8, [12, 24, 36])])
+def test_aspp_rates_and_widths(output_stride, rates):
+    """DeepLabV3: a 1x1 branch, 3x3 branches at 6/12/18 (doubled at OS 8), image pooling, 256 channels."""
+    aspp, refine = small(output_stride=output_stride).decoder
+    assert [branch[0].dilation[0] for branch in aspp.branches] == [1, *rates]
+    assert [branch[0].kernel_size[0] for branch in aspp.branches] == [1, 3, 3, 3]
+    assert isinstance(aspp.pooling[0], nn.AdaptiveAvgPool2d)
+    assert {branch[0].out_channels for branch in aspp.branches} | {aspp.pooling[1][0].out_channels} == {256}
+    assert aspp.project[0].in_channels == 5 * 256 and refine[0].out_channels == 256
+
+
 def test_resnet50_shapes():
     model = build_model("resnet50", [2], weights=None, output_stride=8).eval()
     with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -86,12 +87,30 @@ def test_runtime_env_uploads_the_repo_and_passes_only_the_tracking_uri(tmp_path:
     environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "x", "RAY_AUTH_TOKEN": "y"}
     env = build_runtime_env(REPO, environ)
     assert env == {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}
-    assert {".venv", "outputs", ".git", "*.egg-info", "mlruns", "__pycache__"} <= set(EXCLUDES)
     assert "env_vars" not in build_runtime_env(REPO, {})
     with pytest.raises(SubmitError, match="password"):
         build_runtime_env(REPO, {"MLFLOW_TRACKING_URI": "https://me:hunter2@mlflow.example.com"})
     with pytest.raises(SubmitError, match=f"{tmp_path} has no launch.py"):
         build_runtime_env(tmp_path, {})
+
+
+def test_the_upload_leaves_out_local_results_data_and_environments(tmp_path: Path) -> None:
+    """What Ray's own packager would upload with EXCLUDES (and no .gitignore): the code, with its
+    `eir/data` and `tests/data` packages, but no environment, results, prepared data, report or MLflow store."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    kept = ["launch.py", "pyproject.toml", "eir/data/ingest.py", "tests/data/test_ingest.py", "eir/report.py",
+            "experiments/quickstart.yaml"]
+    dropped = [".venv/bin/python", "outputs/run/results.json", "data/camvid/train/part-0.parquet", "report/report.md",
+               "mlruns/0/meta.yaml", "mlartifacts/1/model.pt", "mlflow.db", "outputs.db", ".git/HEAD",
+               "eir.egg-info/PKG-INFO", "eir/__pycache__/x.pyc", ".pytest_cache/v"]
+    for name in kept + dropped:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    uploaded: list[str] = []
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, build_runtime_env(REPO, {})["excludes"])],
+                lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=False)
+    assert sorted(uploaded) == sorted(kept)
 
 
 def test_address_must_be_a_dashboard_url() -> None:
@@ -112,14 +131,16 @@ def test_every_form_of_the_token_is_masked() -> None:
 @pytest.fixture
 def fake_dashboard() -> Iterator[tuple[str, list[dict[str, str]], list[int]]]:
     """A local HTTP server answering every GET with the status in `status[0]` (200: a Ray 2.60.0 version
-    document) and every POST with 500; records each request's method, path and headers."""
+    document) and every POST with 500 whose body echoes the request's authorization header (as a careless
+    proxy might: what `submit` prints of it must be masked); records each request's method, path and headers."""
     seen: list[dict[str, str]] = []
     status = [200]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self, code: int) -> None:
             seen.append({"method": self.command, "path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
-            body = json.dumps({"ray_version": "2.60.0"} if code == 200 else {"error": "no"}).encode()
+            error = {"error": "no", "authorization": self.headers.get("authorization", "")}
+            body = json.dumps({"ray_version": "2.60.0"} if code == 200 else error).encode()
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -191,6 +212,23 @@ def test_token_mode_sends_rays_own_header_and_hides_the_token(fake_dashboard) ->
     assert result.returncode == 2
     assert "answered 403" in result.stderr
     assert seen and seen[0]["authorization"] == f"Bearer {SENTINEL}"
+    assert SENTINEL not in result.stdout + result.stderr
+
+
+def test_token_from_the_home_token_file_is_sent_and_never_shown(fake_dashboard, tmp_path: Path) -> None:
+    """RAY_AUTH_TOKEN unset: Ray's helper reads ~/.ray/auth_token; the probe and the submission both send it,
+    and the dashboard's error, which echoes it, is printed masked."""
+    address, seen, _ = fake_dashboard
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(SENTINEL + "\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "launch.py").write_text("print('never runs')\n")
+    result = _submit(["--address", address, "--working-dir", str(tmp_path / "repo"), "--", "run", "x.yaml"],
+                     _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert {(r["method"], r["path"], r.get("authorization")) for r in seen} >= {
+        ("GET", "/api/version", f"Bearer {SENTINEL}"), ("POST", "/api/jobs/", f"Bearer {SENTINEL}")}
+    assert "did not accept the job" in result.stderr and '"authorization": "***"' in result.stderr
     assert SENTINEL not in result.stdout + result.stderr
 
 
@@ -279,10 +317,23 @@ def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen[bytes],
     pytest.fail(f"the dashboard at {address} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
+def _final_status(address: str, token: str, job_id: str, timeout_s: float) -> str:
+    """The job's status once it is terminal, read from the dashboard's REST API (no Ray in this process)."""
+    request = urllib.request.Request(f"{address}/api/jobs/{job_id}", headers={"authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = json.loads(response.read())["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_property) -> None:
-    """A real head in token mode, a real submission of a tiny synthetic run, its results.json read back."""
+    """A real head in token mode, a real submission of a tiny synthetic run, its results.json read back;
+    then, on the same head, a job that fails (exit 1 with its message) and a --no-wait submission."""
     token = "eir-e2e-token-9d3b7c41"
     venv_bin = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="eir-rt-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
@@ -327,6 +378,19 @@ def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_proper
         document = json.loads((output_dir / "submitted" / "results.json").read_text())
         assert document["status"] == "finished"
         assert mlflow_db.is_file(), "MLFLOW_TRACKING_URI did not reach the job"
+
+        # A job that fails on the cluster (its config file does not exist there): exit 1, its status and message.
+        failed = _submit(["--address", address, "--", "run", "experiments/missing.yaml"], client_env, timeout=300)
+        assert failed.returncode == 1, (failed.stdout + failed.stderr)[-4000:]
+        assert re.search(r"job raysubmit_\w+ FAILED: .*config file experiments/missing\.yaml does not exist",
+                         failed.stderr, re.DOTALL), failed.stderr  # the message ends with the job's last log lines
+        # --no-wait: the job id and exit 0 without following the logs, whatever becomes of the job.
+        detached = _submit(["--address", address, "--no-wait", "--", "run", "experiments/missing.yaml"], client_env, timeout=300)
+        assert detached.returncode == 0, (detached.stdout + detached.stderr)[-4000:]
+        job_id = re.search(r"submitted job (raysubmit_\w+)", detached.stdout).group(1)
+        assert "not waiting" in detached.stdout and "Running entrypoint" not in detached.stdout
+        assert _final_status(address, token, job_id, timeout_s=120) == "FAILED"
+        assert token not in failed.stdout + failed.stderr + detached.stdout + detached.stderr
     finally:
         _stop_ray(head, gcs_port)
         shutil.rmtree(temp_dir, ignore_errors=True)

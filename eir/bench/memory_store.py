@@ -21,7 +21,7 @@ from eir.data.ingest import read_rows
 from eir.replay.image_store import ImageStore, build_image_store
 from eir.replay.store import InstanceStore, build_store
 from eir.train.experiment import resolve
-from eir.visualize import plt
+from eir.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -102,5 +102,4 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

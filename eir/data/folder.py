@@ -3,11 +3,17 @@
     root/class_names.txt   one name per line; line 0 is background, so K = lines - 1
     root/images/<id>.jpg|.png
     root/masks/<id>.png    8-bit class ids 0..K, 255 = ignore
-    root/<split>.txt       optional: the split's ids, one per line (otherwise every image)
+    root/<split>.txt       the split's ids, one per line
+
+Split lists are optional as a whole: a folder without any `*.txt` list (besides the class
+names) uses every image for every split, with a warning, since train and test then coincide.
+Once lists exist, a split without one is an error: falling back to every image would let a
+typo'd test split (`vall`) score the model on its own training images.
 """
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -71,12 +77,27 @@ class FolderReader(SegmentationReader):
             raise DatasetError(f"image folder {self.image_dir} holds no .jpg or .png files")
         return images
 
+    def _split_lists(self) -> list[str]:
+        """The split list files in root (every `*.txt` but the class names)."""
+        return sorted(p.name for p in self.root.glob("*.txt") if p.is_file() and p.name != CLASS_NAMES_FILE)
+
     @cached_property
     def _ids(self) -> list[str]:
-        if self.split is not None:
-            split_file = self.root / f"{self.split}.txt"
-            if split_file.is_file():
-                return read_id_list(split_file, "split list")
+        if self.split is None:
+            return list(self._images)
+        split_file = self.root / f"{self.split}.txt"
+        if split_file.is_file():
+            return read_id_list(split_file, "split list")
+        lists = self._split_lists()
+        if lists:
+            raise DatasetError(
+                f"missing split list {split_file} for split {self.split!r}; {self.root} has {', '.join(lists)} "
+                "(a folder with split lists needs one per split; without any, every image is used)"
+            )
+        warnings.warn(
+            f"folder dataset {self.root} has no split lists (<split>.txt): split {self.split!r} uses every "
+            f"image in {self.image_dir}, so training and test images are the same"
+        )
         return list(self._images)
 
     def ids(self) -> list[str]:

@@ -209,6 +209,64 @@ def _write_shards(
     return shards, total, checksum.hexdigest()
 
 
+def write_prepared(
+    reader: SegmentationReader,
+    folder: Location,
+    *,
+    split: str,
+    source: str,
+    image_scale: float = 1.0,
+    shard_rows: int = 64,
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> str:
+    """Decode `reader`'s split into `folder` (a fresh, private temp folder) and return the content checksum.
+
+    The folder ends complete (shards, manifest, marker) but is never where readers look: the
+    caller publishes it under its final name, which may depend on the checksum (the ingest cache).
+    """
+    if not 0 < image_scale <= 1:
+        raise DatasetError(f"image_scale={image_scale}: expected 0 < scale <= 1 (0.5 = half size)")
+    ids = reader.ids()
+    if not ids:
+        raise DatasetError(f"split {split!r} of {source} is empty: no images to ingest")
+    samples = (reader.read(i) for i in progress_bar(ids, f"ingest {reader.info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
+    shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows)
+    if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
+        raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": reader.info.name,
+        "split": split,
+        "num_rows": total,
+        "checksum": checksum,
+        "shards": shards,
+        "class_names": list(reader.info.class_names),
+        "future_label": reader.info.future_label,
+        "background_is_class": reader.info.background_is_class,
+        "image_scale": image_scale,
+        "source": source,
+        "source_fingerprint": fingerprint or "",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json_atomic(folder.join(MANIFEST), manifest)
+    storage.mark_complete(folder, {"rows": total, "checksum": checksum})
+    return checksum
+
+
+def _record_source(out: Location, source: str, fingerprint: str) -> Manifest:
+    """Point a prepared dataset's manifest at a new source of identical content.
+
+    Without this, a source whose files were touched or copied (same bytes, new mtimes) would
+    be decoded again on every later call just to learn that nothing changed.
+    """
+    path = out.join(MANIFEST)
+    data = storage.read_json(path)
+    data["source"], data["source_fingerprint"] = source, fingerprint
+    storage.write_json_atomic(path, data)
+    return read_manifest(out)
+
+
 def ingest(
     reader: SegmentationReader,
     out: Location,
@@ -225,10 +283,9 @@ def ingest(
 
     An existing complete output with the same source fingerprint is returned untouched. One with
     a different fingerprint is re-ingested to a temp folder and compared by content checksum:
-    equal content is kept as is, different content is refused unless `overwrite`.
+    equal content is kept and its manifest records the new source and fingerprint (so the next
+    call skips decoding); different content is refused unless `overwrite`.
     """
-    if not 0 < image_scale <= 1:
-        raise DatasetError(f"image_scale={image_scale}: expected 0 < scale <= 1 (0.5 = half size)")
     if storage.exists(out) and not is_prepared(out):
         if storage.list_dir(out) and not overwrite:
             raise FileExistsError(f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it")
@@ -238,40 +295,17 @@ def ingest(
             log.info("%s is already prepared (%d rows, checksum %s)", out.uri, existing.num_rows, existing.checksum[:12])
             return existing
 
-    ids = reader.ids()
-    if not ids:
-        raise DatasetError(f"split {split!r} of {source} is empty: no images to ingest")
     tmp = out.parent.join(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)
     started = time.perf_counter()
     try:
-        samples = (reader.read(i) for i in progress_bar(ids, f"ingest {reader.info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
-        shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), tmp, shard_rows)
-        if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
-            raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": reader.info.name,
-            "split": split,
-            "num_rows": total,
-            "checksum": checksum,
-            "shards": shards,
-            "class_names": list(reader.info.class_names),
-            "future_label": reader.info.future_label,
-            "background_is_class": reader.info.background_is_class,
-            "image_scale": image_scale,
-            "source": source,
-            "source_fingerprint": fingerprint or "",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        storage.write_json_atomic(tmp.join(MANIFEST), manifest)
-        storage.mark_complete(tmp, {"rows": total, "checksum": checksum})
+        checksum = write_prepared(reader, tmp, split=split, source=source, image_scale=image_scale,
+                                  shard_rows=shard_rows, progress=progress, fingerprint=fingerprint)
         if is_prepared(out):
             existing = read_manifest(out)
             if existing.checksum == checksum:
                 log.info("%s already holds identical content (checksum %s)", out.uri, checksum[:12])
-                storage.delete_dir(tmp)
-                return existing
+                return existing if fingerprint is None else _record_source(out, source, fingerprint)
             if not overwrite:
                 raise FileExistsError(
                     f"{out.uri} holds a different prepared dataset (checksum {existing.checksum[:12]} != "
@@ -282,8 +316,10 @@ def ingest(
         storage.publish_dir(tmp, out)
     finally:
         storage.delete_dir(tmp)
-    log.info("prepared %s: %d rows in %d shards, %.1fs", out.uri, total, len(shards), time.perf_counter() - started)
-    return read_manifest(out)
+    manifest = read_manifest(out)
+    log.info("prepared %s: %d rows in %d shards, %.1fs", out.uri, manifest.num_rows, len(manifest.shards),
+             time.perf_counter() - started)
+    return manifest
 
 
 def read_metadata(manifest: Manifest) -> pa.Table:

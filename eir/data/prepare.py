@@ -2,24 +2,36 @@
 
 `launch.py prepare` calls `prepare_split` with an explicit output folder. Every other command
 calls `ensure_prepared`: given a raw dataset root it ingests once into
-`<run.output_dir>/datasets/<dataset>-<split>-<fingerprint>/` and reuses that folder on every
-later call, so nothing is decoded twice. A root that already is a prepared dataset (it holds a
-manifest) is used as is.
+`<run.output_dir>/datasets/<dataset>-<split>-<checksum[:16]>/`, named by the content checksum so
+that identical content is stored once however its files were copied or touched. Finding that
+folder must not need a decode, so `datasets/_index/<dataset>-<split>-<fingerprint>.json` maps the
+cheap source fingerprint (paths, sizes, mtimes) to it. A root that already is a prepared dataset
+(it holds a manifest) is used as is.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 from eir import storage
 from eir.data.base import DatasetError
-from eir.data.ingest import MANIFEST, Manifest, ingest, is_prepared, read_manifest, source_fingerprint
+from eir.data.ingest import MANIFEST, Manifest, ingest, is_prepared, read_manifest, source_fingerprint, write_prepared
 from eir.data.registry import open_reader
 from eir.data.synthetic import generate_synthetic
 from eir.storage import Location
 
 log = logging.getLogger(__name__)
+
+INDEX_DIR = "_index"
+
+
+def _fingerprint(dataset: str, root: Path, split: str, image_scale: float) -> str:
+    """The source fingerprint of a raw split; it also keys the dataset and the scale it is ingested at."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder (dataset {dataset!r})")
+    return source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale})
 
 
 def prepare_split(
@@ -34,12 +46,9 @@ def prepare_split(
 ) -> Manifest:
     """Ingest one split of a raw dataset into `out` (idempotent, atomic)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder (dataset {dataset!r})")
-    reader = open_reader(dataset, root, split)
-    fingerprint = source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale})
+    fingerprint = _fingerprint(dataset, root, split, image_scale)
     return ingest(
-        reader,
+        open_reader(dataset, root, split),
         out,
         split=split,
         source=str(root.resolve()),
@@ -112,11 +121,54 @@ def ensure_prepared(
         root = str(raw)
     if not root:
         raise DatasetError(f"dataset.root is empty: dataset {dataset!r} needs the raw dataset folder")
-    fingerprint = source_fingerprint(Path(root), split, {"dataset": dataset, "image_scale": image_scale})
-    out = output_root.join("datasets", f"{dataset}-{split}-{fingerprint}")
-    if is_prepared(out):
-        return read_manifest(out)
-    log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, out.uri)
-    # The cache owns `out`: anything there now is an incomplete leftover (an object-store copy
-    # cut short), which must be replaced rather than block every later run.
-    return prepare_split(dataset, root, split, out, image_scale=image_scale, overwrite=True, progress=progress)
+    return _cached_ingest(dataset, Path(root), split, output_root.join("datasets"), image_scale, progress)
+
+
+def _cached_ingest(
+    dataset: str, root: Path, split: str, datasets: Location, image_scale: float, progress: bool
+) -> Manifest:
+    """The cache entry for a raw split: found through the fingerprint index, or ingested and published.
+
+    A new fingerprint (first use, or files touched or copied) means one decode into a staging
+    folder; its checksum names the entry. If that entry already exists the staging copy is
+    dropped, so identical content is stored once; either way the index learns the fingerprint
+    and the next call decodes nothing.
+    """
+    fingerprint = _fingerprint(dataset, root, split, image_scale)
+    index = datasets.join(INDEX_DIR, f"{dataset}-{split}-{fingerprint}.json")
+    if storage.exists(index):
+        entry = datasets.join(storage.read_json(index)["folder"])
+        if is_prepared(entry):
+            return read_manifest(entry)
+        log.info("the dataset cache entry %s named by %s is gone or incomplete: ingesting again", entry.uri, index.uri)
+    staging = datasets.join(f".staging-{dataset}-{split}-{fingerprint}-{uuid.uuid4().hex[:8]}")
+    storage.makedirs(staging)
+    log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, datasets.uri)
+    try:
+        checksum = write_prepared(open_reader(dataset, root, split), staging, split=split, source=str(root.resolve()),
+                                  image_scale=image_scale, progress=progress, fingerprint=fingerprint)
+        entry = datasets.join(f"{dataset}-{split}-{checksum[:16]}")
+        if is_prepared(entry):
+            log.info("%s already holds this content (checksum %s): keeping it", entry.uri, checksum[:12])
+        else:
+            _publish(staging, entry)
+    finally:
+        storage.delete_dir(staging)
+    storage.write_json_atomic(index, {"folder": entry.name})
+    return read_manifest(entry)
+
+
+def _publish(staging: Location, entry: Location) -> None:
+    """Move a complete staging folder to its cache entry.
+
+    Anything at the entry now is an incomplete leftover (an object-store copy cut short), which
+    must be replaced rather than block every later run. A local rename fails when another
+    process published the same content first; its entry is then as good as ours.
+    """
+    storage.delete_dir(entry)
+    try:
+        storage.publish_dir(staging, entry)
+    except OSError:
+        if not is_prepared(entry):
+            raise
+        log.info("%s was published by another process meanwhile: using it", entry.uri)

@@ -62,17 +62,20 @@ def step_splits(task: Task, manifest: Manifest, output_root: Location, *, purpos
     """Load the split file for this dataset/task, or compute, check and write it.
 
     Training splits are checked: a step with no images is an error naming the step and its count
-    (e.g. disjoint CamVid), a step with very few is a warning.
+    (e.g. disjoint CamVid), a step with very few is a warning. The check runs on a loaded file
+    too, so every run that trains on a thin step says so, not only the first.
     """
     key = task_key(task)
     loc = output_root.join("splits", manifest.checksum[:16], f"{key}-{purpose}.json")
-    if storage.exists(loc):
+    cached = storage.exists(loc)
+    if cached:
         data = storage.read_json(loc)
         ids = data["ids"]
     else:
         ids = select_ids(task, manifest, purpose=purpose)
-        if purpose == "train":
-            check_step_sizes(task, [len(step) for step in ids])
+    if purpose == "train":
+        check_step_sizes(task, [len(step) for step in ids])
+    if not cached:
         data = {
             "dataset": manifest.dataset,
             "split": manifest.split,

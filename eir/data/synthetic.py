@@ -359,8 +359,23 @@ def _check_matches(out: Path, params: _Params) -> None:
         raise FileExistsError(
             f"{out} already exists and was not generated with these parameters "
             f"(found {existing if existing is not None else 'no readable SYNTHETIC.json'}, "
-            f"expected {params.record()}); choose another output directory or delete it"
+            f"expected {params.record()}); choose another output directory, delete it, or pass "
+            "overwrite=True (`launch.py prepare synthetic --overwrite`)"
         )
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace the non-empty directory `out` by `tmp`.
+
+    Directories cannot be renamed over each other, so the old one is first renamed aside: at no
+    moment does `out` hold a mix or a half-deleted dataset that a later run would trust.
+    """
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)  # left by an earlier crashed run of a process with our pid
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
 
 
 def generate_synthetic(
@@ -372,19 +387,21 @@ def generate_synthetic(
     val_fraction: float = 0.2,
     max_objects: int = 4,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Generate the synthetic dataset into `out` (a VOC2012-like root) and return its path.
 
     Idempotent: if `out` already holds a dataset made with the same parameters it is returned
-    untouched; a different one raises FileExistsError rather than being overwritten. The data
-    is written to a temporary sibling directory and renamed into place at the end, so a crash
-    or a concurrent generator never leaves a half-written `out` behind.
+    untouched; anything else there raises FileExistsError unless `overwrite`, which replaces it.
+    The data is written to a temporary sibling directory and renamed into place at the end, so
+    a crash or a concurrent generator never leaves a half-written `out` behind.
     """
     params = _Params(int(seed), int(num_images), int(image_size), float(val_fraction), int(max_objects))
     params.check()
     out = Path(out)
-    if out.exists() and not _is_empty_dir(out):
-        _check_matches(out, params)
+    unchanged_or_kept = not overwrite or _existing_params(out) == params.record()
+    if out.exists() and not _is_empty_dir(out) and unchanged_or_kept:
+        _check_matches(out, params)  # raises unless the same dataset is there
         return out
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
@@ -392,7 +409,10 @@ def generate_synthetic(
         shutil.rmtree(tmp)  # left by an earlier crashed run of a process with our pid
     try:
         _write_dataset(tmp, params, progress)
-        os.replace(tmp, out)
+        if overwrite and out.exists() and not _is_empty_dir(out):
+            _swap_in(tmp, out)
+        else:
+            os.replace(tmp, out)
     except OSError:
         # Another process may have finished the same dataset first: accept it if it matches.
         shutil.rmtree(tmp, ignore_errors=True)

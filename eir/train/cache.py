@@ -35,6 +35,8 @@ STEP0_KEYS = (
     "train.scale_min",
     "train.scale_max",
     "train.amp",
+    "train.warmup_fraction",
+    "loss.bce_weight",  # step 0's loss is bce_weight x BCE
     "eval.protocol",
     "eval.crop_size",
     "seed",
@@ -45,7 +47,7 @@ STEP0_KEYS = (
 # optimiser, evaluation). An explicit number rather than a hash of the source: a hash would throw
 # the cache away on every unrelated edit (an EIR-only change, a log line), which defeats the cache
 # across the sessions that long benchmarks span.
-STEP0_CODE_VERSION = 1
+STEP0_CODE_VERSION = 2  # 2: the key gained train.warmup_fraction, loss.bce_weight and scaling.use_gpu
 
 
 def code_version() -> str:

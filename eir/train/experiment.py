@@ -252,6 +252,7 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         rskd_weight=cfg.loss.rskd_weight,
         rskd_region=cfg.loss.rskd_region,
         torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
+        warmup_fraction=cfg.train.warmup_fraction,
         fail_at_iteration=int(os.environ["EIR_FAIL_AT_ITERATION"]) if os.environ.get("EIR_FAIL_AT_ITERATION") else None,
         fault_marker=os.environ.get("EIR_FAULT_MARKER"),
     )
@@ -327,7 +328,8 @@ def run_experiment(
     """
     exp = resolve(config, progress=progress, run_dir=run_dir)
     print(f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
-          f"({config.task.setting}), {exp.schedule.num_steps} step(s), split checksum {exp.train_splits.checksum}")
+          f"({config.task.setting}), {exp.schedule.num_steps} step(s), eval protocol {config.eval.protocol}, "
+          f"split checksum {exp.train_splits.checksum}")
     print(step_table(exp))
     if dry_run:
         print(dump_yaml(config))
@@ -376,8 +378,26 @@ def run_experiment(
         tracker.artifact(parent, _local_copy(exp.run_dir.join("results.json")))
         ok = True
         return document
+    except BaseException as exc:
+        _record_stop(exp, config, rows, exc)
+        raise
     finally:
         tracker.finish(parent, ok)
+
+
+def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str, Any]], exc: BaseException) -> None:
+    """Say in results.json why a run stopped, so nobody reads a dead run's "running" as live.
+
+    Ctrl-C is "interrupted", anything else "failed" with the error; the finished steps stay
+    listed, and `--resume` continues from them either way. Best effort: a failure to write
+    this must not hide the error that stopped the run (a killed driver writes nothing at all).
+    """
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    document = {**results_document(config, rows, status, exp.checksums), "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    try:
+        storage.write_json_atomic(exp.run_dir.join("results.json"), document)
+    except Exception:  # noqa: BLE001 - reporting must not mask the original error
+        log.exception("could not record the %s run in %s", status, exp.run_dir.uri)
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:
@@ -505,7 +525,7 @@ def _run_step(
             train_split_checksum=exp.train_splits.checksum,
             test_split_checksum=exp.test_splits.checksum,
             step0_classes=list(exp.schedule.steps[0]),
-            scaling={"num_workers": cfg.scaling.num_workers},
+            scaling={"num_workers": cfg.scaling.num_workers, "use_gpu": cfg.scaling.use_gpu},  # GPU: AMP
         )
         cache_loc = cache.entry(exp.output_root, key0)
     restarts = [0]

@@ -39,6 +39,7 @@ class StepPlan:
     rskd_weight: float = 0.0  # > 0 at t ≥ 1: the trainer holds the frozen old model
     rskd_region: str = "new_gt"
     torch_threads: int = 1
+    warmup_fraction: float = 0.0
     # Fault injection (tests of worker fault tolerance): rank 0 exits once at this iteration,
     # leaving `fault_marker` behind so the restarted worker does not fail again.
     fail_at_iteration: int | None = None
@@ -52,6 +53,23 @@ class StepPlan:
     def freeze_batchnorm(self) -> bool:
         """METHOD.md §2: incremental steps train with all BatchNorm frozen."""
         return self.step > 0
+
+    @property
+    def old_weight_decay(self) -> float | None:
+        """METHOD.md §2: no weight decay on old parameters at t > 0 (None: decay everything)."""
+        return 0.0 if self.step > 0 else None
+
+    def lr_factor(self, iteration: int, total: int) -> float:
+        """The LR multiplier at `iteration` of `total`: a linear warm-up, then poly (power 0.9) to 0.
+
+        The warm-up (METHOD.md §2: the first 20 % of ADE's iterations) ramps from 1/w to 1 over
+        its w iterations; the poly decay then runs over the remaining ones, so the schedule
+        still ends at 0 whatever the warm-up share.
+        """
+        warmup = round(self.warmup_fraction * total)
+        if iteration < warmup:
+            return (iteration + 1) / warmup
+        return max(0.0, 1.0 - (iteration - warmup) / max(1, total - warmup)) ** 0.9
 
     @property
     def needs_old_model(self) -> bool:

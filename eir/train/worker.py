@@ -65,10 +65,6 @@ def build_step_model(plan: StepPlan) -> torch.nn.Module:
     return model
 
 
-def _poly(iteration: int, total: int, power: float = 0.9) -> float:
-    return max(0.0, 1.0 - iteration / max(1, total)) ** power
-
-
 def train_step_worker(plan_dict: dict) -> None:
     plan = StepPlan(**plan_dict)
     torch.set_num_threads(plan.torch_threads)
@@ -84,7 +80,7 @@ def train_step_worker(plan_dict: dict) -> None:
     if plan.freeze_batchnorm:
         core.freeze_batchnorm()
     optimizer = torch.optim.SGD(
-        core.param_groups(plan.lr, plan.weight_decay), lr=plan.lr, momentum=plan.momentum, nesterov=True
+        core.param_groups(plan.lr, plan.weight_decay, plan.old_weight_decay), lr=plan.lr, momentum=plan.momentum, nesterov=True
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -127,7 +123,7 @@ def train_step_worker(plan_dict: dict) -> None:
             if plan.fail_at_iteration == iteration and rank == 0 and plan.fault_marker and not os.path.exists(plan.fault_marker):
                 open(plan.fault_marker, "w").close()
                 os._exit(1)  # a lost worker, once: Ray Train restarts the group from the last checkpoint
-            factor = _poly(iteration, total_iters)
+            factor = plan.lr_factor(iteration, total_iters)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             images = normalize(batch["image"])
@@ -175,7 +171,7 @@ def train_step_worker(plan_dict: dict) -> None:
             "loss": loss_sum / max(1, batches),
             "loss_bce": bce_sum / max(1, batches),
             "loss_rskd": rskd_sum / max(1, batches),
-            "lr": base_lrs[0] * _poly(iteration, total_iters),
+            "lr": base_lrs[0] * plan.lr_factor(iteration, total_iters),
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "iteration": iteration,
             "epoch_s": elapsed,
@@ -203,7 +199,10 @@ def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank:
     shard = ray.train.get_dataset_shard("test")
     batches = shard.iter_batches(batch_size=plan.eval_batch, batch_format="numpy")
     matrix = torch.from_numpy(
-        confusion_on_batches(core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp)
+        confusion_on_batches(
+            core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp,
+            progress=rank == 0, total=math.ceil(plan.num_eval_rows / plan.eval_batch),
+        )
     )
     if world > 1:
         matrix = matrix.to(device)

@@ -199,15 +199,22 @@ def test_same_fingerprint_returns_without_reading_or_writing(prepared: Manifest,
     assert mtimes(folder) == before
 
 
-def test_same_content_with_another_fingerprint_is_kept(raw: Path, tmp_path: Path) -> None:
+def test_same_content_with_another_fingerprint_is_kept_and_relabelled(raw: Path, tmp_path: Path) -> None:
+    """Touched or copied files (same bytes, new fingerprint): decoded once more, then never again."""
     out = storage.resolve(tmp_path / "train")
     first = run_ingest(open_reader("synthetic", raw, "train"), out, raw, fingerprint="old")
-    before = mtimes(tmp_path / "train")
-    second = run_ingest(open_reader("synthetic", raw, "train"), out, raw, fingerprint="new")
-    assert second == first  # the existing folder, untouched
-    assert second.source_fingerprint == "old"
-    assert mtimes(tmp_path / "train") == before
+    shards_before = {k: v for k, v in mtimes(tmp_path / "train").items() if k != MANIFEST}
+    moved = tmp_path / "moved-raw"  # where the "new" source lives; the reader still reads `raw`
+    second = run_ingest(open_reader("synthetic", raw, "train"), out, moved, fingerprint="new")
+    assert (second.checksum, second.shards, second.location) == (first.checksum, first.shards, first.location)
+    assert (second.source_fingerprint, second.source) == ("new", str(moved))
+    assert read_manifest(out) == second  # recorded on disk, not only returned
+    assert {k: v for k, v in mtimes(tmp_path / "train").items() if k != MANIFEST} == shards_before
     assert leftovers(tmp_path) == []
+
+    reader = FailingReader(open_reader("synthetic", raw, "train"), fail_at=1)
+    assert run_ingest(reader, out, moved, fingerprint="new") == second
+    assert reader.calls == 0  # the refreshed fingerprint spares the decode
 
 
 def test_different_content_needs_overwrite(raw: Path, tmp_path: Path) -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from eir import storage
 from eir.data import prepare
-from eir.data.base import DatasetError
-from eir.data.ingest import Manifest, source_fingerprint
+from eir.data.base import DatasetError, SegmentationReader
+from eir.data.ingest import is_prepared, read_manifest, read_rows, source_fingerprint
 from eir.data.prepare import ensure_prepared, prepare_split, synthetic_root
 from eir.data.synthetic import generate_synthetic
+from eir.storage import Location
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +30,80 @@ def prepared_out(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def refuse_to_prepare(*args: object, **kwargs: object) -> Manifest:
-    raise AssertionError("prepare_split was called although a prepared dataset exists")
+def refuse_to_read(*args: object, **kwargs: object) -> SegmentationReader:
+    raise AssertionError("a raw dataset was opened for decoding although its prepared dataset is cached")
 
 
-def test_raw_root_is_ingested_once_into_the_cache(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def cache_entry(output_root: Path, split: str, checksum: str) -> Path:
+    return output_root / "datasets" / f"synthetic-{split}-{checksum[:16]}"
+
+
+def index_file(output_root: Path, root: Path, split: str) -> Path:
+    fingerprint = source_fingerprint(root, split, {"dataset": "synthetic", "image_scale": 1.0})
+    return output_root / "datasets" / "_index" / f"synthetic-{split}-{fingerprint}.json"
+
+
+def test_raw_root_is_ingested_once_into_the_cache(
+    raw: Path, prepared_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     output_root = storage.resolve(tmp_path / "outputs")
     manifest = ensure_prepared("synthetic", str(raw), "train", output_root, progress=False)
+    checksum = read_manifest(storage.resolve(prepared_out / "train")).checksum
+    expected = cache_entry(tmp_path / "outputs", "train", checksum)
+    assert manifest.location.path == str(expected) and manifest.checksum == checksum
     fingerprint = source_fingerprint(raw, "train", {"dataset": "synthetic", "image_scale": 1.0})
-    expected = tmp_path / "outputs" / "datasets" / f"synthetic-train-{fingerprint}"
-    assert manifest.location.path == str(expected)
     assert (manifest.split, manifest.num_rows, manifest.source_fingerprint) == ("train", 24, fingerprint)
     assert manifest.source == str(raw.resolve())
+    assert storage.read_json(storage.resolve(index_file(tmp_path / "outputs", raw, "train"))) == {"folder": expected.name}
 
-    monkeypatch.setattr(prepare, "prepare_split", refuse_to_prepare)
+    monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
     assert ensure_prepared("synthetic", str(raw), "train", output_root, progress=False) == manifest
-    assert [p.name for p in (tmp_path / "outputs" / "datasets").iterdir()] == [expected.name]
+    assert sorted(p.name for p in (tmp_path / "outputs" / "datasets").iterdir()) == ["_index", expected.name]
+
+
+def test_a_touched_copy_is_decoded_once_and_stored_once(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same content, new mtimes: one more decode to learn that, then the index answers."""
+    output_root = storage.resolve(tmp_path / "outputs")
+    first = ensure_prepared("synthetic", str(raw), "val", output_root, progress=False)
+    copy = Path(shutil.copytree(raw, tmp_path / "copy", copy_function=shutil.copy))  # copy: new mtimes
+    assert index_file(tmp_path, copy, "val").name != index_file(tmp_path, raw, "val").name
+    second = ensure_prepared("synthetic", str(copy), "val", output_root, progress=False)
+    assert second.location == first.location and second.checksum == first.checksum
+    datasets = tmp_path / "outputs" / "datasets"
+    assert sorted(p.name for p in datasets.iterdir()) == ["_index", first.location.name]
+    assert sorted(p.name for p in (datasets / "_index").iterdir()) == sorted(
+        [index_file(tmp_path / "outputs", raw, "val").name, index_file(tmp_path / "outputs", copy, "val").name]
+    )
+    monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
+    for root in (raw, copy):
+        assert ensure_prepared("synthetic", str(root), "val", output_root, progress=False).location == first.location
+
+
+def test_an_index_entry_whose_folder_is_gone_ingests_again(raw: Path, tmp_path: Path) -> None:
+    output_root = storage.resolve(tmp_path)
+    first = ensure_prepared("synthetic", str(raw), "val", output_root, progress=False)
+    shutil.rmtree(first.location.path)
+    again = ensure_prepared("synthetic", str(raw), "val", output_root, progress=False)
+    assert again.location == first.location and again.checksum == first.checksum
+    assert is_prepared(again.location)
+
+
+def test_content_published_meanwhile_by_another_process_is_used(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs ingesting the same new source at once: the second rename fails, the first entry serves both."""
+    real_publish = storage.publish_dir
+
+    def publish_after_a_rival(tmp: Location, final: Location) -> None:
+        shutil.copytree(tmp.path, final.path)  # the rival's complete entry lands first
+        real_publish(tmp, final)
+
+    monkeypatch.setattr(storage, "publish_dir", publish_after_a_rival)
+    manifest = ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+    assert is_prepared(manifest.location) and manifest.num_rows == 6
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["_index", manifest.location.name]
 
 
 def test_image_scale_gets_its_own_cache_entry(raw: Path, tmp_path: Path) -> None:
@@ -62,12 +122,13 @@ def test_synthetic_without_root_is_generated_then_ingested(tmp_path: Path, monke
     assert raw == tmp_path / "datasets" / "synthetic-raw-n20-s48-seed3"
     assert (raw / "SYNTHETIC.json").is_file()
     assert manifest.num_rows == 4 and manifest.source == str(raw)
-    monkeypatch.setattr(prepare, "prepare_split", refuse_to_prepare)
+    assert manifest.location.path == str(cache_entry(tmp_path, "val", manifest.checksum))
+    monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
     assert ensure_prepared("synthetic", "", "val", output_root, synthetic=(20, 48, 3), progress=False) == manifest
 
 
 def test_a_prepared_folder_is_used_as_is(prepared_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare, "prepare_split", refuse_to_prepare)
+    monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
     output_root = storage.resolve(tmp_path)
     direct = ensure_prepared("synthetic", str(prepared_out / "train"), "train", output_root)
     assert direct.location.path == str(prepared_out / "train") and direct.split == "train"
@@ -109,18 +170,19 @@ def test_synthetic_generation_needs_local_output(tmp_path: Path) -> None:
         ensure_prepared("synthetic", "", "train", remote, synthetic=(20, 48, 0), progress=False)
 
 
-def test_an_object_store_cache_entry_cut_short_is_replaced(raw: Path, tmp_path: Path) -> None:
+def test_an_object_store_cache_entry_cut_short_is_replaced(raw: Path, prepared_out: Path, tmp_path: Path) -> None:
     import pyarrow.fs as pafs
 
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     output_root = storage.resolve("bucket/outputs", filesystem=fs)
-    fingerprint = source_fingerprint(raw, "val", {"dataset": "synthetic", "image_scale": 1.0})
-    entry = tmp_path / "bucket" / "outputs" / "datasets" / f"synthetic-val-{fingerprint}"
+    checksum = read_manifest(storage.resolve(prepared_out / "val")).checksum
+    entry = cache_entry(tmp_path / "bucket" / "outputs", "val", checksum)
     entry.mkdir(parents=True)
     (entry / "part-00000.parquet").write_bytes(b"half a shard")  # copied before the crash; no _COMPLETE
     manifest = ensure_prepared("synthetic", str(raw), "val", output_root, progress=False)
-    assert manifest.location.path == f"bucket/outputs/datasets/synthetic-val-{fingerprint}"
+    assert manifest.location.path == f"bucket/outputs/datasets/{entry.name}"
     assert manifest.num_rows == 6
     assert sorted(p.name for p in entry.iterdir()) == ["_COMPLETE", "manifest.json", "part-00000.parquet"]
     assert (entry / "part-00000.parquet").stat().st_size > len(b"half a shard")
-    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp folder left behind
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["_index", entry.name]  # no staging folder left behind
+    assert read_rows(manifest).num_rows == 6  # the shard paths resolve under the published name

@@ -344,12 +344,23 @@ def test_folder_reads_all_or_listed_ids(tmp_path: Path) -> None:
     reader = FolderReader(root)
     assert reader.info.name == "folder" and reader.info.class_names == ("background", "cat", "dog")
     assert reader.ids() == ["a", "b"]
-    assert FolderReader(root, "val").ids() == ["a", "b"]  # no val.txt: every image
+    with pytest.warns(UserWarning, match=rf"folder dataset {root} has no split lists .*split 'val' uses every image"):
+        assert FolderReader(root, "val").ids() == ["a", "b"]  # no split lists at all: every image, said aloud
     (root / "train.txt").write_text("b\n")
     assert FolderReader(root, "train").ids() == ["b"]
     a = reader.read("a")
     np.testing.assert_array_equal(a.label, np.array([[0, 1], [2, 255]]))
     assert a.image_format == "png" and reader.read("b").image_format == "jpeg"
+
+
+def test_folder_split_without_its_list_is_an_error_once_lists_exist(tmp_path: Path) -> None:
+    """A typo'd test split must not silently score on every (training) image."""
+    root = tiny_folder(tmp_path)
+    (root / "train.txt").write_text("a\n")
+    (root / "test.txt").write_text("b\n")
+    with pytest.raises(DatasetError, match=rf"missing split list {root / 'vall.txt'} .*has test\.txt, train\.txt"):
+        FolderReader(root, "vall").ids()
+    assert FolderReader(root).ids() == ["a", "b"]  # no split asked for: every image
 
 
 def test_folder_errors(tmp_path: Path) -> None:

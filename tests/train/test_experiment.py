@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+
+import launch
 
 from eir.config import load_config
 from eir.train.evaluate_run import evaluate_run
 from eir.train.experiment import RunDirError, run_experiment
+from eir.train.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +93,17 @@ def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> 
     assert plan["head_sizes"] == [15, 5] and plan["per_worker_batch"] == 8 and plan["weights"] is None
 
 
+def test_the_trainer_decays_old_parameters_only_at_step_0(finetune_run: dict, output_dir: Path) -> None:
+    """METHOD.md §2, read from the optimiser state the workers really checkpointed."""
+    def decay(step: int) -> dict[str, float]:
+        (checkpoint,) = (output_dir / "finetune" / f"step_{step}").rglob(CHECKPOINT_FILE)
+        groups = torch.load(checkpoint, map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
+        return {group["name"]: group["weight_decay"] for group in groups}
+
+    assert set(decay(0).values()) == {1e-4}
+    assert decay(1) == {"backbone": 0.0, "decoder": 0.0, "old_heads": 0.0, "new_head": 1e-4}
+
+
 def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     runs = _mlflow_runs(output_dir)
     parents = [r for r in runs if r.info.run_name == "finetune"]
@@ -96,6 +112,10 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     children = _children(runs, parent)
     assert sorted(r.info.run_name for r in children) == ["step_0", "step_1"]
     assert parent.data.params["method.name"] == "finetune"
+    assert parent.data.params["eval.protocol"] == finetune_run["eval_protocol"]
+    assert parent.data.tags["git_sha"] == finetune_run["git_sha"]
+    for name in ("train_split_checksum", "test_split_checksum"):
+        assert len(finetune_run[name]) >= 16 and parent.data.params[name] == finetune_run[name]
     assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(finetune_run["steps"][-1]["mIoU_all"], abs=1e-3)
     step1 = next(r for r in children if r.info.run_name == "step_1")
     assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
@@ -151,6 +171,17 @@ def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: 
     assert interrupts == [signal.SIGINT]
 
 
+def test_a_failed_run_says_so_in_results_json(finetune_run: dict, output_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # The worker exits at step 1's first iteration (step 0 comes from the cache) and no restart is allowed.
+    monkeypatch.setenv("EIR_FAIL_AT_ITERATION", "0")
+    monkeypatch.setenv("EIR_FAULT_MARKER", str(tmp_path / "worker-exited"))
+    with pytest.raises(Exception) as raised:
+        run_experiment(tiny_config(output_dir, "run.name=failing"), progress=False)
+    document = json.loads((output_dir / "failing" / "results.json").read_text())
+    assert document["status"] == "failed" and [row["step"] for row in document["steps"]] == [0]
+    assert document["error"].startswith(type(raised.value).__name__)
+
+
 def test_evaluate_matches_the_run(finetune_run: dict, output_dir: Path) -> None:
     """The driver-side evaluator and the Ray Train workers' evaluation agree on the same split."""
     raw = output_dir / "datasets" / "synthetic-raw-n40-s48-seed0"
@@ -166,7 +197,23 @@ def test_joint_scores_old_and_new_in_one_step(ray_session, output_dir: Path) -> 
     assert len(joint["steps"]) == 1
     step = joint["steps"][0]
     assert step["seen_classes"] == list(range(1, 21))
-    assert step["mIoU_new"] is not None and step["hIoU"] is not None
+    # Scored like 15-5's last step: old = background + the 15 base classes, new = the 5 others.
+    ious = list(step["per_class_IoU"].values())
+    old, new = [v for v in ious[:16] if v is not None], [v for v in ious[16:] if v is not None]
+    assert step["mIoU_old"] == pytest.approx(sum(old) / len(old), abs=0.01)
+    assert step["mIoU_new"] == pytest.approx(sum(new) / len(new), abs=0.01)
+    assert step["hIoU"] == pytest.approx(2 * step["mIoU_old"] * step["mIoU_new"] / (step["mIoU_old"] + step["mIoU_new"]), abs=0.01)
+
+
+def test_cache_command_lists_and_clears_the_step0_cache(finetune_run: dict, output_dir: Path, tmp_path: Path, capsys) -> None:
+    shutil.copytree(output_dir / "cache", tmp_path / "cache")  # the module's other tests still use the original
+    assert launch.main(["cache", "--list", "--output-dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 1 and " complete " in listed[0] and "train.epochs=2" in listed[0]
+    assert launch.main(["cache", "--clear", "--output-dir", str(tmp_path)]) == 0
+    assert "removed 1 step-0 cache entries" in capsys.readouterr().out
+    assert launch.main(["cache", "--list", "--output-dir", str(tmp_path)]) == 0
+    assert "no step-0 cache entries" in capsys.readouterr().out
 
 
 def test_dry_run_trains_nothing(output_dir: Path) -> None:

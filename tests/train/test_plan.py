@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eir.train.plan import iterations_per_epoch
+from eir.train.plan import StepPlan, iterations_per_epoch
 
 
 @pytest.mark.parametrize(("rows", "batch", "epochs"), [(32, 8, 3), (30, 8, 3), (362, 8, 10), (5, 8, 4), (1, 8, 2)])
@@ -20,3 +20,30 @@ def test_whole_batches_give_equal_epochs() -> None:
     assert iterations_per_epoch(32, 8, 3) == [4, 4, 4]
     assert iterations_per_epoch(30, 8, 3) == [4, 4, 4]  # 90 rows = 11 full batches + one of 2
     assert iterations_per_epoch(20, 8, 2) == [3, 2]  # 40 rows = 5 batches
+
+
+def _plan(step: int, warmup_fraction: float = 0.0) -> StepPlan:
+    return StepPlan(
+        step=step, head_sizes=(15, 5)[: step + 1], backbone="mobilenet_v2", weights=None, output_stride=16,
+        new_head_init="kaiming", previous_model=None, epochs=1, global_batch=8, per_worker_batch=8, lr=0.01,
+        momentum=0.9, weight_decay=1e-4, num_train_rows=8, rows_per_epoch=8, num_eval_rows=8, eval_batch=8,
+        old_channels=(), new_channels=(), amp=False, seed=0, warmup_fraction=warmup_fraction,
+    )
+
+
+def test_without_warmup_the_schedule_is_poly() -> None:
+    plan = _plan(0)
+    assert [plan.lr_factor(i, 10) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5**0.9, 0.0])
+
+
+def test_warmup_ramps_linearly_then_decays_to_zero() -> None:
+    plan = _plan(0, warmup_fraction=0.2)  # 100 iterations: 20 of warm-up, then poly over 80
+    factors = [plan.lr_factor(i, 100) for i in range(101)]
+    assert factors[:20] == pytest.approx([(i + 1) / 20 for i in range(20)])
+    assert factors[20] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5**0.9) and factors[100] == 0.0
+    assert all(a >= b for a, b in zip(factors[19:], factors[20:]))
+
+
+def test_old_parameters_lose_weight_decay_only_at_incremental_steps() -> None:
+    assert _plan(0).old_weight_decay is None  # step 0: every parameter decays
+    assert _plan(1).old_weight_decay == 0.0  # METHOD.md §2

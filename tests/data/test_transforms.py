@@ -1,0 +1,25 @@
+"""Joint augmentation: the image and its maps must get the same crop and flip."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eir.data.transforms import JointAugment
+
+
+def test_image_and_label_get_the_same_crop_and_flip() -> None:
+    # Four quadrants, each painted with its own grey and labelled with its own class: after any
+    # crop and flip, a pixel's grey must still say which class its label holds.
+    label = np.zeros((64, 96), dtype=np.uint8)
+    label[:32, 48:], label[32:, :48], label[32:, 48:] = 1, 2, 3
+    image = np.repeat((label * 60 + 20)[..., None], 3, axis=2).astype(np.uint8)
+    augment = JointAugment(32, scale=(0.1, 0.5))
+    shown = set()
+    for _ in range(50):
+        image_c, label_c = augment(image, label)
+        assert image_c.shape == (3, 32, 32) and label_c.shape == (32, 32)
+        grey_class = np.rint((image_c[0].astype(float) - 20) / 60)
+        # Bilinear resizing blurs the image along quadrant borders only; labels are nearest.
+        assert (grey_class == label_c).mean() > 0.9
+        shown.update(np.unique(label_c).tolist())
+    assert shown == {0, 1, 2, 3}, "the crops moved over the whole image"
