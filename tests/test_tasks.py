@@ -129,8 +129,16 @@ def test_voc_15_1_train_lut_keeps_only_the_new_class():
     expected[255] = 255
     assert lut.dtype == np.uint8 and lut.shape == (256,)
     np.testing.assert_array_equal(lut, expected)
-    step3 = task.train_lut(3)  # C_3 = {18}
-    assert np.flatnonzero(step3).tolist() == [18, 255]
+    step3 = np.zeros(256, dtype=np.uint8)  # C_3 = {18}: old 1..17 and future 19, 20 become background
+    step3[18], step3[255] = 18, 255
+    np.testing.assert_array_equal(task.train_lut(3), step3)
+
+
+def test_voc_15_1_step_3_test_lut_keeps_the_seen_classes():
+    expected = np.full(256, 255, dtype=np.uint8)  # ids above K never come from a valid reader: ignored
+    expected[:19] = np.arange(19)  # seen at step 3: background and 1..18
+    expected[19] = expected[20] = 0  # future classes are background in VOC's test labels
+    np.testing.assert_array_equal(get_task("voc", "15-1").test_lut(3), expected)
 
 
 def test_voc_15_1_test_lut_maps_future_to_background():
