@@ -17,15 +17,15 @@ from eir import storage  # noqa: E402
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> None:
-    """Write `fig` as a PNG at `path` (a local path or a URI) and close it.
+    """Write `fig` at `path` (a local path or a URI) in the format its suffix names (PNG without one), and close it.
 
-    The PNG is rendered in memory and written with `storage.write_bytes_atomic`, so an
+    The image is rendered in memory and written with `storage.write_bytes_atomic`, so an
     interrupted write never leaves a truncated image under the final name (reports and
     benchmark plots are read and committed as they are), and `--out`/`--plot` may be URIs.
     """
     try:
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
+        fig.savefig(buffer, format=os.path.splitext(str(path))[1].lstrip(".").lower() or "png", dpi=dpi)
         storage.write_bytes_atomic(storage.resolve(path), buffer.getvalue())
     finally:
         plt.close(fig)

@@ -78,8 +78,18 @@ class FolderReader(SegmentationReader):
         return images
 
     def _split_lists(self) -> list[str]:
-        """The split list files in root (every `*.txt` but the class names)."""
-        return sorted(p.name for p in self.root.glob("*.txt") if p.is_file() and p.name != CLASS_NAMES_FILE)
+        """The split list files in root: `*.txt` files (not the class names) whose lines are image ids.
+
+        Reading the lines keeps a stray README.txt or notes.txt from passing for a split list.
+        """
+        lists = []
+        for path in sorted(self.root.glob("*.txt")):
+            if not path.is_file() or path.name == CLASS_NAMES_FILE:
+                continue
+            lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            if lines and all(line in self._images for line in lines):
+                lists.append(path.name)
+        return lists
 
     @cached_property
     def _ids(self) -> list[str]:

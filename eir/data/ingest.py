@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -182,11 +183,21 @@ def is_prepared(location: Location) -> bool:
     return storage.exists(location.join(MANIFEST)) and storage.is_complete(location)
 
 
+def label_space_bytes(class_names: Iterable[str], future_label: int, background_is_class: bool) -> bytes:
+    """What the label values mean, as the first bytes the content checksum covers.
+
+    Rows alone do not say it: a folder dataset whose class_names.txt gained a class decodes to
+    the same rows, and reusing its old prepared copy would train with the wrong K.
+    """
+    space = {"class_names": list(class_names), "future_label": future_label, "background_is_class": background_is_class}
+    return json.dumps(space, sort_keys=True).encode()
+
+
 def _write_shards(
-    rows: Iterable[dict[str, Any]], tmp: Location, shard_rows: int
+    rows: Iterable[dict[str, Any]], tmp: Location, shard_rows: int, label_space: bytes
 ) -> tuple[list[dict[str, Any]], int, str]:
     shards: list[dict[str, Any]] = []
-    checksum = hashlib.sha256()
+    checksum = hashlib.sha256(label_space)
     batch: list[dict[str, Any]] = []
     total = 0
 
@@ -231,7 +242,9 @@ def write_prepared(
     if not ids:
         raise DatasetError(f"split {split!r} of {source} is empty: no images to ingest")
     samples = (reader.read(i) for i in progress_bar(ids, f"ingest {reader.info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
-    shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows)
+    info = reader.info
+    label_space = label_space_bytes(info.class_names, info.future_label, info.background_is_class)
+    shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows, label_space)
     if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
         raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")
     manifest = {

@@ -12,6 +12,7 @@ cheap source fingerprint (paths, sizes, mtimes) to it. A root that already is a 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -137,7 +138,11 @@ def _cached_ingest(
     fingerprint = _fingerprint(dataset, root, split, image_scale)
     index = datasets.join(INDEX_DIR, f"{dataset}-{split}-{fingerprint}.json")
     if storage.exists(index):
-        entry = datasets.join(storage.read_json(index)["folder"])
+        recorded = storage.read_json(index)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("folder"), str):
+            raise DatasetError(f"dataset cache index {index.uri} is damaged (expected {{\"folder\": NAME}}, found "
+                               f"{recorded!r}): delete it and the dataset is ingested again")
+        entry = datasets.join(recorded["folder"])
         if is_prepared(entry):
             return read_manifest(entry)
         log.info("the dataset cache entry %s named by %s is gone or incomplete: ingesting again", entry.uri, index.uri)
@@ -159,16 +164,25 @@ def _cached_ingest(
 
 
 def _publish(staging: Location, entry: Location) -> None:
-    """Move a complete staging folder to its cache entry.
+    """Move a complete staging folder to its cache entry, never deleting a complete entry.
 
-    Anything at the entry now is an incomplete leftover (an object-store copy cut short), which
-    must be replaced rather than block every later run. A local rename fails when another
-    process published the same content first; its entry is then as good as ours.
+    Another process (a parallel sweep trial) may publish the same content at any moment, and may
+    already be reading it, so nothing here deletes what could be complete. On an object store the
+    files are copied over whatever is there, marker last: a copy cut short is overwritten by the
+    same content-addressed files. Locally the rename fails on an existing entry: a complete one is
+    as good as ours; an incomplete one (only a crashed older writer leaves that) is renamed aside
+    first, so no other process can be reading it as complete.
     """
-    storage.delete_dir(entry)
+    if not entry.is_local:
+        storage.publish_dir(staging, entry)
+        return
     try:
         storage.publish_dir(staging, entry)
     except OSError:
-        if not is_prepared(entry):
-            raise
-        log.info("%s was published by another process meanwhile: using it", entry.uri)
+        if is_prepared(entry):
+            log.info("%s was published by another process meanwhile: using it", entry.uri)
+            return
+        aside = entry.parent.join(f".{entry.name}.incomplete-{uuid.uuid4().hex[:8]}")
+        os.replace(entry.path, aside.path)
+        storage.delete_dir(aside)
+        storage.publish_dir(staging, entry)

@@ -374,7 +374,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if old.exists():
         shutil.rmtree(old)  # left by an earlier crashed run of a process with our pid
     os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)  # put the old dataset back rather than leave `out` missing
+        raise
     shutil.rmtree(old)
 
 

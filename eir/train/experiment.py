@@ -94,6 +94,7 @@ class Experiment:
     channels: ChannelSpace
     train_splits: StepSplits
     test_splits: StepSplits
+    progress: bool = True  # progress bars (off in sweeps and tests)
 
     @property
     def is_joint(self) -> bool:
@@ -153,6 +154,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
         channels=ChannelSpace.of(task),
         train_splits=step_splits(schedule, train_manifest, root, purpose="train"),
         test_splits=step_splits(task, test_manifest, root, purpose="test"),
+        progress=progress,
     )
 
 
@@ -253,6 +255,7 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         rskd_region=cfg.loss.rskd_region,
         torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
         warmup_fraction=cfg.train.warmup_fraction,
+        progress=exp.progress,
         fail_at_iteration=int(os.environ["EIR_FAIL_AT_ITERATION"]) if os.environ.get("EIR_FAIL_AT_ITERATION") else None,
         fault_marker=os.environ.get("EIR_FAULT_MARKER"),
     )
@@ -323,7 +326,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) every step; returns the results.json document.
 
-    `reporter(step, row)` is called after every step (a Tune trial reports through it);
+    `reporter(step, row)` is called after every step (a Tune trial reports through it), after the
+    last one only once results.json says "finished";
     `run_dir`, `mlflow_experiment` and `mlflow_parent` place a sweep's trial inside its sweep.
     """
     exp = resolve(config, progress=progress, run_dir=run_dir)
@@ -367,9 +371,11 @@ def run_experiment(
             previous_model = step_dir.join("model.pt").uri
             rows.append(row)
             tracker.metrics(parent, _numeric(row), step=step)
-            storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(config, rows, "running", exp.checksums))
+            final = step == exp.schedule.num_steps - 1
+            if not final:
+                storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(config, rows, "running", exp.checksums))
             print(scores_table(rows), flush=True)
-            if reporter is not None:
+            if reporter is not None and not final:
                 reporter(step, row)
         document = results_document(config, rows, "finished", exp.checksums)
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)
@@ -377,9 +383,13 @@ def run_experiment(
                                  **{f"final_{k}": v for k, v in _numeric(rows[-1]).items()}}, step=len(rows) - 1)
         tracker.artifact(parent, _local_copy(exp.run_dir.join("results.json")))
         ok = True
+        if reporter is not None:
+            # Last, once everything is recorded: a Tune scheduler ends a trial inside its report.
+            reporter(len(rows) - 1, rows[-1])
         return document
     except BaseException as exc:
-        _record_stop(exp, config, rows, exc)
+        if not ok:  # a finished run stays finished whatever fails after it was recorded
+            _record_stop(exp, config, rows, exc)
         raise
     finally:
         tracker.finish(parent, ok)
@@ -388,11 +398,18 @@ def run_experiment(
 def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str, Any]], exc: BaseException) -> None:
     """Say in results.json why a run stopped, so nobody reads a dead run's "running" as live.
 
-    Ctrl-C is "interrupted", anything else "failed" with the error; the finished steps stay
-    listed, and `--resume` continues from them either way. Best effort: a failure to write
-    this must not hide the error that stopped the run (a killed driver writes nothing at all).
+    Ctrl-C is "interrupted"; a clean SystemExit is "stopped" (how a Tune scheduler such as ASHA
+    ends a trial early, inside its report); anything else is "failed", with the error. The
+    finished steps stay listed, and `--resume` continues from them either way. Best effort: a
+    failure to write this must not hide the error that stopped the run (a killed driver writes
+    nothing at all).
     """
-    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    if isinstance(exc, KeyboardInterrupt):
+        status = "interrupted"
+    elif isinstance(exc, SystemExit) and not exc.code:
+        status = "stopped"
+    else:
+        status = "failed"
     document = {**results_document(config, rows, status, exp.checksums), "error": f"{type(exc).__name__}: {exc}"[:2000]}
     try:
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)

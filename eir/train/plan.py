@@ -40,6 +40,7 @@ class StepPlan:
     rskd_region: str = "new_gt"
     torch_threads: int = 1
     warmup_fraction: float = 0.0
+    progress: bool = True  # rank 0 shows an evaluation progress bar
     # Fault injection (tests of worker fault tolerance): rank 0 exits once at this iteration,
     # leaving `fault_marker` behind so the restarted worker does not fail again.
     fail_at_iteration: int | None = None

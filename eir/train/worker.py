@@ -201,7 +201,7 @@ def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank:
     matrix = torch.from_numpy(
         confusion_on_batches(
             core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp,
-            progress=rank == 0, total=math.ceil(plan.num_eval_rows / plan.eval_batch),
+            progress=plan.progress and rank == 0, total=math.ceil(plan.num_eval_rows / plan.eval_batch),
         )
     )
     if world > 1:

@@ -106,6 +106,55 @@ def test_content_published_meanwhile_by_another_process_is_used(
     assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["_index", manifest.location.name]
 
 
+def test_a_complete_entry_published_by_another_process_is_never_deleted(
+    raw: Path, prepared_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rival lands right after this process found no entry: it may already be reading it, so it stays."""
+    real_is_prepared = prepare.is_prepared
+    rival: list[int] = []
+
+    def rival_lands_after_the_check(loc: Location) -> bool:
+        answer = real_is_prepared(loc)
+        if loc.name.startswith("synthetic-val-") and not answer and not rival:
+            shutil.copytree(prepared_out / "val", loc.path)
+            rival.append((Path(loc.path) / "manifest.json").stat().st_ino)
+        return answer
+
+    monkeypatch.setattr(prepare, "is_prepared", rival_lands_after_the_check)
+    manifest = ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+    assert rival, "the rival published"
+    assert (Path(manifest.location.path) / "manifest.json").stat().st_ino == rival[0], "the rival's entry was kept"
+    assert real_is_prepared(manifest.location) and read_rows(manifest).num_rows == 6
+
+
+def test_a_cache_entry_is_keyed_by_what_the_labels_mean(tmp_path: Path) -> None:
+    """Same images and masks, one more class name: a different entry, never the stale one."""
+    from PIL import Image
+
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (4, 4), (90, 90, 90)).save(root / "images" / f"{name}.png")
+        Image.new("L", (4, 4), 1).save(root / "masks" / f"{name}.png")
+    (root / "train.txt").write_text("a\nb\n")
+    (root / "class_names.txt").write_text("background\ncat\n")
+    output_root = storage.resolve(tmp_path / "outputs")
+    before = ensure_prepared("folder", str(root), "train", output_root, progress=False)
+    (root / "class_names.txt").write_text("background\ncat\ndog\n")
+    after = ensure_prepared("folder", str(root), "train", output_root, progress=False)
+    assert before.info.class_names == ("background", "cat") and after.info.class_names == ("background", "cat", "dog")
+    assert after.checksum != before.checksum and after.location != before.location
+
+
+def test_a_damaged_index_entry_names_its_file(raw: Path, tmp_path: Path) -> None:
+    ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+    index = index_file(tmp_path, raw, "val")
+    index.write_text("[]")
+    with pytest.raises(DatasetError, match=f"dataset cache index .*{index.name} is damaged"):
+        ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+
+
 def test_image_scale_gets_its_own_cache_entry(raw: Path, tmp_path: Path) -> None:
     output_root = storage.resolve(tmp_path)
     full = ensure_prepared("synthetic", str(raw), "val", output_root, progress=False)

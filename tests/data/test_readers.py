@@ -344,6 +344,7 @@ def test_folder_reads_all_or_listed_ids(tmp_path: Path) -> None:
     reader = FolderReader(root)
     assert reader.info.name == "folder" and reader.info.class_names == ("background", "cat", "dog")
     assert reader.ids() == ["a", "b"]
+    (root / "README.txt").write_text("Two test images.\n")  # a text file, but not a list of image ids
     with pytest.warns(UserWarning, match=rf"folder dataset {root} has no split lists .*split 'val' uses every image"):
         assert FolderReader(root, "val").ids() == ["a", "b"]  # no split lists at all: every image, said aloud
     (root / "train.txt").write_text("b\n")

@@ -22,6 +22,7 @@ import launch
 from eir.config import load_config
 from eir.train.evaluate_run import evaluate_run
 from eir.train.experiment import RunDirError, run_experiment
+from eir.train.plan import StepPlan, iterations_per_epoch
 from eir.train.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,7 @@ TINY = [
     "train.batch_size=8",
     "train.crop_size=48",
     "train.checkpoints_to_keep=1",  # fewer kept checkpoints than epochs: MLflow still gets every epoch
+    "train.warmup_fraction=0.5",  # the trainer's schedule is read back from its optimiser state
     "eval.batch_size=8",
     "scaling.cpus_per_worker=1",
 ]
@@ -93,15 +95,23 @@ def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> 
     assert plan["head_sizes"] == [15, 5] and plan["per_worker_batch"] == 8 and plan["weights"] is None
 
 
-def test_the_trainer_decays_old_parameters_only_at_step_0(finetune_run: dict, output_dir: Path) -> None:
-    """METHOD.md §2, read from the optimiser state the workers really checkpointed."""
-    def decay(step: int) -> dict[str, float]:
+def test_the_trainer_follows_the_plans_schedule_and_decay(finetune_run: dict, output_dir: Path) -> None:
+    """Warm-up + poly and METHOD.md §2's weight decay, read from the optimiser state the workers checkpointed."""
+    def groups(step: int) -> dict[str, dict]:
         (checkpoint,) = (output_dir / "finetune" / f"step_{step}").rglob(CHECKPOINT_FILE)
-        groups = torch.load(checkpoint, map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
-        return {group["name"]: group["weight_decay"] for group in groups}
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
+        return {group["name"]: group for group in state}
 
-    assert set(decay(0).values()) == {1e-4}
-    assert decay(1) == {"backbone": 0.0, "decoder": 0.0, "old_heads": 0.0, "new_head": 1e-4}
+    assert {g["weight_decay"] for g in groups(0).values()} == {1e-4}
+    assert {name: g["weight_decay"] for name, g in groups(1).items()} == {
+        "backbone": 0.0, "decoder": 0.0, "old_heads": 0.0, "new_head": 1e-4}
+    plan = StepPlan(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in json.loads((output_dir / "finetune" / "step_0" / "plan.json").read_text()).items()})
+    total = sum(iterations_per_epoch(plan.rows_per_epoch, plan.per_worker_batch, plan.epochs))
+    last = plan.lr_factor(total - 1, total)  # the factor of the last iteration: after the warm-up, on the poly decay
+    assert last != pytest.approx(max(0.0, 1 - (total - 1) / total) ** 0.9), "warm-up shifts the decay"
+    assert groups(0)["backbone"]["lr"] == pytest.approx(plan.lr * last)
+    assert groups(0)["decoder"]["lr"] == pytest.approx(10 * plan.lr * last)
 
 
 def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
@@ -128,8 +138,11 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
 
 
 def test_existing_run_dir_needs_resume(finetune_run: dict, output_dir: Path) -> None:
+    results = output_dir / "finetune" / "results.json"
+    before = results.read_bytes()
     with pytest.raises(RunDirError, match="--resume"):
         run_experiment(tiny_config(output_dir, "run.name=finetune"), progress=False)
+    assert results.read_bytes() == before, "a refused run leaves the finished run's results alone"
 
 
 def test_resume_with_different_config_names_the_keys(finetune_run: dict, output_dir: Path) -> None:
@@ -171,6 +184,18 @@ def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: 
     assert interrupts == [signal.SIGINT]
 
 
+@pytest.mark.parametrize(("stop", "status"), [(SystemExit(0), "stopped"), (KeyboardInterrupt(), "interrupted")])
+def test_a_run_stopped_between_steps_says_how(finetune_run: dict, output_dir: Path, stop: BaseException, status: str) -> None:
+    def stop_after(step: int, row: dict) -> None:
+        raise stop
+
+    name = f"stopped-{status}"
+    with pytest.raises(type(stop)):
+        run_experiment(tiny_config(output_dir, f"run.name={name}"), reporter=stop_after, progress=False)
+    document = json.loads((output_dir / name / "results.json").read_text())
+    assert document["status"] == status and [row["step"] for row in document["steps"]] == [0]
+
+
 def test_a_failed_run_says_so_in_results_json(finetune_run: dict, output_dir: Path, tmp_path: Path, monkeypatch) -> None:
     # The worker exits at step 1's first iteration (step 0 comes from the cache) and no restart is allowed.
     monkeypatch.setenv("EIR_FAIL_AT_ITERATION", "0")
@@ -193,7 +218,17 @@ def test_evaluate_matches_the_run(finetune_run: dict, output_dir: Path) -> None:
 
 
 def test_joint_scores_old_and_new_in_one_step(ray_session, output_dir: Path) -> None:
-    joint = run_experiment(tiny_config(output_dir, "run.name=joint", "method.name=joint", "train.epochs=1"), progress=False)
+    reported = []
+
+    def scheduler_stops_the_trial(step: int, row: dict) -> None:  # what ASHA does inside tune.report
+        reported.append(step)
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        run_experiment(tiny_config(output_dir, "run.name=joint", "method.name=joint", "train.epochs=1"),
+                       reporter=scheduler_stops_the_trial, progress=False)
+    joint = json.loads((output_dir / "joint" / "results.json").read_text())
+    assert reported == [0] and joint["status"] == "finished", "the last report comes after the run is recorded"
     assert len(joint["steps"]) == 1
     step = joint["steps"][0]
     assert step["seen_classes"] == list(range(1, 21))

@@ -24,19 +24,21 @@ TINY = [
 ]
 # EIR in the driver-kill tests: its step 0 leaves an instance store and step 1 stores pseudo-labels,
 # both of which a resumed run must reuse.
-EIR = ["method.name=eir", "memory.size=30"]
+EIR = ["method.name=eir", "memory.size=30", "train.lr_incremental=0.001"]  # EIR diverges at 0.005 on synthetic (BENCHMARKS.md)
 RESULTS_KEYS = {"status", "method", "dataset", "task", "task_setting", "seed", "eval_protocol", "git_sha",
                 "mean_mIoU_all_over_steps", "steps"}
 STEP_KEYS = {"step", "seen_classes", "mIoU_all", "mIoU_old", "mIoU_new", "hIoU", "mIoU_all_fg", "mIoU_old_fg", "per_class_IoU"}
 
-# Tolerances of the killed-vs-unkilled comparison. Ray Data's augmentation draws fresh randomness in
-# every run (it is not bit-reproducible), so two unkilled runs already differ a little: the final
-# epoch's training loss by a few per cent, mIoU by a few points. The loss is the discriminating
-# check: it falls far more over the three epochs than the two runs may differ, so a group that
-# restarted from scratch (or from the wrong epoch) fails it. Whether the step continued from its
-# checkpoint is also checked exactly, through `checkpoint_resumes`.
-LOSS_TOLERANCE = 0.2  # relative, final epoch
-MIOU_TOLERANCE = 15.0  # points
+# The killed-vs-unkilled comparison. Ray Data's augmentation draws fresh randomness in every run (it
+# is not bit-reproducible), and an epoch here is 4 iterations, so one epoch's mean loss moves by
+# ±40 % between two unkilled runs (measured: epoch 2 at 2.23 and 1.44) and this tiny joint run ends
+# at the same background-only map killed or not (5.78 mIoU both). What does discriminate is where
+# the restarted epoch starts: continued from the epoch-2 checkpoint its loss is about half the first
+# epoch's (measured 1.9–2.5 vs 4.9–5.0), while a group that took the epoch count but not the weights
+# would be back at the first epoch's level. `checkpoint_resumes` (counted from the checkpoint itself)
+# checks that the restart read the checkpoint at all.
+CONTINUED = 0.7  # the last epoch's loss is below this share of the first epoch's
+MIOU_TOLERANCE = 15.0  # points: a sanity bound on the final scores, not the proof of the restart
 
 
 def _epoch_losses(output_dir: Path, run_name: str) -> list[float]:
@@ -68,9 +70,8 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_session, 
     print(f"epoch losses unkilled {clean_loss}, killed at iteration 9 and restarted {killed_loss}")  # shown with -s
     print(f"mIoU_all unkilled {clean['steps'][0]['mIoU_all']:.2f}, killed {killed['steps'][0]['mIoU_all']:.2f}")
     assert len(clean_loss) == len(killed_loss) == 3, "every epoch reported once, the restarted one included"
-    gap = abs(killed_loss[-1] - clean_loss[-1])
-    assert gap <= LOSS_TOLERANCE * clean_loss[-1]
-    assert clean_loss[0] - clean_loss[-1] > 2 * gap, "training moved the loss far more than the kill did"
+    assert clean_loss[-1] < CONTINUED * clean_loss[0]
+    assert killed_loss[-1] < CONTINUED * clean_loss[0], "the restarted epoch continued from the checkpoint's weights"
     assert abs(clean["steps"][0]["mIoU_all"] - killed["steps"][0]["mIoU_all"]) <= MIOU_TOLERANCE
 
 
