@@ -381,7 +381,7 @@ def run_experiment(
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)
         tracker.metrics(parent, {"mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
                                  **{f"final_{k}": v for k, v in _numeric(rows[-1]).items()}}, step=len(rows) - 1)
-        tracker.artifact(parent, _local_copy(exp.run_dir.join("results.json")))
+        _log_file_artifact(tracker, parent, exp.run_dir.join("results.json"))
         ok = True
         if reporter is not None:
             # Last, once everything is recorded: a Tune scheduler ends a trial inside its report.
@@ -417,18 +417,25 @@ def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str,
         log.exception("could not record the %s run in %s", status, exp.run_dir.uri)
 
 
+def pseudo_label_dir(exp: Experiment, step: int) -> Location:
+    """Where step `step` stores its pseudo-labelled rows (complete once its marker is written)."""
+    return exp.run_dir.join(f"step_{step}", "pseudo")
+
+
 def _numeric(row: dict[str, Any]) -> dict[str, float]:
     keys = ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU", "mIoU_all_fg", "mIoU_old_fg")
     return {k: row[k] for k in keys if row.get(k) is not None}
 
 
-def _local_copy(loc: Location) -> str:
+def _log_file_artifact(tracker: Any, run_id: str, loc: Location) -> None:
+    """Log a file that may live on an object store: MLflow logs local files, so copy it first."""
     if loc.is_local:
-        return loc.path
-    folder = tempfile.mkdtemp(prefix="eir-artifact-")
-    path = os.path.join(folder, loc.name)
-    Path(path).write_bytes(storage.read_bytes(loc))
-    return path
+        tracker.artifact(run_id, loc.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="eir-artifact-") as folder:
+        path = os.path.join(folder, loc.name)
+        Path(path).write_bytes(storage.read_bytes(loc))
+        tracker.artifact(run_id, path)
 
 
 def stream_spec(exp: Experiment, step: int, memory: Any, store_ref: Any) -> Any:
@@ -477,7 +484,7 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
     incremental = step > 0
     rows = None
     if incremental and cfg.pseudo.enabled:
-        folder = step_dir.join("pseudo")
+        folder = pseudo_label_dir(exp, step)
         if not storage.is_complete(folder):
             log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))", step, len(ids), step - 1, cfg.data.pseudo_actors)
             write_pseudo_labels(exp.train_manifest, ids, folder, model_uri=previous_model, backbone=cfg.model.backbone,

@@ -18,7 +18,7 @@ from eir.data.codec import decode_map
 from eir.metrics import ConfusionMatrix
 from eir.progress import progress as progress_bar
 from eir.pseudo import pseudo_label_quality
-from eir.train.experiment import Experiment, RunDirError, read_run_config, resolve
+from eir.train.experiment import Experiment, RunDirError, pseudo_label_dir, read_run_config, resolve
 
 
 def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -46,16 +46,12 @@ def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool 
     return document
 
 
-def _pseudo_dir(exp: Experiment, step: int) -> storage.Location:
-    return exp.run_dir.join(f"step_{step}", "pseudo")
-
-
 def _has_pseudo(exp: Experiment, step: int) -> bool:
-    return storage.is_complete(_pseudo_dir(exp, step))
+    return storage.is_complete(pseudo_label_dir(exp, step))
 
 
 def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
-    folder = _pseudo_dir(exp, step)
+    folder = pseudo_label_dir(exp, step)
     files = [folder.join(name) for name in sorted(storage.list_dir(folder)) if name.endswith(".parquet")]
     channels = exp.channels
     matrix = ConfusionMatrix(len(channels.class_of_channel))
