@@ -168,3 +168,28 @@ def publish_dir(tmp: Location, final: Location) -> None:
         pafs.copy_files(info.path, target.path, source_filesystem=tmp.fs, destination_filesystem=final.fs)
     mark_complete(final, read_json(tmp.join(COMPLETE_MARKER)) if exists(tmp.join(COMPLETE_MARKER)) else None)
     delete_dir(tmp)
+
+
+def replace_dir(tmp: Location, final: Location) -> None:
+    """Move a fully written temp directory into place, replacing whatever `final` holds.
+
+    Locally a directory cannot be renamed over a non-empty one, so the old one is renamed aside
+    first and deleted last: `final` never holds a mix or a half-deleted tree, and if moving the
+    new one in fails the old one is put back. Object stores have no rename: the old files are
+    deleted and the new ones copied marker last, so a reader never trusts what is in between.
+    """
+    if not (final.is_local and tmp.is_local):
+        delete_dir(final)
+        publish_dir(tmp, final)
+        return
+    if not os.path.lexists(final.path):
+        publish_dir(tmp, final)
+        return
+    aside = final.parent.join(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.replace(final.path, aside.path)
+    try:
+        os.replace(tmp.path, final.path)
+    except OSError:
+        os.replace(aside.path, final.path)
+        raise
+    delete_dir(aside)

@@ -147,3 +147,48 @@ def test_write_on_an_object_store_is_a_single_put(tmp_path: Path) -> None:
     storage.write_json_atomic(loc, {"a": 1})
     assert storage.read_json(loc) == {"a": 1}
     assert os.listdir(tmp_path / "b" / "k") == ["v.json"]
+
+
+def _old_dir(path: Path) -> None:
+    (path / "nested").mkdir(parents=True)
+    (path / "stale.bin").write_bytes(b"old")
+    (path / "nested" / "part-1.bin").write_bytes(b"old one")
+
+
+def test_replace_dir_local_swaps_a_non_empty_dir_and_leaves_nothing_aside(tmp_path: Path) -> None:
+    _old_dir(tmp_path / "out")
+    tmp = storage.resolve(tmp_path / ".out.tmp")
+    filled_dir(tmp)
+    storage.replace_dir(tmp, storage.resolve(tmp_path / "out"))
+    assert tree(tmp_path / "out") == {COMPLETE_MARKER: b'{\n  "rows": 2\n}\n', "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp or set-aside folder is left"
+
+
+def test_replace_dir_local_puts_the_old_dir_back_when_the_move_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _old_dir(tmp_path / "out")
+    before = tree(tmp_path / "out")
+    tmp = storage.resolve(tmp_path / ".out.tmp")
+    filled_dir(tmp)
+    real_replace = os.replace
+
+    def refuse_to_move_tmp(src: str, dst: str) -> None:
+        if src == tmp.path:
+            raise OSError("disk went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_to_move_tmp)
+    with pytest.raises(OSError, match="disk went away"):
+        storage.replace_dir(tmp, storage.resolve(tmp_path / "out"))
+    monkeypatch.undo()
+    assert tree(tmp_path / "out") == before, "the old directory is back, whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp", "out"]
+
+
+def test_replace_dir_on_an_object_store_drops_the_old_files(tmp_path: Path) -> None:
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    _old_dir(tmp_path / "bucket" / "out")
+    tmp = storage.resolve("bucket/.out.tmp", filesystem=fs)
+    filled_dir(tmp)
+    storage.replace_dir(tmp, storage.resolve("bucket/out", filesystem=fs))
+    assert tree(tmp_path / "bucket" / "out") == {COMPLETE_MARKER: b'{\n  "rows": 2\n}\n', "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+    assert not (tmp_path / "bucket" / ".out.tmp").exists()

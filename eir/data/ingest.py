@@ -241,22 +241,22 @@ def write_prepared(
     ids = reader.ids()
     if not ids:
         raise DatasetError(f"split {split!r} of {source} is empty: no images to ingest")
-    samples = (reader.read(i) for i in progress_bar(ids, f"ingest {reader.info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
     info = reader.info
+    samples = (reader.read(i) for i in progress_bar(ids, f"ingest {info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
     label_space = label_space_bytes(info.class_names, info.future_label, info.background_is_class)
     shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows, label_space)
     if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
         raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "dataset": reader.info.name,
+        "dataset": info.name,
         "split": split,
         "num_rows": total,
         "checksum": checksum,
         "shards": shards,
-        "class_names": list(reader.info.class_names),
-        "future_label": reader.info.future_label,
-        "background_is_class": reader.info.background_is_class,
+        "class_names": list(info.class_names),
+        "future_label": info.future_label,
+        "background_is_class": info.background_is_class,
         "image_scale": image_scale,
         "source": source,
         "source_fingerprint": fingerprint or "",
@@ -324,9 +324,7 @@ def ingest(
                     f"{out.uri} holds a different prepared dataset (checksum {existing.checksum[:12]} != "
                     f"{checksum[:12]}); pass --overwrite to replace it"
                 )
-        if storage.exists(out):
-            storage.delete_dir(out)
-        storage.publish_dir(tmp, out)
+        storage.replace_dir(tmp, out)
     finally:
         storage.delete_dir(tmp)
     manifest = read_manifest(out)

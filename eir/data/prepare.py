@@ -12,7 +12,6 @@ cheap source fingerprint (paths, sizes, mtimes) to it. A root that already is a 
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from pathlib import Path
 
@@ -170,19 +169,14 @@ def _publish(staging: Location, entry: Location) -> None:
     already be reading it, so nothing here deletes what could be complete. On an object store the
     files are copied over whatever is there, marker last: a copy cut short is overwritten by the
     same content-addressed files. Locally the rename fails on an existing entry: a complete one is
-    as good as ours; an incomplete one (only a crashed older writer leaves that) is renamed aside
-    first, so no other process can be reading it as complete.
+    as good as ours; an incomplete one (only a crashed older writer leaves that) is replaced.
     """
-    if not entry.is_local:
-        storage.publish_dir(staging, entry)
-        return
     try:
         storage.publish_dir(staging, entry)
     except OSError:
+        if not entry.is_local:
+            raise
         if is_prepared(entry):
             log.info("%s was published by another process meanwhile: using it", entry.uri)
             return
-        aside = entry.parent.join(f".{entry.name}.incomplete-{uuid.uuid4().hex[:8]}")
-        os.replace(entry.path, aside.path)
-        storage.delete_dir(aside)
-        storage.publish_dir(staging, entry)
+        storage.replace_dir(staging, entry)

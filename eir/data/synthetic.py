@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from eir import storage
 from eir.progress import progress as progress_bar
 
 GENERATOR_VERSION = 1
@@ -364,24 +365,6 @@ def _check_matches(out: Path, params: _Params) -> None:
         )
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace the non-empty directory `out` by `tmp`.
-
-    Directories cannot be renamed over each other, so the old one is first renamed aside: at no
-    moment does `out` hold a mix or a half-deleted dataset that a later run would trust.
-    """
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if old.exists():
-        shutil.rmtree(old)  # left by an earlier crashed run of a process with our pid
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)  # put the old dataset back rather than leave `out` missing
-        raise
-    shutil.rmtree(old)
-
-
 def generate_synthetic(
     out: str | Path,
     num_images: int,
@@ -403,18 +386,18 @@ def generate_synthetic(
     params = _Params(int(seed), int(num_images), int(image_size), float(val_fraction), int(max_objects))
     params.check()
     out = Path(out)
-    unchanged_or_kept = not overwrite or _existing_params(out) == params.record()
-    if out.exists() and not _is_empty_dir(out) and unchanged_or_kept:
-        _check_matches(out, params)  # raises unless the same dataset is there
-        return out
+    if out.exists() and not _is_empty_dir(out):
+        if not overwrite or _existing_params(out) == params.record():
+            _check_matches(out, params)  # raises unless the same dataset is there
+            return out
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an earlier crashed run of a process with our pid
     try:
         _write_dataset(tmp, params, progress)
-        if overwrite and out.exists() and not _is_empty_dir(out):
-            _swap_in(tmp, out)
+        if overwrite:
+            storage.replace_dir(storage.resolve(tmp), storage.resolve(out))
         else:
             os.replace(tmp, out)
     except OSError:
