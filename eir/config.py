@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import warnings
@@ -30,19 +31,83 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message says which and why."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping (PyYAML would silently keep the second value)."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int, mark: yaml.Mark):
+        super().__init__(None, None, f"key {key!r} appears twice", mark)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` (no dot) as a string; configs mean the number, as YAML 1.2 does."""
+    """The YAML reader of config, run and sweep files.
+
+    YAML 1.1 reads `1e-3` (no dot) as a string; configs mean the number, as YAML 1.2 does. A key
+    given twice in one mapping is an error: PyYAML keeps the second silently, so a duplicated
+    `train:` section would drop every setting of the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<` merges are meant to be overridden; complex keys cannot repeat by accident
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKeyError(key, first_line[key], line, key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """Writes what `_Loader` reads back unchanged: a string like `1e-3` is quoted (it would load as a number)."""
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _yaml_class in (_Loader, _Dumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+.0123456789"))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and at which line and column."""
+    if isinstance(exc, DuplicateKeyError):
+        return (f"key {exc.key!r} is given twice, at lines {exc.first_line} and {exc.second_line} "
+                "(the second would silently replace the first; merge them)")
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f"{exc.context}: " if exc.context else ""
+        return f"{context}{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def parse_yaml(data: bytes | str, what: str) -> Any:
+    """YAML text (bytes must be UTF-8) → Python values; any problem is one ConfigError naming `what`.
+
+    `what` names the file for the user, e.g. "config experiments/x.yaml" or "sweep file s.yaml".
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{what} is not UTF-8 text (line {line} has the byte 0x{data[exc.start]:02x}): "
+                              "save it as UTF-8") from exc
+    try:
+        return yaml.load(data, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from exc
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A local YAML file's contents (see `parse_yaml`); a missing file or a folder is a ConfigError too."""
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist" if not path.exists() else f"{what} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be read: {exc.strerror or exc}") from exc
+    return parse_yaml(data, what)
 
 
 DatasetName = Literal["synthetic", "voc", "ade20k", "camvid", "folder"]
@@ -289,6 +354,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"bad value {value!r} for {key}: expected a number")
+        if not math.isfinite(value):  # .nan / .inf: no setting means them, and NaN passes every `<` check
+            raise ConfigError(f"bad value {value!r} for {key}: expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -314,22 +381,27 @@ def _apply(obj: Any, flat_updates: dict[str, Any], where: str) -> None:
         setattr(target, leaf, _coerce(value, hints[leaf], dotted))
 
 
-def _load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings as flat `section.key -> value`, its `inherit:` chain merged in.
+
+    Callers that build many configs from one file (a sweep's trials) read it once with this and
+    pass the result to `load_config(file_tree=...)`.
+    """
+    what = f"config file {path}"
     if path.resolve() in seen:
         raise ConfigError(f"config {path} inherits itself (cycle: {' -> '.join(map(str, (*seen, path.resolve())))})")
-    try:
-        tree = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    tree = read_yaml_file(path, what)
+    if tree is None:
+        return {}  # an empty file sets nothing
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop("inherit", None)
     flat = flatten(tree)
     if parent is None:
         return flat
-    merged = _load_yaml_tree((path.parent / parent), (*seen, path.resolve()))
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"bad value {parent!r} for inherit in {path}: expected the path of a YAML file (relative to {path})")
+    merged = read_config_tree((path.parent / parent), (*seen, path.resolve()))
     merged.update(flat)
     return merged
 
@@ -341,19 +413,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
-        try:
-            updates[key.strip()] = _load_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        updates[key.strip()] = parse_yaml(raw, f"the value of override {item!r}") if raw != "" else ""
     return updates
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """Defaults ← YAML file (with its `inherit:` chain) ← overrides, then validated."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    file_tree: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Defaults ← YAML file (with its `inherit:` chain) ← overrides, then validated, files included.
+
+    `file_tree`: `read_config_tree(path)`, when the caller has read it already.
+    """
     config = ExperimentConfig()
     explicit: set[str] = set()
     if path is not None:
-        tree = _load_yaml_tree(Path(path))
+        tree = file_tree if file_tree is not None else read_config_tree(Path(path))
         _apply(config, tree, str(path))
         explicit |= set(tree)
     if overrides:
@@ -363,7 +440,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     preset = {k: v for k, v in METHOD_PRESETS[config.method.name].items() if k not in explicit}
     _apply(config, preset, f"method {config.method.name!r}")
     validate(config)
+    check_weights_file(config)
     return config
+
+
+def check_weights_file(config: ExperimentConfig) -> None:
+    """A `model.weights` file must exist now, not minutes later inside a Train worker.
+
+    Checked where a config is made from the user's input (`load_config`), not when a run's own
+    config.yaml is read back: a finished step 0 no longer needs the file. The path is read as the
+    model reads it (relative to the working directory, no `~`); `imagenet` and null are resolved
+    elsewhere (eir/weights.py). URIs are refused: the model opens weights with a local path.
+    """
+    weights = config.model.weights
+    if weights is None or weights == "imagenet":
+        return
+    expected = "expected 'imagenet', null, or the path of a local backbone weights file (.pth)"
+    if is_uri(weights):
+        raise ConfigError(f"bad value {weights!r} for model.weights: {expected}; URIs are not read, copy the file to a local path")
+    path = Path(weights)
+    if path.is_dir():
+        raise ConfigError(f"bad value {weights!r} for model.weights: {path.absolute()} is a folder; {expected}")
+    if not path.is_file():
+        raise ConfigError(f"bad value {weights!r} for model.weights: no such file {path.absolute()}; {expected}")
 
 
 def anchored_paths(config: ExperimentConfig, base: Path) -> dict[str, str]:
@@ -380,38 +479,111 @@ def anchored_paths(config: ExperimentConfig, base: Path) -> dict[str, str]:
     return {key: value for key, value in anchored.items() if value != paths[key]}
 
 
-def config_from_dict(tree: dict[str, Any], where: str = "config") -> ExperimentConfig:
+def config_from_dict(tree: Any, where: str = "config") -> ExperimentConfig:
+    """A config from its nested-dict form (a run's config.yaml); every error names `where`."""
+    if not isinstance(tree, dict):
+        got = "it is empty" if tree is None else f"got {type(tree).__name__}"
+        raise ConfigError(f"{where} must be a mapping of config sections; {got}")
     config = ExperimentConfig()
-    _apply(config, flatten(tree), where)
-    validate(config)
+    try:
+        _apply(config, flatten(tree), where)
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     return config
 
 
+def config_from_yaml(data: bytes, where: str) -> ExperimentConfig:
+    """A config from the bytes of a YAML file (a run's config.yaml): undecodable, malformed or
+    non-mapping input is one ConfigError naming `where`, like a bad value."""
+    return config_from_dict(parse_yaml(data, f"config {where}"), where)
+
+
+SEED_LIMIT = 2**32  # numpy's SeedSequence refuses negatives; torch seeds with seed * 1000 + step * 10 + rank
+
+
+def _name_problem(value: str) -> str | None:
+    """Why `value` is not a single, typeable folder name (None: it is one)."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes of a command line, carried as surrogates
+        return "it is not valid UTF-8 text"
+    if value in ("", ".", ".."):
+        return "it would not name a folder of its own"
+    if "/" in value or "\\" in value:
+        return "it contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "it contains a control character"
+    if value != value.strip():
+        return "it starts or ends with whitespace"
+    if size > 200:
+        return "it is longer than 200 bytes"
+    return None
+
+
+def check_name(value: str, key: str) -> None:
+    """A run or sweep name becomes one folder under the output dir: it must be a single path component.
+
+    `..`, a separator or a NUL would place files outside the output dir (or fail deep inside the
+    file system); control characters and edge spaces make names that cannot be typed back.
+    """
+    problem = _name_problem(value)
+    if problem:
+        raise ConfigError(f"bad value {value!r} for {key}: {problem}; expected one folder name (not '', '.' or '..'; "
+                          "no '/', '\\', control characters or leading/trailing spaces; at most 200 bytes)")
+
+
 def validate(config: ExperimentConfig) -> None:
-    """Cross-field and range checks that types alone cannot express."""
+    """Cross-field and range checks that types alone cannot express (non-finite floats fail in `_coerce`)."""
     positive = {
         "train.epochs": config.train.epochs,
         "train.epochs_incremental": config.train.epochs_incremental,
         "train.batch_size": config.train.batch_size,
         "train.crop_size": config.train.crop_size,
+        "train.checkpoints_to_keep": config.train.checkpoints_to_keep,
         "eval.batch_size": config.eval.batch_size,
         "eval.crop_size": config.eval.crop_size,
         "scaling.num_workers": config.scaling.num_workers,
         "dataset.synthetic_num_images": config.dataset.synthetic_num_images,
         "dataset.synthetic_image_size": config.dataset.synthetic_image_size,
+        "paste.max_instances": config.paste.max_instances,
+        "data.pseudo_actors": config.data.pseudo_actors,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"bad value {value!r} for {key}: expected a positive integer")
+    non_negative = {"train.max_failures": config.train.max_failures, "memory.size": config.memory.size}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"bad value {value!r} for {key}: expected 0 or more")
+    for key, value in {"seed": config.seed, "dataset.synthetic_seed": config.dataset.synthetic_seed}.items():
+        if not 0 <= value < SEED_LIMIT:
+            raise ConfigError(f"bad value {value!r} for {key}: expected a seed in [0, 2**32)")
     for key, value in {"train.lr": config.train.lr, "train.lr_incremental": config.train.lr_incremental}.items():
         if value <= 0:
             raise ConfigError(f"bad value {value!r} for {key}: expected a learning rate > 0")
+    # SGD runs with Nesterov momentum, which torch refuses for momentum 0.
+    if not 0 < config.train.momentum < 1:
+        raise ConfigError(f"bad value {config.train.momentum!r} for train.momentum: expected 0 < momentum < 1 (Nesterov SGD)")
+    at_least_zero = {
+        "train.weight_decay": config.train.weight_decay,
+        "loss.bce_weight": config.loss.bce_weight,
+        "loss.rskd_weight": config.loss.rskd_weight,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"bad value {value!r} for {key}: expected a number >= 0")
+    cpus = {"scaling.cpus_per_worker": config.scaling.cpus_per_worker, "data.num_cpus_per_worker": config.data.num_cpus_per_worker}
+    for key, value in cpus.items():
+        if value <= 0:
+            raise ConfigError(f"bad value {value!r} for {key}: expected a CPU count > 0 (fractions allowed)")
     if not 0 < config.dataset.image_scale <= 1:
         raise ConfigError(f"bad value {config.dataset.image_scale!r} for dataset.image_scale: expected 0 < scale <= 1")
     if not 0 <= config.train.warmup_fraction < 1:
         raise ConfigError(f"bad value {config.train.warmup_fraction!r} for train.warmup_fraction: expected a share in [0, 1)")
     if not 0 < config.train.scale_min <= config.train.scale_max:
-        raise ConfigError("train.scale_min must be > 0 and <= train.scale_max")
+        raise ConfigError(f"bad values train.scale_min={config.train.scale_min!r}, train.scale_max={config.train.scale_max!r}: "
+                          "expected 0 < scale_min <= scale_max")
     if config.train.batch_size % config.scaling.num_workers:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide across "
@@ -420,8 +592,6 @@ def validate(config: ExperimentConfig) -> None:
     _validate_task(config)
     if config.dataset.name != "synthetic" and not config.dataset.root:
         raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
-    if config.memory.size < 0:
-        raise ConfigError(f"bad value {config.memory.size!r} for memory.size: expected 0 or more")
     if config.memory.size == 0 and config.memory.kind != "none":
         # Allowed (a sweep may include M = 0 as its no-memory point), but never silently.
         warnings.warn(
@@ -435,20 +605,13 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"bad value {config.pseudo.threshold!r} for pseudo.threshold: expected a sigmoid score in (0, 1)")
     if not 0 <= config.paste.probability <= 1:
         raise ConfigError(f"bad value {config.paste.probability!r} for paste.probability: expected 0..1")
-    if config.paste.max_instances < 1:
-        raise ConfigError(f"bad value {config.paste.max_instances!r} for paste.max_instances: expected >= 1")
     if config.replay.ratio is not None and not 0 <= config.replay.ratio < 1:
         raise ConfigError(f"bad value {config.replay.ratio!r} for replay.ratio: expected null or a share in [0, 1)")
     needs_instances = {"paste.enabled": config.paste.enabled, "replay.ratio": config.replay.ratio != 0}
     for key, used in needs_instances.items():
         if used and config.memory.kind != "instances":
             raise ConfigError(f"{key} needs the instance store, but memory.kind={config.memory.kind!r} (method {config.method.name!r})")
-    if config.loss.bce_weight < 0 or config.loss.rskd_weight < 0:
-        raise ConfigError("loss.bce_weight and loss.rskd_weight must be >= 0")
-    if config.data.pseudo_actors < 1 or config.data.num_cpus_per_worker <= 0:
-        raise ConfigError("data.pseudo_actors must be >= 1 and data.num_cpus_per_worker > 0")
-    if not config.run.name or "/" in config.run.name:
-        raise ConfigError(f"bad value {config.run.name!r} for run.name: expected a non-empty name without '/'")
+    check_name(config.run.name, "run.name")
 
 
 def _validate_task(config: ExperimentConfig) -> None:
@@ -488,17 +651,22 @@ def describe_keys() -> str:
 
 
 def dump_yaml(config: ExperimentConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False)
 
 
 __all__ = [
     "ConfigError",
-    "anchored_paths",
     "ExperimentConfig",
+    "anchored_paths",
+    "check_name",
     "config_from_dict",
+    "config_from_yaml",
     "describe_keys",
     "dump_yaml",
     "load_config",
     "parse_overrides",
+    "parse_yaml",
+    "read_config_tree",
+    "read_yaml_file",
     "valid_keys",
 ]

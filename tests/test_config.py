@@ -11,6 +11,7 @@ from eir.config import (
     ExperimentConfig,
     anchored_paths,
     config_from_dict,
+    config_from_yaml,
     dump_yaml,
     load_config,
     parse_overrides,
@@ -240,7 +241,9 @@ def test_dump_and_reload_round_trip() -> None:
     assert again.fingerprint() == config.fingerprint()
 
 
-def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path) -> None:
+def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a weights file must exist at config load (relative to the working directory)
+    write(tmp_path / "weights" / "mnv2.pth", "")
     relative = load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=data/CamVid", "run.output_dir=outputs",
                                       "model.weights=weights/mnv2.pth"])
     assert anchored_paths(relative, tmp_path) == {
@@ -252,3 +255,196 @@ def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path) -> None:
                                        "model.weights=imagenet"])
     assert anchored_paths(elsewhere, Path("/somewhere/else")) == {}
     assert anchored_paths(load_config(overrides=["model.weights=null"]), tmp_path) == {"run.output_dir": str(tmp_path / "outputs")}
+
+
+# ---------------------------------------------------------------- every setting checked at load (issue 17)
+
+
+def _float_keys() -> list[str]:
+    """Every key whose type admits a float (plain or optional): each must refuse NaN and infinities."""
+    import dataclasses
+    from typing import get_args, get_type_hints
+
+    keys = []
+    for section in dataclasses.fields(ExperimentConfig):
+        kind = get_type_hints(ExperimentConfig)[section.name]
+        if not dataclasses.is_dataclass(kind):
+            continue
+        for name, annotation in get_type_hints(kind).items():
+            if annotation is float or float in get_args(annotation):
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+def test_float_keys_are_found() -> None:
+    assert {"train.lr", "loss.bce_weight", "replay.ratio", "scaling.cpus_per_worker"} <= set(_float_keys())
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("key", _float_keys())
+def test_non_finite_numbers_are_refused_for_every_float_key(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"bad value .*(nan|inf).* for {key}: expected a finite number"):
+        load_config(overrides=[f"{key}={value}"])
+
+
+def test_non_finite_number_in_a_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="bad value nan for train.lr: expected a finite number"):
+        load_config(write(tmp_path / "exp.yaml", "train:\n  lr: .nan\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.checkpoints_to_keep=0", "bad value 0 for train.checkpoints_to_keep: expected a positive integer"),
+        ("train.max_failures=-1", "bad value -1 for train.max_failures: expected 0 or more"),
+        ("train.momentum=-0.5", "bad value -0.5 for train.momentum: expected 0 < momentum < 1"),
+        ("train.momentum=0", "bad value 0.0 for train.momentum: expected 0 < momentum < 1"),
+        ("train.momentum=1", "bad value 1.0 for train.momentum: expected 0 < momentum < 1"),
+        ("train.weight_decay=-1e-4", "bad value -0.0001 for train.weight_decay: expected a number >= 0"),
+        ("scaling.cpus_per_worker=0", "bad value 0.0 for scaling.cpus_per_worker: expected a CPU count > 0"),
+        ("scaling.cpus_per_worker=-1", "bad value -1.0 for scaling.cpus_per_worker: expected a CPU count > 0"),
+        ("data.num_cpus_per_worker=0", "bad value 0.0 for data.num_cpus_per_worker: expected a CPU count > 0"),
+        ("data.pseudo_actors=0", "bad value 0 for data.pseudo_actors: expected a positive integer"),
+        ("loss.bce_weight=-1", "bad value -1.0 for loss.bce_weight: expected a number >= 0"),
+        ("loss.rskd_weight=-1", "bad value -1.0 for loss.rskd_weight: expected a number >= 0"),
+        ("paste.max_instances=0", "bad value 0 for paste.max_instances: expected a positive integer"),
+        ("eval.batch_size=0", "bad value 0 for eval.batch_size: expected a positive integer"),
+        ("eval.crop_size=-8", "bad value -8 for eval.crop_size: expected a positive integer"),
+        ("memory.size=-1", "bad value -1 for memory.size: expected 0 or more"),
+        ("seed=-1", r"bad value -1 for seed: expected a seed in \[0, 2\*\*32\)"),
+        (f"seed={2**32}", "bad value 4294967296 for seed: expected a seed"),
+        ("dataset.synthetic_seed=-3", "bad value -3 for dataset.synthetic_seed: expected a seed"),
+        ("train.scale_max=0.1", "train.scale_min=0.5, train.scale_max=0.1: expected 0 < scale_min <= scale_max"),
+    ],
+)
+def test_out_of_range_values_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_range_edges_that_are_allowed() -> None:
+    config = load_config(overrides=["train.checkpoints_to_keep=1", "train.max_failures=0", "train.weight_decay=0",
+                                    "train.momentum=0.99", "scaling.cpus_per_worker=0.5", "seed=4294967295"])
+    assert (config.train.checkpoints_to_keep, config.train.max_failures, config.scaling.cpus_per_worker) == (1, 0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "would not name a folder"),
+        (".", "would not name a folder"),
+        ("..", "would not name a folder"),
+        ("a/b", "path separator"),
+        ("../../x", "path separator"),
+        ("a\\b", "path separator"),
+        ("a\x00b", "control character"),
+        ("a\tb", "control character"),
+        (" a", "whitespace"),
+        ("a ", "whitespace"),
+        ("x" * 201, "longer than 200 bytes"),
+        ("bad\udce9", "not valid UTF-8"),
+    ],
+)
+def test_run_name_must_be_one_folder_name(name: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"run.name": name})
+    message = str(info.value)
+    assert f"bad value {name!r} for run.name: it" in message and problem in message
+    assert "expected one folder name (not '', '.' or '..'; no '/', '\\', control characters" in message
+
+
+@pytest.mark.parametrize("name", ["my-run_1.2", "memory.size=10,seed=1", "ünïcode run", "x" * 200])
+def test_run_names_that_are_allowed(name: str) -> None:
+    assert load_config(overrides={"run.name": name}).run.name == name
+
+
+def test_weights_file_must_exist_at_load(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["model.weights=gone.pth"])
+    assert str(info.value).startswith(f"bad value 'gone.pth' for model.weights: no such file {tmp_path / 'gone.pth'}; expected 'imagenet', null")
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(ConfigError, match=rf"model.weights: {tmp_path / 'folder.pth'} is a folder"):
+        load_config(overrides=["model.weights=folder.pth"])
+    with pytest.raises(ConfigError, match="for model.weights: .* URIs are not read"):
+        load_config(overrides=["model.weights=s3://bucket/mnv2.pth"])
+    write(tmp_path / "mnv2.pth", "")
+    assert load_config(overrides=["model.weights=mnv2.pth"]).model.weights == "mnv2.pth"
+    assert load_config(overrides=["model.weights=null"]).model.weights is None
+    assert load_config(overrides=["model.weights=imagenet"]).model.weights == "imagenet"
+
+
+def test_a_run_config_read_back_does_not_need_its_weights_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "mnv2.pth", "")
+    config = load_config(overrides=["model.weights=mnv2.pth"])
+    (tmp_path / "mnv2.pth").unlink()  # step 0 is done: the run no longer reads it
+    assert config_from_yaml(dump_yaml(config).encode(), "run/config.yaml") == config
+
+
+# ---------------------------------------------------------------- YAML files
+
+
+def test_duplicated_section_names_file_key_and_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "exp.yaml", "train:\n  epochs: 3\nseed: 1\ntrain:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"config file {path} is not valid YAML: key 'train' is given twice, at lines 1 and 4 "
+                               "(the second would silently replace the first; merge them)")
+
+
+def test_duplicated_key_inside_a_section_and_in_an_inherited_file(tmp_path: Path) -> None:
+    parent = write(tmp_path / "parent.yaml", "train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    child = write(tmp_path / "child.yaml", "inherit: parent.yaml\nseed: 3\n")
+    with pytest.raises(ConfigError, match=rf"config file {parent} is not valid YAML: key 'lr' is given twice, at lines 2 and 4"):
+        load_config(child)
+
+
+def test_the_same_key_in_a_child_and_its_parent_is_an_override_not_a_duplicate(tmp_path: Path) -> None:
+    write(tmp_path / "parent.yaml", "train:\n  epochs: 2\n")
+    assert load_config(write(tmp_path / "child.yaml", "inherit: parent.yaml\ntrain:\n  epochs: 5\n")).train.epochs == 5
+
+
+def test_non_utf8_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  lr: 0.1  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8 text \(line 2 has the byte 0xe9\): save it as UTF-8"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.yaml", "train:\n  lr: [0.1,\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"config file {path} is not valid YAML: while parsing a flow node: expected the node content")
+    assert "at line 3, column 1" in message
+
+
+def test_a_folder_as_config_file_and_a_bad_inherit_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path} is not a file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="bad value \\['a.yaml'\\] for inherit in .*child.yaml: expected the path of a YAML file"):
+        load_config(write(tmp_path / "child.yaml", "inherit: [a.yaml]\n"))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "run/config.yaml must be a mapping of config sections; it is empty"),
+        (b"- 1\n- 2\n", "run/config.yaml must be a mapping of config sections; got list"),
+        (b"train: {lr: 0.1\n", "config run/config.yaml is not valid YAML: "),
+        (b"seed: 1\x00\xff\n", "config run/config.yaml is not UTF-8 text"),
+        (b"train:\n  epochs: -1\n", "run/config.yaml: bad value -1 for train.epochs: expected a positive integer"),
+    ],
+)
+def test_a_corrupt_run_config_is_one_error_naming_it(data: bytes, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_yaml(data, "run/config.yaml")
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_strings_that_look_like_numbers_survive_a_round_trip() -> None:
+    config = load_config(overrides={"run.name": "1e-3"})
+    assert config_from_yaml(dump_yaml(config).encode(), "config.yaml").run.name == "1e-3"
