@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +36,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the working dir: `/data` and `/report` are anchored because eir/data and tests/data are code.
 EXCLUDES = [".venv", "outputs", "/data", "/report", "mlruns", "mlartifacts", "*.db", ".git", "*.egg-info",
             "__pycache__", ".pytest_cache"]
+# Never uploaded, at any depth: files that hold credentials or keys. A job's working dir lands on every node
+# and in the cluster's package store, so a key copied there has leaked. Listed last in the excludes Ray gets,
+# so no `!pattern` of a .gitignore can bring one back.
+SECRET_EXCLUDES = [
+    ".env", ".env.*", ".envrc",  # dotenv and direnv files
+    ".aws", ".azure", ".gcloud", "**/.config/gcloud", "application_default_credentials.json", "credentials.json",
+    ".ssh", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".gnupg",
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.ppk",
+    ".netrc", ".git-credentials", ".pypirc", ".npmrc", ".pgpass", "**/.docker/config.json", ".kube",
+    ".ray",  # Ray's auth_token
+    "secrets",
+    "*.tfstate", "*.tfstate.*", "*.tfvars", "*.tfvars.json",
+]  # folder names without a trailing slash: the folder itself matches, so it is neither entered nor uploaded
 # The only local settings a job inherits; secrets stay on the cluster (runtime_env is shown on the dashboard).
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI",)
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -69,10 +83,80 @@ def build_runtime_env(working_dir: Path, environ: Mapping[str, str]) -> dict[str
             "Ray dashboard, so give the tracking server's credentials to the cluster instead "
             "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in its environment)"
         )
-    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
+    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": upload_excludes(working_dir)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return runtime_env
+
+
+def gitignore_patterns(working_dir: Path) -> list[str]:
+    """The patterns of the working dir's .gitignore: what the repository never commits is never uploaded,
+    even with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 (which turns off Ray's own reading of the file)."""
+    path = working_dir / ".gitignore"
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SubmitError(f"cannot read {path} ({exc}): it says what must not be uploaded; fix or remove it") from None
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def upload_excludes(working_dir: Path) -> list[str]:
+    """Ray's `excludes` for the upload: the .gitignore patterns, the build folders, then the secrets.
+
+    One pattern list is one gitignore file to Ray, where the last matching line decides: with the
+    secrets last, a negation such as `!.env` in the .gitignore cannot bring a secret back.
+    """
+    return [*gitignore_patterns(working_dir), *EXCLUDES, *SECRET_EXCLUDES]
+
+
+@dataclass(frozen=True)
+class UploadScan:
+    """What an upload leaves out: the secret-looking paths by name (never their contents), the rest counted."""
+
+    secrets: tuple[str, ...]
+    others: int
+
+    def summary(self) -> list[str]:
+        lines = []
+        if self.secrets:
+            lines.append(f"upload: left out {len(self.secrets)} path(s) that look like secrets (never uploaded): "
+                         + ", ".join(self.secrets))
+        lines.append(f"upload: left out {self.others} other path(s) (environments, results, data, MLflow stores, "
+                     "caches, .gitignore patterns)")
+        return lines
+
+
+def scan_upload(working_dir: Path, excludes: list[str]) -> UploadScan:
+    """Walk `working_dir` as Ray's packager does, with Ray's own matcher: an excluded folder is not entered
+    (it counts once), symlinked folders are followed (each real folder once, so a link loop ends)."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(working_dir, excludes)
+    looks_secret = _get_excludes(working_dir, SECRET_EXCLUDES)
+    secrets: list[str] = []
+    others = 0
+    pending, seen = [working_dir], set()
+    while pending:
+        folder = pending.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # unreadable: Ray's packager reports it when it gets there
+            continue
+        for path in entries:
+            if not excluded(path):
+                if path.is_dir():
+                    pending.append(path)
+            elif looks_secret(path):
+                secrets.append(path.relative_to(working_dir).as_posix() + ("/" if path.is_dir() else ""))
+            else:
+                others += 1
+    return UploadScan(tuple(sorted(secrets)), others)
 
 
 def normalize_address(address: str) -> str:
@@ -194,7 +278,7 @@ def _follow(client: Any, job_id: str, out: TextIO, secrets: list[str], poll_s: f
     """Stream the job's logs until it ends; its final status."""
     try:
         asyncio.run(_tail_logs(client, job_id, out, secrets))
-    except Exception as exc:  # the log stream is a convenience: a dropped websocket must not lose the outcome
+    except Exception as exc:  # noqa: BLE001 - the log stream is a convenience: a dropped websocket must not lose the outcome
         print(mask(f"warning: log streaming stopped ({exc}); waiting for the job to end", secrets), file=sys.stderr)
     while (status := str(client.get_job_status(job_id))) not in TERMINAL_STATUSES:
         time.sleep(poll_s)
@@ -221,6 +305,8 @@ def run_submit(args: argparse.Namespace) -> int:
     from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
+    for line in scan_upload(Path(runtime_env["working_dir"]), runtime_env["excludes"]).summary():
+        print(line, flush=True)
     if cluster_version != ray.__version__:
         print(f"warning: the cluster runs Ray {cluster_version}, this machine Ray {ray.__version__}", file=sys.stderr)
     note = _output_dir_note(launch_args)
@@ -260,7 +346,9 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:
             """\
             Submit `python launch.py <COMMAND...>` to the Ray cluster whose dashboard is at --address, with this
             checkout uploaded as the job's working directory (without .venv, outputs, data, report, MLflow stores,
-            .git, caches), then follow its logs. Exit code: 0 when the job SUCCEEDED, 1 when it FAILED or was
+            .git, caches, what .gitignore lists, and never anything that looks like a secret: .env, .aws/, .ssh/,
+            id_rsa*, .netrc, *.pem, *.key, .ray/, secrets/, *.tfstate, ...; the paths left out are printed),
+            then follow its logs. Exit code: 0 when the job SUCCEEDED, 1 when it FAILED or was
             STOPPED, 2 when it could not be submitted. MLFLOW_TRACKING_URI is passed to the job when set.
             Token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token); the token
             is never printed. Results must go to shared storage on a multi-node cluster: run.output_dir=s3://... (cluster/README.md)."""
