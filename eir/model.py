@@ -22,18 +22,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models
 
+from eir.weights import IMAGENET_WEIGHTS, imagenet_file
+
 BACKBONES = ("resnet101", "resnet50", "mobilenet_v2")
 HEAD_INITS = ("random", "copy_background")
 OUTPUT_STRIDES = (8, 16, 32)
 DECODER_CHANNELS = 256
 ASPP_RATES_AT_OS16 = (6, 12, 18)
 
-# The ImageNet weights `weights="imagenet"` selects (torchvision downloads them when missing).
-IMAGENET_WEIGHTS = {
-    "resnet101": models.ResNet101_Weights.IMAGENET1K_V2,
-    "resnet50": models.ResNet50_Weights.IMAGENET1K_V2,
-    "mobilenet_v2": models.MobileNet_V2_Weights.IMAGENET1K_V1,
-}
 _HEAD_KEY = re.compile(r"^heads\.(\d+)\.")
 
 
@@ -51,8 +47,8 @@ def build_model(
 ) -> IncrementalDeepLabV3:
     """DeepLabV3 with heads for the given steps (`classes_per_step[t]` = |C_t|).
 
-    `weights`: None (random backbone), "imagenet" (torchvision's ImageNet weights, downloaded
-    to the torch cache when missing) or the path of a torchvision state-dict file for that
+    `weights`: None (random backbone), "imagenet" (torchvision's ImageNet weights, found or
+    fetched into the torch cache by `eir.weights.imagenet_file`) or the path of a torchvision state-dict file for that
     backbone (e.g. `mobilenet_v2-b0353104.pth`). `new_head_init` is how heads absent from a
     checkpoint are initialised by `load_previous` and `add_step_head`.
     """
@@ -66,12 +62,9 @@ def build_model(
 
 def _build_backbone(name: str, output_stride: int, weights: str | None) -> tuple[nn.Module, int]:
     """The feature extractor and its output channels, dilated to `output_stride`."""
-    if weights is None or weights == "imagenet":
-        tv_weights = IMAGENET_WEIGHTS[name] if weights == "imagenet" else None
-        net = _torchvision_model(name, output_stride, tv_weights)
-    else:
-        net = _torchvision_model(name, output_stride, None)
-        _load_backbone_file(net, Path(weights), name)
+    net = _torchvision_model(name, output_stride)
+    if weights is not None:
+        _load_backbone_file(net, imagenet_file(name) if weights == "imagenet" else Path(weights), name)
     if name == "mobilenet_v2":
         features = net.features
         _dilate_mobilenet(features, output_stride)
@@ -80,13 +73,14 @@ def _build_backbone(name: str, output_stride: int, weights: str | None) -> tuple
     return nn.Sequential(OrderedDict((stage, getattr(net, stage)) for stage in stages)), 2048
 
 
-def _torchvision_model(name: str, output_stride: int, weights) -> nn.Module:
+def _torchvision_model(name: str, output_stride: int) -> nn.Module:
+    """The classification network, randomly initialised (weights are loaded from a file)."""
     if name == "mobilenet_v2":
-        return models.mobilenet_v2(weights=weights)
+        return models.mobilenet_v2(weights=None)
     # torchvision dilates whole ResNet stages instead of striding them.
     dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[output_stride]
     constructor = models.resnet101 if name == "resnet101" else models.resnet50
-    return constructor(weights=weights, replace_stride_with_dilation=dilate)
+    return constructor(weights=None, replace_stride_with_dilation=dilate)
 
 
 def _load_backbone_file(net: nn.Module, path: Path, name: str) -> None:

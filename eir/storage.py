@@ -9,13 +9,17 @@ atomic rename, so directories that must be complete carry a marker file written 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -139,13 +143,97 @@ def delete_dir(loc: Location) -> None:
 
 
 def is_complete(loc: Location) -> bool:
-    """A directory counts as written only once its completion marker exists."""
+    """A directory counts as written only once its completion marker exists (see `damaged_files`)."""
     return exists(loc.join(COMPLETE_MARKER))
 
 
-def mark_complete(loc: Location, info: dict[str, Any] | None = None) -> None:
-    """Written last, after every other file of the directory."""
-    write_json_atomic(loc.join(COMPLETE_MARKER), info or {})
+def mark_complete(loc: Location, info: dict[str, Any] | None = None, files: list[str] | None = None) -> None:
+    """Written last, after every other file of the directory.
+
+    The marker records the size and SHA-256 of each file it vouches for (`files`, relative to
+    `loc`; by default every file under it), so a reader can tell a complete directory from one
+    whose files were truncated or lost after the marker was written (`damaged_files`).
+    """
+    names = files if files is not None else _files_under(loc)
+    inventory = {name: file_digest(loc.join(name)) for name in names}
+    write_json_atomic(loc.join(COMPLETE_MARKER), {**(info or {}), "files": inventory})
+
+
+def damaged_files(loc: Location, *, checksums: bool = True) -> list[str]:
+    """What is wrong with a directory its marker calls complete: [] when every file is intact.
+
+    Each problem names the file and how it differs (missing, size, checksum). `checksums=False`
+    compares sizes only (cheap on large datasets). A marker that is not JSON is a problem; a
+    marker from before markers carried an inventory vouches for nothing and reports nothing.
+    """
+    marker = loc.join(COMPLETE_MARKER)
+    if not exists(marker):
+        return [f"{marker.uri} is missing"]
+    try:
+        inventory = read_json(marker).get("files", {})
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        return [f"{marker.uri} is not a readable completion marker ({exc})"]
+    problems = []
+    for name, expected in sorted(inventory.items()):
+        target = loc.join(name)
+        info = target.fs.get_file_info(target.path)
+        if info.type != pafs.FileType.File:
+            problems.append(f"{name} is missing")
+        elif info.size != expected["size"]:
+            problems.append(f"{name} has {info.size} bytes, expected {expected['size']}")
+        elif checksums and file_digest(target)["sha256"] != expected["sha256"]:
+            problems.append(f"{name} does not match its recorded SHA-256")
+    return problems
+
+
+def reusable(loc: Location, what: str) -> bool:
+    """Whether `loc` is complete and intact; a damaged one is quarantined (and logged) so it is redone.
+
+    The one check every "skip what is done" path makes (finished steps on --resume, step-0 cache
+    entries, stored pseudo-labels), so nothing truncated or lost after its marker is ever reused.
+    """
+    if not is_complete(loc):
+        return False
+    problems = damaged_files(loc)
+    if not problems:
+        return True
+    try:
+        aside = quarantine(loc)
+    except FileNotFoundError:  # a concurrent reader quarantined it first
+        return False
+    log.warning("%s %s is damaged (%s): moved out of use (%s) and redone", what, loc.uri, "; ".join(problems), aside.uri)
+    return False
+
+
+def file_digest(loc: Location) -> dict[str, Any]:
+    """Size and SHA-256 of one file, streamed (model files and shards can be large)."""
+    digest, size = hashlib.sha256(), 0
+    with loc.fs.open_input_stream(loc.path) as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _files_under(loc: Location) -> list[str]:
+    base = loc.path.rstrip("/") + "/"
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    return sorted(info.path[len(base):] for info in infos
+                  if info.type == pafs.FileType.File and info.base_name != COMPLETE_MARKER)
+
+
+def quarantine(loc: Location) -> Location:
+    """Take a damaged directory out of use so it is redone; returns where its files are now.
+
+    Locally it is renamed aside (`.<name>.damaged-<id>`), kept for a look. Object stores have
+    no directory rename: its marker is deleted, so nothing trusts it and it is rewritten in place.
+    """
+    if not loc.is_local:
+        loc.fs.delete_file(loc.join(COMPLETE_MARKER).path)
+        return loc
+    aside = loc.parent.join(f".{loc.name}.damaged-{uuid.uuid4().hex[:8]}")
+    os.replace(loc.path, aside.path)
+    return aside
 
 
 def publish_dir(tmp: Location, final: Location) -> None:
@@ -166,7 +254,11 @@ def publish_dir(tmp: Location, final: Location) -> None:
         target = final.join(rel)
         makedirs(target.parent)
         pafs.copy_files(info.path, target.path, source_filesystem=tmp.fs, destination_filesystem=final.fs)
-    mark_complete(final, read_json(tmp.join(COMPLETE_MARKER)) if exists(tmp.join(COMPLETE_MARKER)) else None)
+    marker = tmp.join(COMPLETE_MARKER)
+    if exists(marker):  # its inventory is relative to the directory, so it holds for the copy
+        write_bytes_atomic(final.join(COMPLETE_MARKER), read_bytes(marker))
+    else:
+        mark_complete(final)
     delete_dir(tmp)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 from pathlib import Path
 
@@ -81,9 +84,66 @@ def test_mark_complete_and_is_complete(tmp_path: Path) -> None:
     assert not storage.is_complete(loc)
     storage.mark_complete(loc, {"rows": 3})
     assert storage.is_complete(loc)
-    assert storage.read_json(loc.join(COMPLETE_MARKER)) == {"rows": 3}
+    assert storage.read_json(loc.join(COMPLETE_MARKER)) == {"rows": 3, "files": {}}
     storage.mark_complete(loc)
-    assert storage.read_json(loc.join(COMPLETE_MARKER)) == {}
+    assert storage.read_json(loc.join(COMPLETE_MARKER)) == {"files": {}}
+
+
+def test_the_marker_vouches_for_each_file_by_size_and_sha256(tmp_path: Path) -> None:
+    loc = storage.resolve(tmp_path / "out")
+    storage.write_bytes_atomic(loc.join("model.pt"), b"weights")
+    storage.write_bytes_atomic(loc.join("sub", "part-0.parquet"), b"rows")
+    storage.mark_complete(loc)
+    files = storage.read_json(loc.join(COMPLETE_MARKER))["files"]
+    assert files["model.pt"] == {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert set(files) == {"model.pt", "sub/part-0.parquet"}
+    assert storage.damaged_files(loc) == []
+    (tmp_path / "out" / "model.pt").write_bytes(b"weights"[:3])  # truncated
+    assert storage.damaged_files(loc) == ["model.pt has 3 bytes, expected 7"]
+    (tmp_path / "out" / "model.pt").write_bytes(b"WEIGHTS")  # same size, other bytes
+    assert storage.damaged_files(loc) == ["model.pt does not match its recorded SHA-256"]
+    assert storage.damaged_files(loc, checksums=False) == [], "sizes only"
+    (tmp_path / "out" / "sub" / "part-0.parquet").unlink()
+    assert "sub/part-0.parquet is missing" in storage.damaged_files(loc)
+    (tmp_path / "out" / COMPLETE_MARKER).write_text("{not json")
+    assert "is not a readable completion marker" in storage.damaged_files(loc)[0]
+
+
+def test_mark_complete_can_vouch_for_named_files_only(tmp_path: Path) -> None:
+    loc = storage.resolve(tmp_path / "step_0")
+    storage.write_bytes_atomic(loc.join("model.pt"), b"w")
+    storage.write_bytes_atomic(loc.join("figure.png"), b"drawn later")
+    storage.mark_complete(loc, files=["model.pt"])
+    (tmp_path / "step_0" / "figure.png").write_bytes(b"redrawn")
+    assert storage.damaged_files(loc) == []
+
+
+def test_reusable_quarantines_a_damaged_directory(tmp_path: Path, caplog) -> None:
+    loc = storage.resolve(tmp_path / "entry")
+    assert not storage.reusable(loc, "cache entry"), "no marker: not done"
+    storage.write_bytes_atomic(loc.join("model.pt"), b"weights")
+    storage.mark_complete(loc)
+    assert storage.reusable(loc, "cache entry")
+    (tmp_path / "entry" / "model.pt").write_bytes(b"w")
+    with caplog.at_level("WARNING"):
+        assert not storage.reusable(loc, "cache entry")
+    assert not (tmp_path / "entry").exists(), "moved out of use"
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".entry.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "model.pt").read_bytes() == b"w", "kept for a look"
+    assert "cache entry" in caplog.text and "model.pt has 1 bytes, expected 7" in caplog.text
+
+
+def test_quarantine_on_an_object_store_drops_the_marker(tmp_path: Path) -> None:
+    """No directory rename on object stores: the marker goes, so the directory is redone in place."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a LocalFileSystem: the remote path
+    loc = storage.resolve("entry", filesystem=fs)
+    assert not loc.is_local
+    storage.write_bytes_atomic(loc.join("model.pt"), b"weights")
+    storage.mark_complete(loc)
+    assert storage.quarantine(loc) == loc
+    assert not storage.is_complete(loc) and (tmp_path / "entry" / "model.pt").exists()
 
 
 def filled_dir(loc: storage.Location) -> None:
@@ -92,18 +152,24 @@ def filled_dir(loc: storage.Location) -> None:
     storage.mark_complete(loc, {"rows": 2})
 
 
+FILLED_MARKER = {"rows": 2, "files": {
+    "nested/part-1.bin": {"size": 3, "sha256": hashlib.sha256(b"one").hexdigest()},
+    "part-0.bin": {"size": 4, "sha256": hashlib.sha256(b"zero").hexdigest()},
+}}
+FILLED_TREE = {COMPLETE_MARKER: (json.dumps(FILLED_MARKER, indent=2) + "\n").encode(),
+               "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+
+
 def test_publish_dir_local_is_a_rename(tmp_path: Path) -> None:
     tmp = storage.resolve(tmp_path / ".out.tmp")
     filled_dir(tmp)
     final = storage.resolve(tmp_path / "deeper" / "out")
     storage.publish_dir(tmp, final)
     assert not (tmp_path / ".out.tmp").exists()
-    assert tree(tmp_path / "deeper" / "out") == {
-        COMPLETE_MARKER: b'{\n  "rows": 2\n}\n',
-        "nested/part-1.bin": b"one",
-        "part-0.bin": b"zero",
-    }
-    assert storage.is_complete(final)
+    files = tree(tmp_path / "deeper" / "out")
+    assert json.loads(files.pop(COMPLETE_MARKER)) == FILLED_MARKER
+    assert files == {"nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+    assert storage.is_complete(final) and storage.damaged_files(final) == []
 
 
 def test_publish_dir_on_an_object_store_copies_then_marks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,26 +182,24 @@ def test_publish_dir_on_an_object_store_copies_then_marks(tmp_path: Path, monkey
     assert tree(tmp_path / "bucket" / ".out.tmp")["part-0.bin"] == b"zero"
 
     order: list[str] = []
-    real_copy, real_mark = storage.pafs.copy_files, storage.mark_complete
+    real_copy, real_write = storage.pafs.copy_files, storage.write_bytes_atomic
 
     def spy_copy(src: str, dst: str, **kwargs: object) -> None:
         order.append(dst.rsplit("/", 1)[-1])
         real_copy(src, dst, **kwargs)
 
-    def spy_mark(loc: storage.Location, info: dict | None = None) -> None:
-        order.append(COMPLETE_MARKER)
-        real_mark(loc, info)
+    def spy_write(loc: storage.Location, data: bytes) -> None:
+        order.append(loc.name)
+        real_write(loc, data)
 
     monkeypatch.setattr(storage.pafs, "copy_files", spy_copy)
-    monkeypatch.setattr(storage, "mark_complete", spy_mark)
+    monkeypatch.setattr(storage, "write_bytes_atomic", spy_write)
     storage.publish_dir(tmp, final)
 
     assert sorted(order[:-1]) == ["part-0.bin", "part-1.bin"] and order[-1] == COMPLETE_MARKER
-    assert tree(tmp_path / "bucket" / "out") == {
-        COMPLETE_MARKER: b'{\n  "rows": 2\n}\n',
-        "nested/part-1.bin": b"one",
-        "part-0.bin": b"zero",
-    }
+    files = tree(tmp_path / "bucket" / "out")
+    assert json.loads(files.pop(COMPLETE_MARKER)) == FILLED_MARKER, "the temp dir's inventory, copied as is"
+    assert files == {"nested/part-1.bin": b"one", "part-0.bin": b"zero"}
     assert not (tmp_path / "bucket" / ".out.tmp").exists()
     assert storage.is_complete(final)
     assert storage.list_dir(final) == [COMPLETE_MARKER, "nested", "part-0.bin"]
@@ -160,7 +224,7 @@ def test_replace_dir_local_swaps_a_non_empty_dir_and_leaves_nothing_aside(tmp_pa
     tmp = storage.resolve(tmp_path / ".out.tmp")
     filled_dir(tmp)
     storage.replace_dir(tmp, storage.resolve(tmp_path / "out"))
-    assert tree(tmp_path / "out") == {COMPLETE_MARKER: b'{\n  "rows": 2\n}\n', "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+    assert tree(tmp_path / "out") == FILLED_TREE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp or set-aside folder is left"
 
 
@@ -190,5 +254,5 @@ def test_replace_dir_on_an_object_store_drops_the_old_files(tmp_path: Path) -> N
     tmp = storage.resolve("bucket/.out.tmp", filesystem=fs)
     filled_dir(tmp)
     storage.replace_dir(tmp, storage.resolve("bucket/out", filesystem=fs))
-    assert tree(tmp_path / "bucket" / "out") == {COMPLETE_MARKER: b'{\n  "rows": 2\n}\n', "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+    assert tree(tmp_path / "bucket" / "out") == FILLED_TREE
     assert not (tmp_path / "bucket" / ".out.tmp").exists()

@@ -72,16 +72,24 @@ def entry(output_root: Location, key: dict[str, Any]) -> Location:
 
 
 def lookup(loc: Location) -> bool:
-    return storage.is_complete(loc)
+    """Whether the entry can be reused; a damaged one is quarantined (never copied into a run)."""
+    return storage.reusable(loc, "step-0 cache entry")
 
 
 def list_entries(output_root: Location) -> list[dict[str, Any]]:
     base = output_root.join("cache", "step0")
     rows = []
     for name in storage.list_dir(base):
+        if name.startswith("."):  # quarantined entries (storage.quarantine)
+            continue
         loc = base.join(name)
-        key = storage.read_json(loc.join("key.json")) if storage.exists(loc.join("key.json")) else {}
-        rows.append({"hash": name, "complete": storage.is_complete(loc), **key.get("config", {})})
+        problems = storage.damaged_files(loc) if storage.is_complete(loc) else []
+        try:
+            key = storage.read_json(loc.join("key.json")) if storage.exists(loc.join("key.json")) else {}
+        except ValueError:
+            key, problems = {}, [*problems, "key.json is not JSON"]
+        state = ("DAMAGED: " + "; ".join(problems)) if problems else "complete" if storage.is_complete(loc) else "INCOMPLETE"
+        rows.append({"hash": name, "state": state, **key.get("config", {})})
     return rows
 
 

@@ -11,6 +11,7 @@ when an earlier run trained it under the same settings.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import subprocess
@@ -204,11 +205,27 @@ def read_run_config(run_dir: Location) -> ExperimentConfig:
     loc = run_dir.join("config.yaml")
     if not storage.exists(loc):
         raise RunDirError(f"{run_dir.uri} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(storage.read_bytes(loc).decode()), where=loc.uri)
+    try:
+        tree = yaml.safe_load(storage.read_bytes(loc).decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunDirError(f"{loc.uri} is damaged (not a YAML config: {str(exc).splitlines()[0]}); "
+                          "restore it, or start a new run under another run.name") from exc
+    if not isinstance(tree, dict):
+        raise RunDirError(f"{loc.uri} is damaged (expected a mapping of config sections); "
+                          "restore it, or start a new run under another run.name")
+    return config_from_dict(tree, where=loc.uri)
 
 
 def check_run_dir(exp: Experiment, resume: bool) -> None:
+    """A new run needs a free name; --resume needs an existing run made by the same config."""
     if not storage.exists(exp.run_dir.join("config.yaml")):
+        if resume:
+            runs = [name for name in storage.list_dir(exp.output_root)
+                    if storage.exists(exp.output_root.join(name, "config.yaml"))]
+            close = difflib.get_close_matches(exp.config.run.name, runs, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; runs there: {', '.join(runs[:10]) or 'none'}"
+            raise RunDirError(f"--resume: there is no run {exp.config.run.name!r} in {exp.output_root.uri} "
+                              f"(no {exp.run_dir.join('config.yaml').uri}){hint}")
         return
     if not resume:
         raise RunDirError(
@@ -220,6 +237,24 @@ def check_run_dir(exp: Experiment, resume: bool) -> None:
         before, after = previous.flat(), exp.config.flat()
         detail = ", ".join(f"{k} ({before.get(k)!r} → {after[k]!r})" for k in differ)
         raise RunDirError(f"--resume: {exp.run_dir.uri} was made by a different config; keys that differ: {detail}")
+
+
+def step0_cache_key(exp: Experiment) -> dict[str, Any]:
+    cfg = exp.config
+    return cache.step0_key(
+        cfg.flat(),
+        train_split_checksum=exp.train_splits.checksum,
+        test_split_checksum=exp.test_splits.checksum,
+        step0_classes=list(exp.schedule.steps[0]),
+        scaling={"num_workers": cfg.scaling.num_workers, "use_gpu": cfg.scaling.use_gpu},  # GPU: AMP
+    )
+
+
+def step0_cache_entry(exp: Experiment) -> Location | None:
+    """Where this run's step 0 is cached; None when it is not cached (joint, or `run.step0_cache=false`)."""
+    if exp.is_joint or not exp.config.run.step0_cache:
+        return None
+    return cache.entry(exp.output_root, step0_cache_key(exp))
 
 
 def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPlan:
@@ -330,6 +365,9 @@ def run_experiment(
     last one only once results.json says "finished";
     `run_dir`, `mlflow_experiment` and `mlflow_parent` place a sweep's trial inside its sweep.
     """
+    if dry_run:
+        print(f"dry run: nothing is trained; the step table needs the dataset, so a split not yet in the dataset "
+              f"cache ({storage.resolve(config.run.output_dir).join('datasets').uri}) is prepared there now")
     exp = resolve(config, progress=progress, run_dir=run_dir)
     print(f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
           f"({config.task.setting}), {exp.schedule.num_steps} step(s), eval protocol {config.eval.protocol}, "
@@ -338,16 +376,38 @@ def run_experiment(
     if dry_run:
         print(dump_yaml(config))
         return results_document(config, [], "dry_run", exp.checksums)
-    check_run_dir(exp, resume)
+    if resume:
+        check_run_dir(exp, resume)  # a mistyped name fails here, before a lock creates its folder
+    if _trains_imagenet_step0(exp):
+        from eir.weights import imagenet_file
 
+        imagenet_file(config.model.backbone)  # before Ray: one clear error instead of a worker's URLError
+    from eir.runlock import hold
+
+    with hold(exp.run_dir):
+        check_run_dir(exp, resume)  # again under the lock: another run may have started in between
+        return _run_steps(exp, reporter, mlflow_experiment, mlflow_parent)
+
+
+def _trains_imagenet_step0(exp: Experiment) -> bool:
+    """Whether this run will build step 0 from ImageNet weights (not finished, not in the step-0 cache)."""
+    if exp.config.model.weights != "imagenet" or storage.is_complete(exp.run_dir.join("step_0")):
+        return False
+    entry = step0_cache_entry(exp)
+    return entry is None or not storage.is_complete(entry)
+
+
+def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: str | None,
+               mlflow_parent: str | None) -> dict[str, Any]:
+    """The step loop of a run whose directory this process holds."""
+    config = exp.config
     from eir.raysession import ensure_ray
     from eir.tracking import Tracker, load_run_ids, save_run_ids
     from eir.train.artifacts import log_step_artifacts
 
-    ensure_ray()
-    storage.makedirs(exp.run_dir)
-    storage.write_bytes_atomic(exp.run_dir.join("config.yaml"), dump_yaml(config).encode())
     tracker = Tracker(exp.output_root, mlflow_experiment or f"eir-{config.dataset.name}-{config.task.name}")
+    ensure_ray()
+    storage.write_bytes_atomic(exp.run_dir.join("config.yaml"), dump_yaml(config).encode())
     run_ids = load_run_ids(exp.run_dir)
     parent = tracker.start(config.run.name, parent=mlflow_parent, tags={"eir.run_dir": exp.run_dir.uri}, run_id=run_ids.get("parent"))
     run_ids["parent"] = parent
@@ -360,12 +420,18 @@ def run_experiment(
     previous_model: str | None = None
     ok = False
     try:
+        redone = False  # once a step is trained again, every later step must be too (it builds on it)
         for step in range(exp.schedule.num_steps):
             step_dir = exp.run_dir.join(f"step_{step}")
-            if storage.is_complete(step_dir):
+            if redone and storage.is_complete(step_dir):
+                aside = storage.quarantine(step_dir)
+                log.warning("step %d in %s was built on the step trained again: moved aside (%s) and redone",
+                            step, step_dir.uri, aside.uri)
+            if not redone and storage.reusable(step_dir, f"finished step {step}"):
                 row = storage.read_json(step_dir.join("metrics.json"))
                 log.info("step %d already finished in %s: skipped", step, step_dir.uri)
             else:
+                redone = True
                 row = _run_step(exp, step, step_dir, previous_model, tracker, run_ids, parent)
                 log_step_artifacts(exp, step, step_dir, tracker, run_ids[f"step_{step}"])
             previous_model = step_dir.join("model.pt").uri
@@ -485,7 +551,7 @@ def step_stream(exp: Experiment, step: int, step_dir: Location, previous_model: 
     rows = None
     if incremental and cfg.pseudo.enabled:
         folder = pseudo_label_dir(exp, step)
-        if not storage.is_complete(folder):
+        if not storage.reusable(folder, f"step {step}'s pseudo-labels"):
             log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))", step, len(ids), step - 1, cfg.data.pseudo_actors)
             write_pseudo_labels(exp.train_manifest, ids, folder, model_uri=previous_model, backbone=cfg.model.backbone,
                                 output_stride=cfg.model.output_stride, lut=lut, threshold=cfg.pseudo.threshold,
@@ -518,7 +584,7 @@ def _run_step(
 ) -> dict[str, Any]:
     from eir.data.pipeline import eval_stream
     from eir.tracking import save_run_ids
-    from eir.train.memory import build_memory, load_memory
+    from eir.train.memory import build_memory, load_memory, memory_file
     from eir.train.step import run_train_step
 
     cfg = exp.config
@@ -542,16 +608,7 @@ def _run_step(
     log.info("step %d: %d training images, global batch %d = %d per worker × %d workers",
              step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
 
-    cache_loc = None
-    if step == 0 and not exp.is_joint and cfg.run.step0_cache:
-        key0 = cache.step0_key(
-            cfg.flat(),
-            train_split_checksum=exp.train_splits.checksum,
-            test_split_checksum=exp.test_splits.checksum,
-            step0_classes=list(exp.schedule.steps[0]),
-            scaling={"num_workers": cfg.scaling.num_workers, "use_gpu": cfg.scaling.use_gpu},  # GPU: AMP
-        )
-        cache_loc = cache.entry(exp.output_root, key0)
+    cache_loc = step0_cache_entry(exp) if step == 0 else None
     restarts = [0]
 
     def train() -> tuple[np.ndarray, Any]:
@@ -596,7 +653,7 @@ def _run_step(
                 (confusion, epochs), source = train(), "trained"
                 storage.write_bytes_atomic(cache_loc.join("model.pt"), storage.read_bytes(step_dir.join("model.pt")))
                 storage.write_json_atomic(cache_loc.join("confusion.json"), confusion.tolist())
-                storage.write_json_atomic(cache_loc.join("key.json"), key0)
+                storage.write_json_atomic(cache_loc.join("key.json"), step0_cache_key(exp))
                 storage.mark_complete(cache_loc)
     if cfg.memory.kind != "none" and step < exp.schedule.num_steps - 1:
         previous = load_memory(exp.run_dir.join(f"step_{step - 1}"), cfg.memory.kind) if step > 0 else None
@@ -614,7 +671,10 @@ def _run_step(
     storage.write_json_atomic(step_dir.join("confusion.json"), confusion.tolist())
     storage.write_json_atomic(step_dir.join("plan.json"), plan.to_dict())
     storage.write_json_atomic(step_dir.join("metrics.json"), row)
-    storage.mark_complete(step_dir)
+    vouched = ["model.pt", "confusion.json", "plan.json", "metrics.json"]
+    if cfg.memory.kind != "none" and step < exp.schedule.num_steps - 1:
+        vouched.append(memory_file(step_dir, cfg.memory.kind).name)
+    storage.mark_complete(step_dir, files=vouched)  # what a resumed run and the next step read
     tracker.finish(child, True)
     return row
 

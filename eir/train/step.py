@@ -50,7 +50,7 @@ def run_train_step(
     max_failures: int,
 ) -> StepOutcome:
     """Fit the step, then publish `step_dir/model.pt` (weights + head sizes) for step t+1."""
-    trainer = TorchTrainer(
+    trainer = _InterruptibleTrainer(
         train_step_worker,
         train_loop_config=plan.to_dict(),
         scaling_config=ScalingConfig(
@@ -67,8 +67,15 @@ def run_train_step(
         datasets={"train": train_ds, "test": eval_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    with _sigint_handler_restored():
-        result = trainer.fit()
+    try:
+        with _sigint_handler_restored():
+            result = trainer.fit()
+    except BaseException as exc:
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"step {plan.step} aborted by Ctrl-C") from exc
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"step {plan.step} aborted by Ctrl-C")
     if result.error is not None:
         raise RuntimeError(f"step {plan.step} failed: {result.error}") from result.error
     confusion = np.asarray(result.metrics["confusion"], dtype=np.int64)
@@ -77,6 +84,28 @@ def run_train_step(
     model_loc = step_dir.join("model.pt")
     _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
     return StepOutcome(confusion=confusion, epochs=state["history"], model_uri=model_loc.uri, restarts=len(state["resumed_at"]))
+
+
+class _InterruptibleTrainer(TorchTrainer):
+    """A TorchTrainer that remembers whether its `fit()` was stopped by Ctrl-C.
+
+    Ray Train's own SIGINT handler aborts the run gracefully and then lets `fit()` end with an
+    actor error or `SystemExit`, which would read as a failed run. Wrapping the handler it
+    installs (the private hook of ray 2.60, which the project pins) tells an interrupt apart, so
+    the run is recorded as `interrupted` and its MLflow runs as KILLED.
+    """
+
+    interrupted = False
+
+    def _register_sigint_handler(self, controller) -> None:
+        super()._register_sigint_handler(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame) -> None:
+            self.interrupted = True
+            ray_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, handler)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,25 @@ def build_step_model(plan: StepPlan) -> torch.nn.Module:
     return model
 
 
+def restore_state(checkpoint: ray.train.Checkpoint | None, step: int, rank: int) -> dict | None:
+    """The last epoch checkpoint's state, or None to start the step afresh.
+
+    A checkpoint whose file no longer matches the size and SHA-256 recorded beside it (a truncated
+    upload, a full disk) is not loaded: the step restarts from its first epoch, and the log names
+    the damaged folder.
+    """
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        problems = storage.damaged_files(storage.resolve(folder))
+        if problems:
+            if rank == 0:
+                log.warning("[step %d] the epoch checkpoint %s is damaged (%s): the step restarts from its first epoch",
+                            step, checkpoint.path, "; ".join(problems))
+            return None
+        return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
 def train_step_worker(plan_dict: dict) -> None:
     plan = StepPlan(**plan_dict)
     torch.set_num_threads(plan.torch_threads)
@@ -85,10 +104,8 @@ def train_step_worker(plan_dict: dict) -> None:
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     start_epoch, iteration, resumed_at, history = 0, 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    state = restore_state(ray.train.get_checkpoint(), plan.step, rank)
+    if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -233,5 +250,6 @@ def _report(
                 "history": history,
             }
             torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            storage.mark_complete(storage.resolve(folder))  # size + SHA-256, checked on restore
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
