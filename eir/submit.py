@@ -200,7 +200,7 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _probe_failure(reason: object, timeout: float) -> str:
+def probe_failure(reason: object, timeout: float) -> str:
     """A short name for why a connection failed ('connection refused', 'timed out after 5s', ...)."""
     if isinstance(reason, TimeoutError):
         return f"timed out after {timeout:g}s"
@@ -236,9 +236,9 @@ def check_dashboard(address: str, headers: Mapping[str, str], timeout: float, en
             f"the server at {address} is not a working Ray dashboard (GET /api/version answered {exc.code} {exc.reason})"
         ) from None
     except urllib.error.URLError as exc:
-        raise SubmitError(_unreachable(address, _probe_failure(exc.reason, timeout))) from None
+        raise SubmitError(_unreachable(address, probe_failure(exc.reason, timeout))) from None
     except OSError as exc:  # timeouts while reading, resets, a server that hangs up
-        raise SubmitError(_unreachable(address, _probe_failure(exc, timeout))) from None
+        raise SubmitError(_unreachable(address, probe_failure(exc, timeout))) from None
     try:
         return str(json.loads(body)["ray_version"])
     except (ValueError, KeyError, TypeError):

@@ -6,6 +6,7 @@ import csv
 import os
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,12 +54,21 @@ def prediction_panels(exp: Any, step: int, model: torch.nn.Module, count: int = 
 
 
 def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, run_id: str) -> None:
+    """Log step `step`'s tables and pictures to its MLflow run `run_id`, and keep a copy of each in `step_dir`.
+
+    The per-class IoU goes in as an MLflow table (`per_class_iou.json`: step, class, IoU), which the UI
+    compares across runs, and as `per_class_iou.csv`; then the confusion matrix, predictions on the first
+    test images and, with instance replay, pasted samples and the memory's class histogram. Files are made
+    in a local temporary folder and copied to `step_dir` through `storage`, so an object-store run dir works
+    as a local one does.
+    """
     cfg = exp.config
     names = exp.train_manifest.info.class_names
     channel_names = [names[c] for c in exp.channels.class_of_channel]
     row = storage.read_json(step_dir.join("metrics.json"))
     confusion = np.asarray(storage.read_json(step_dir.join("confusion.json")))
-    with tempfile.TemporaryDirectory() as folder:
+    tracker.iou_table(run_id, step, row["per_class_IoU"])
+    with tempfile.TemporaryDirectory(prefix="eir-artifacts-") as folder:
         table = os.path.join(folder, "per_class_iou.csv")
         with open(table, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -90,4 +100,4 @@ def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, ru
             paths.append(bars)
         for path in paths:
             tracker.artifact(run_id, path)
-            storage.write_bytes_atomic(step_dir.join(os.path.basename(path)), open(path, "rb").read())
+            storage.write_bytes_atomic(step_dir.join(os.path.basename(path)), Path(path).read_bytes())
