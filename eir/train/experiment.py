@@ -216,16 +216,22 @@ def read_run_config(run_dir: Location) -> ExperimentConfig:
     return config_from_dict(tree, where=loc.uri)
 
 
+def require_existing_run(exp: Experiment) -> None:
+    """--resume of a mistyped name is an error (naming the close ones), never a new run."""
+    if storage.exists(exp.run_dir.join("config.yaml")):
+        return
+    runs = [name for name in storage.list_dir(exp.output_root) if storage.exists(exp.output_root.join(name, "config.yaml"))]
+    close = difflib.get_close_matches(exp.config.run.name, runs, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; runs there: {', '.join(runs[:10]) or 'none'}"
+    raise RunDirError(f"--resume: there is no run {exp.config.run.name!r} in {exp.output_root.uri} "
+                      f"(no {exp.run_dir.join('config.yaml').uri}){hint}")
+
+
 def check_run_dir(exp: Experiment, resume: bool) -> None:
     """A new run needs a free name; --resume needs an existing run made by the same config."""
+    if resume:
+        require_existing_run(exp)
     if not storage.exists(exp.run_dir.join("config.yaml")):
-        if resume:
-            runs = [name for name in storage.list_dir(exp.output_root)
-                    if storage.exists(exp.output_root.join(name, "config.yaml"))]
-            close = difflib.get_close_matches(exp.config.run.name, runs, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; runs there: {', '.join(runs[:10]) or 'none'}"
-            raise RunDirError(f"--resume: there is no run {exp.config.run.name!r} in {exp.output_root.uri} "
-                              f"(no {exp.run_dir.join('config.yaml').uri}){hint}")
         return
     if not resume:
         raise RunDirError(
@@ -377,7 +383,7 @@ def run_experiment(
         print(dump_yaml(config))
         return results_document(config, [], "dry_run", exp.checksums)
     if resume:
-        check_run_dir(exp, resume)  # a mistyped name fails here, before a lock creates its folder
+        require_existing_run(exp)  # a mistyped name fails here, before a lock creates its folder
     if _trains_imagenet_step0(exp):
         from eir.weights import imagenet_file
 

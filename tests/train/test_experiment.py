@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 import launch
 
@@ -279,3 +280,74 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     assert bce > 0 and loss == pytest.approx(plan["bce_weight"] * bce + plan["rskd_weight"] * rskd, rel=1e-6)
     assert (rskd > 0) == (method == "eir")
 
+
+
+def _copy_run(output_dir: Path, source: str, name: str) -> Path:
+    """A finished run under another name (its own MLflow runs): damage it without touching the module's run."""
+    run = output_dir / name
+    shutil.copytree(output_dir / source, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["run"]["name"] = name
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "mlflow_runs.json").unlink()
+    return run
+
+
+def test_resume_redoes_a_damaged_step_and_every_step_after_it(finetune_run: dict, output_dir: Path, caplog) -> None:
+    run = _copy_run(output_dir, "finetune", "damaged")
+    (run / "step_0" / "metrics.json").write_text('{"step": 0, "mIoU_al')  # truncated after its marker was written
+    with caplog.at_level("WARNING"):
+        resumed = run_experiment(tiny_config(output_dir, "run.name=damaged"), resume=True, progress=False)
+    assert resumed["status"] == "finished"
+    assert [s["source"] for s in resumed["steps"]] == ["cache", "trained"], "step 0 from the cache, step 1 retrained"
+    assert "finished step 0" in caplog.text and "metrics.json has" in caplog.text
+    assert "step 1 in" in caplog.text and "was built on the step trained again" in caplog.text
+    aside = sorted(p.name.split(".damaged-")[0] for p in run.iterdir() if ".damaged-" in p.name)
+    assert aside == [".step_0", ".step_1"], "the damaged step and the one built on it are kept aside, not deleted"
+    assert json.loads((run / "step_0" / "metrics.json").read_text())["step"] == 0
+
+
+def test_a_damaged_cache_entry_is_listed_and_never_reused(finetune_run: dict, output_dir: Path, tmp_path: Path, capsys) -> None:
+    from eir import storage
+    from eir.train import cache
+
+    shutil.copytree(output_dir / "cache", tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "step0").iterdir()
+    model = entry / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert launch.main(["cache", "--list", "--output-dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert f"{entry.name}  DAMAGED: model.pt has 100 bytes" in listed
+    assert not cache.lookup(storage.resolve(entry)), "never copied into a run"
+    assert not entry.exists() and len(list((tmp_path / "cache" / "step0").glob(f".{entry.name}.damaged-*"))) == 1
+    assert launch.main(["cache", "--list", "--output-dir", str(tmp_path)]) == 0
+    assert "no step-0 cache entries" in capsys.readouterr().out, "a quarantined entry is not listed"
+
+
+def test_resume_of_a_run_that_does_not_exist_is_an_error(finetune_run: dict, output_dir: Path) -> None:
+    with pytest.raises(RunDirError, match=r"no run 'finetun' .*did you mean finetune"):
+        run_experiment(tiny_config(output_dir, "run.name=finetun"), resume=True, progress=False)
+    assert not (output_dir / "finetun").exists()
+
+
+def test_a_damaged_run_config_is_named(finetune_run: dict, output_dir: Path) -> None:
+    run = _copy_run(output_dir, "finetune", "bad-config")
+    (run / "config.yaml").write_bytes(b"\xff\xfe not yaml")
+    with pytest.raises(RunDirError, match=r"bad-config/config.yaml is damaged"):
+        run_experiment(tiny_config(output_dir, "run.name=bad-config"), resume=True, progress=False)
+    (run / "config.yaml").write_text("- a list\n- not sections\n")
+    with pytest.raises(RunDirError, match=r"expected a mapping of config sections"):
+        run_experiment(tiny_config(output_dir, "run.name=bad-config"), resume=True, progress=False)
+
+
+def test_a_run_in_use_is_refused_with_one_line(finetune_run: dict, output_dir: Path, capsys) -> None:
+    from eir import storage
+    from eir.runlock import hold
+
+    argv = ["run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), *TINY,
+            f"run.output_dir={output_dir}", "run.name=finetune"]
+    with hold(storage.resolve(output_dir / "finetune")):
+        for extra in ([], ["--resume"]):
+            assert launch.main([*argv, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by pid {os.getpid()}" in err and "Traceback" not in err
