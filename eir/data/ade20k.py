@@ -23,6 +23,7 @@ from eir.data.base import (
     SegmentationReader,
     check_label_range,
     check_same_size,
+    check_utf8_name,
     decode_image,
     decode_index_png,
     read_file_bytes,
@@ -81,7 +82,10 @@ class ADE20KReader(SegmentationReader):
     def _ids(self) -> list[str]:
         if not self.image_dir.is_dir():
             raise DatasetError(f"missing ADE20K image folder {self.image_dir} (expected <id>.jpg files)")
-        ids = sorted(path.stem for path in self.image_dir.glob("*.jpg"))
+        paths = sorted(self.image_dir.glob("*.jpg"))
+        for path in paths:
+            check_utf8_name(path)
+        ids = [path.stem for path in paths]
         if not ids:
             raise DatasetError(f"ADE20K image folder {self.image_dir} holds no .jpg files")
         return ids

@@ -25,6 +25,7 @@ from eir.data.base import (
     decode_image,
     decode_index_png,
     read_file_bytes,
+    read_text,
 )
 
 CAMVID_INFO = DatasetInfo(
@@ -57,7 +58,7 @@ class CamVidReader(SegmentationReader):
     @cached_property
     def _pairs(self) -> dict[str, tuple[Path, Path]]:
         """id -> (image path, label path), in list order; read only when first needed."""
-        text = read_file_bytes(self.split_file, "CamVid split list").decode("utf-8")
+        text = read_text(self.split_file, "CamVid split list", "'<image path> <label path>' lines")
         pairs: dict[str, tuple[Path, Path]] = {}
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

@@ -22,13 +22,16 @@ from eir.data.base import (
     DatasetInfo,
     Sample,
     SegmentationReader,
+    check_class_names,
     check_label_range,
     check_same_size,
+    check_utf8_name,
     decode_image,
     decode_index_png,
     read_file_bytes,
+    read_text,
 )
-from eir.data.voc import read_id_list
+from eir.data.voc import parse_id_lines, read_id_list
 
 CLASS_NAMES_FILE = "class_names.txt"
 IMAGE_SUFFIXES = (".jpg", ".png")
@@ -36,13 +39,9 @@ IMAGE_SUFFIXES = (".jpg", ".png")
 
 def read_class_names(path: Path) -> tuple[str, ...]:
     """Class names from a one-per-line file; line 0 is background and at least one class follows."""
-    text = read_file_bytes(path, "class name list").decode("utf-8")
+    text = read_text(path, "class name list", "one class name per line, background first")
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if len(names) < 2:
-        raise DatasetError(
-            f"class name list {path} has {len(names)} name(s); expected background on the first "
-            "line and at least one class after it"
-        )
+    check_class_names(names, f"class name list {path}")
     return names
 
 
@@ -64,12 +63,17 @@ class FolderReader(SegmentationReader):
     @cached_property
     def _images(self) -> dict[str, Path]:
         """Every image in images/, by stem; two files with one stem would make ids ambiguous."""
-        if not self.image_dir.is_dir():
-            raise DatasetError(f"missing image folder {self.image_dir} (expected <id>.jpg or <id>.png files)")
+        try:
+            entries = sorted(self.image_dir.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            raise DatasetError(f"missing image folder {self.image_dir} (expected <id>.jpg or <id>.png files)") from None
+        except OSError as exc:  # no permission, a symbolic link loop
+            raise DatasetError(f"cannot list image folder {self.image_dir}: {exc.strerror or exc}") from None
         images: dict[str, Path] = {}
-        for path in sorted(self.image_dir.iterdir()):
+        for path in entries:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            check_utf8_name(path)
             if path.stem in images:
                 raise DatasetError(f"two images share the id {path.stem!r}: {images[path.stem]} and {path}")
             images[path.stem] = path
@@ -86,8 +90,13 @@ class FolderReader(SegmentationReader):
         for path in sorted(self.root.glob("*.txt")):
             if not path.is_file() or path.name == CLASS_NAMES_FILE:
                 continue
-            lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-            if lines and all(line in self._images for line in lines):
+            # A list that cannot be read is an error, not "no list": that would use every image for every split.
+            text = read_text(path, "text file", "a split list of image ids (or no .txt besides class names)")
+            try:
+                ids = parse_id_lines(text, path)
+            except DatasetError:  # lines that are no ids (notes, a three-column table): not a split list
+                continue
+            if ids and all(sample_id in self._images for sample_id in ids):
                 lists.append(path.name)
         return lists
 

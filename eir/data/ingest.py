@@ -22,9 +22,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,16 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from eir import storage
+from eir.data.base import (
+    DatasetError,
+    DatasetInfo,
+    Sample,
+    SegmentationReader,
+    check_class_names,
+    shown,
+)
 from eir.data.codec import encode_png
 from eir.progress import progress as progress_bar
-from eir.data.base import DatasetError, DatasetInfo, Sample, SegmentationReader
 from eir.storage import Location
 
 log = logging.getLogger(__name__)
@@ -129,47 +137,113 @@ def _row_digest(row: dict[str, Any]) -> bytes:
     return digest.digest()
 
 
-def source_fingerprint(root: str | Path, split: str, options: dict[str, Any]) -> str:
+def source_fingerprint(
+    root: str | Path, split: str, options: dict[str, Any], exclude: Iterable[str | Path] = ()
+) -> str:
     """A cheap identity of a raw dataset folder: every file's relative path, size and mtime.
 
     It keys the implicit ingest cache, so a command given a raw root knows whether that root
-    was already ingested without decoding anything.
+    was already ingested without decoding anything. `exclude` names folders inside the root
+    that are outputs (a run.output_dir or prepare --out placed in the dataset folder): their
+    files change while ingest writes them and belong to no dataset.
     """
     root = Path(root)
     digest = hashlib.sha256(repr((split, sorted(options.items()))).encode())
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            stat = path.stat()
-            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path, stat in walk_files(root, {Path(os.path.abspath(p)) for p in exclude}):
+        relative = os.fsencode(path.relative_to(root))  # names need not be UTF-8 here
+        digest.update(relative + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
+def walk_files(root: Path, exclude: set[Path]) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every file under `root` with its stat, following symbolic links, in sorted depth-first order.
+
+    A link back to a folder above it (a loop) is an error naming the link: following it would
+    never end. A dangling link counts as itself (it is part of the folder as given); a file
+    deleted during the walk is left out.
+    """
+    absolute = Path(os.path.abspath(root))
+    stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(root, frozenset({_dir_key(root)}))]
+    while stack:
+        folder, above = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            raise DatasetError(f"cannot list {shown(folder)} in dataset root {shown(root)}: {exc.strerror or exc}") from None
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if absolute / path.relative_to(root) in exclude:
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                if not entry.is_symlink():
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+            except OSError as exc:  # ELOOP: a link to itself or a ring of links
+                raise DatasetError(f"cannot follow {shown(path)} in dataset root {shown(root)}: {exc.strerror or exc} "
+                                   "(expected a file or folder; remove or fix the symbolic link)") from None
+            if not S_ISDIR(stat.st_mode):
+                yield path, stat
+                continue
+            key = (stat.st_dev, stat.st_ino)
+            if key in above:
+                raise DatasetError(
+                    f"symbolic link loop in dataset root {shown(root)}: {shown(path)} leads back to "
+                    f"{shown(os.path.realpath(path))}, a folder above it (remove the link or point it elsewhere)"
+                )
+            subfolders.append((path, above | {key}))
+        stack.extend(reversed(subfolders))
+
+
+def _dir_key(folder: Path) -> tuple[int, int]:
+    stat = folder.stat()
+    return stat.st_dev, stat.st_ino
+
+
+class DamagedDatasetError(DatasetError):
+    """A prepared dataset whose manifest is unreadable or whose files contradict it: redo it, never read it."""
+
+
+# Manifest keys and the JSON types they must have (bool is no int here: JSON true is not a count).
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dataset": str, "split": str, "num_rows": int, "checksum": str, "shards": list, "class_names": list,
+    "future_label": int, "background_is_class": bool, "image_scale": (int, float), "source": str,
+    "source_fingerprint": str,
+}
+
+
 def read_manifest(location: Location) -> Manifest:
-    """Open a prepared dataset; a missing or incomplete one is an error naming the folder."""
+    """Open a prepared dataset; a missing or incomplete one is an error naming the folder.
+
+    A manifest that is not JSON, lacks a key, or lists shards that are not there raises
+    DamagedDatasetError: the dataset cache quarantines such an entry and ingests again.
+    """
     path = location.join(MANIFEST)
     if not storage.exists(path) or not storage.is_complete(location):
         raise DatasetError(
             f"{location.uri} is not a prepared dataset (no complete {MANIFEST}); "
             "run `launch.py prepare` or give the raw dataset root"
         )
-    data = storage.read_json(path)
+    data = _manifest_data(location, path)
     if data.get("format_version") != FORMAT_VERSION:
         raise DatasetError(
             f"{path.uri} has format_version {data.get('format_version')!r}; this eir reads {FORMAT_VERSION}: re-run prepare"
         )
+    _check_manifest(location, data)
     info = DatasetInfo(
         name=data["dataset"],
         class_names=tuple(data["class_names"]),
-        future_label=int(data["future_label"]),
-        background_is_class=bool(data["background_is_class"]),
+        future_label=data["future_label"],
+        background_is_class=data["background_is_class"],
     )
     return Manifest(
         location=location,
         dataset=data["dataset"],
         split=data["split"],
-        num_rows=int(data["num_rows"]),
+        num_rows=data["num_rows"],
         checksum=data["checksum"],
         shards=tuple(s["file"] for s in data["shards"]),
         info=info,
@@ -177,6 +251,51 @@ def read_manifest(location: Location) -> Manifest:
         source=data["source"],
         source_fingerprint=data["source_fingerprint"],
     )
+
+
+def _damaged(location: Location, problem: str) -> DamagedDatasetError:
+    return DamagedDatasetError(
+        f"prepared dataset {location.uri} is damaged: {problem}; prepare it again (`launch.py prepare ... "
+        "--overwrite`) or remove the folder"
+    )
+
+
+def _manifest_data(location: Location, path: Location) -> dict[str, Any]:
+    try:
+        data = storage.read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise _damaged(location, f"{MANIFEST} is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _damaged(location, f"{MANIFEST} holds a {type(data).__name__}, expected an object")
+    return data
+
+
+def _check_manifest(location: Location, data: dict[str, Any]) -> None:
+    """Every key with its type, a label space eir can hold, and shards that exist and add up."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key not in data:
+            raise _damaged(location, f"{MANIFEST} lacks the key {key!r}")
+        value = data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _damaged(location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
+    names = data["class_names"]
+    if not all(isinstance(name, str) for name in names):
+        raise _damaged(location, f"{MANIFEST} class_names holds non-text entries")
+    check_class_names(names, f"{location.join(MANIFEST).uri} class_names")
+    shards = data["shards"]
+    for shard in shards:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("rows"), int)
+                and "/" not in shard["file"] and shard["file"] not in ("", ".", "..")):
+            raise _damaged(location, f"{MANIFEST} lists the shard {shard!r}, expected {{\"file\": NAME, \"rows\": N}}")
+    if sum(shard["rows"] for shard in shards) != data["num_rows"]:
+        raise _damaged(location, f"its shards hold {sum(s['rows'] for s in shards)} rows, {MANIFEST} says {data['num_rows']}")
+    present = set(storage.list_dir(location))
+    missing = [shard["file"] for shard in shards if shard["file"] not in present]
+    if missing:
+        raise _damaged(location, f"shard(s) {', '.join(missing[:3])} listed in {MANIFEST} are missing")
+    problems = storage.damaged_files(location, checksums=False)  # sizes only: datasets can be large
+    if problems:
+        raise _damaged(location, "; ".join(problems[:3]))
 
 
 def is_prepared(location: Location) -> bool:
@@ -242,9 +361,14 @@ def write_prepared(
     if not ids:
         raise DatasetError(f"split {split!r} of {source} is empty: no images to ingest")
     info = reader.info
-    samples = (reader.read(i) for i in progress_bar(ids, f"ingest {info.name}/{split}", total=len(ids), enabled=progress, unit="img"))
+    listed = progress_bar(ids, f"ingest {info.name}/{split}", total=len(ids), enabled=progress, unit="img")
+    samples = (reader.read(i) for i in listed)
     label_space = label_space_bytes(info.class_names, info.future_label, info.background_is_class)
-    shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows, label_space)
+    try:
+        shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows,
+                                                label_space)
+    finally:  # a bad sample ends the bar on its own line before the error is printed (a generator: closable)
+        getattr(listed, "close", lambda: None)()
     if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
         raise DatasetError(f"ingest of {source} wrote {total} rows but the split lists {len(ids)} ids")
     manifest = {
@@ -263,7 +387,9 @@ def write_prepared(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_json_atomic(folder.join(MANIFEST), manifest)
-    storage.mark_complete(folder, {"rows": total, "checksum": checksum})
+    # The marker vouches for the shards' sizes and checksums; the manifest is checked by its own
+    # structure, since `_record_source` may rewrite it.
+    storage.mark_complete(folder, {"rows": total, "checksum": checksum}, files=[shard["file"] for shard in shards])
     return checksum
 
 
@@ -278,6 +404,24 @@ def _record_source(out: Location, source: str, fingerprint: str) -> Manifest:
     data["source"], data["source_fingerprint"] = source, fingerprint
     storage.write_json_atomic(path, data)
     return read_manifest(out)
+
+
+def _existing_output(out: Location, overwrite: bool) -> Manifest | None:
+    """The prepared dataset `out` holds, or None where there is none or `overwrite` may replace what is there.
+
+    Anything else there (a foreign folder, a damaged or older-format prepared dataset) is only
+    replaced with `overwrite`: it may be someone's data.
+    """
+    if not is_prepared(out):
+        if storage.list_dir(out) and not overwrite:
+            raise FileExistsError(f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it")
+        return None
+    try:
+        return read_manifest(out)
+    except DatasetError:
+        if overwrite:
+            return None
+        raise
 
 
 def ingest(
@@ -299,14 +443,10 @@ def ingest(
     equal content is kept and its manifest records the new source and fingerprint (so the next
     call skips decoding); different content is refused unless `overwrite`.
     """
-    if storage.exists(out) and not is_prepared(out):
-        if storage.list_dir(out) and not overwrite:
-            raise FileExistsError(f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it")
-    if is_prepared(out):
-        existing = read_manifest(out)
-        if fingerprint is not None and existing.source_fingerprint == fingerprint:
-            log.info("%s is already prepared (%d rows, checksum %s)", out.uri, existing.num_rows, existing.checksum[:12])
-            return existing
+    existing = _existing_output(out, overwrite)
+    if existing is not None and fingerprint is not None and existing.source_fingerprint == fingerprint:
+        log.info("%s is already prepared (%d rows, checksum %s)", out.uri, existing.num_rows, existing.checksum[:12])
+        return existing
 
     tmp = out.parent.join(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     storage.makedirs(tmp)
@@ -314,8 +454,8 @@ def ingest(
     try:
         checksum = write_prepared(reader, tmp, split=split, source=source, image_scale=image_scale,
                                   shard_rows=shard_rows, progress=progress, fingerprint=fingerprint)
-        if is_prepared(out):
-            existing = read_manifest(out)
+        existing = _existing_output(out, overwrite)
+        if existing is not None:
             if existing.checksum == checksum:
                 log.info("%s already holds identical content (checksum %s)", out.uri, checksum[:12])
                 return existing if fingerprint is None else _record_source(out, source, fingerprint)
@@ -335,21 +475,12 @@ def ingest(
 
 def read_metadata(manifest: Manifest) -> pa.Table:
     """The light columns of every row (no image bytes): id, size, classes and pixel counts."""
-    columns = ["id", "height", "width", "classes", "class_pixels"]
-    tables = []
-    for loc in manifest.shard_locations:
-        with loc.fs.open_input_file(loc.path) as handle:
-            tables.append(pq.read_table(handle, columns=columns))
-    return pa.concat_tables(tables)
+    return _read_shards(manifest, ["id", "height", "width", "classes", "class_pixels"])
 
 
 def read_rows(manifest: Manifest, ids: list[str] | None = None) -> pa.Table:
     """All columns of the chosen rows (all rows when `ids` is None), in manifest order."""
-    tables = []
-    for loc in manifest.shard_locations:
-        with loc.fs.open_input_file(loc.path) as handle:
-            tables.append(pq.read_table(handle))
-    table = pa.concat_tables(tables)
+    table = _read_shards(manifest, None)
     if ids is None:
         return table
     wanted = set(ids)
@@ -358,3 +489,15 @@ def read_rows(manifest: Manifest, ids: list[str] | None = None) -> pa.Table:
         raise DatasetError(f"{manifest.location.uri} lacks ids {sorted(missing)[:5]} (of {len(missing)} asked for)")
     mask = pa.array([i in wanted for i in table.column("id").to_pylist()])
     return table.filter(mask)
+
+
+def _read_shards(manifest: Manifest, columns: list[str] | None) -> pa.Table:
+    """The shards' rows; a shard that is truncated, corrupt or gone is an error naming it and its folder."""
+    tables = []
+    for loc in manifest.shard_locations:
+        try:
+            with loc.fs.open_input_file(loc.path) as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        except (OSError, pa.ArrowException) as exc:
+            raise _damaged(manifest.location, f"shard {loc.name} cannot be read ({exc})") from None
+    return pa.concat_tables(tables)

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from eir import storage
 from eir.data.base import DatasetError
-from eir.data.ingest import MANIFEST, Manifest, ingest, is_prepared, read_manifest, source_fingerprint, write_prepared
+from eir.data.ingest import (
+    MANIFEST,
+    DamagedDatasetError,
+    Manifest,
+    ingest,
+    is_prepared,
+    read_manifest,
+    source_fingerprint,
+    write_prepared,
+)
 from eir.data.registry import open_reader
 from eir.data.synthetic import generate_synthetic
 from eir.storage import Location
@@ -27,11 +36,17 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "_index"
 
 
-def _fingerprint(dataset: str, root: Path, split: str, image_scale: float) -> str:
-    """The source fingerprint of a raw split; it also keys the dataset and the scale it is ingested at."""
+def _fingerprint(dataset: str, root: Path, split: str, image_scale: float, outputs: list[Location]) -> str:
+    """The source fingerprint of a raw split; it also keys the dataset and the scale it is ingested at.
+
+    `outputs` are where this command writes: when they lie inside the dataset root, the walk
+    leaves them out, so it never reads files being written (by us or a parallel trial).
+    """
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder (dataset {dataset!r})")
-    return source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale})
+        what = "is a symbolic link that leads nowhere or loops" if root.is_symlink() else "does not exist or is not a folder"
+        raise DatasetError(f"dataset root {root} {what} (dataset {dataset!r})")
+    exclude = [out.path for out in outputs if out.is_local]
+    return source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale}, exclude)
 
 
 def prepare_split(
@@ -46,7 +61,7 @@ def prepare_split(
 ) -> Manifest:
     """Ingest one split of a raw dataset into `out` (idempotent, atomic)."""
     root = Path(root)
-    fingerprint = _fingerprint(dataset, root, split, image_scale)
+    fingerprint = _fingerprint(dataset, root, split, image_scale, [out.parent, out])
     return ingest(
         open_reader(dataset, root, split),
         out,
@@ -121,11 +136,83 @@ def ensure_prepared(
         root = str(raw)
     if not root:
         raise DatasetError(f"dataset.root is empty: dataset {dataset!r} needs the raw dataset folder")
-    return _cached_ingest(dataset, Path(root), split, output_root.join("datasets"), image_scale, progress)
+    return _cached_ingest(dataset, Path(root), split, output_root, image_scale, progress)
+
+
+def find_prepared(
+    dataset: str,
+    root: str,
+    split: str,
+    output_root: Location,
+    *,
+    image_scale: float = 1.0,
+    synthetic: tuple[int, int, int] = (600, 112, 0),
+) -> Manifest | None:
+    """What `ensure_prepared` would return, if it exists already; None otherwise.
+
+    Nothing is generated, ingested or decoded: it lets a command look up a run's training data
+    (its label space) without paying for an ingest, or failing where the raw data is gone.
+    """
+    if root:
+        manifest = _prepared_at(storage.resolve(root), split)
+        if manifest is not None or "://" in root:
+            return manifest
+        raw = Path(root)
+    elif dataset == "synthetic" and output_root.is_local:
+        raw = synthetic_root(output_root, *synthetic)
+    else:
+        return None
+    if not raw.is_dir():
+        return None
+    fingerprint = _fingerprint(dataset, raw, split, image_scale, [output_root])
+    return _indexed(output_root.join("datasets"), _index_file(output_root, dataset, split, fingerprint))
+
+
+def _index_file(output_root: Location, dataset: str, split: str, fingerprint: str) -> Location:
+    return output_root.join("datasets", INDEX_DIR, f"{dataset}-{split}-{fingerprint}.json")
+
+
+def _indexed(datasets: Location, index: Location) -> Manifest | None:
+    """The sound cache entry an index file names, or None (no index, or nothing usable behind it).
+
+    A damaged index file is reported and then rewritten by the ingest that follows (it only
+    points at an entry); a damaged entry is quarantined, never deleted, and ingested again.
+    """
+    if not storage.exists(index):
+        return None
+    try:
+        recorded = storage.read_json(index)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        recorded = f"not JSON: {exc}"
+    folder = recorded.get("folder") if isinstance(recorded, dict) else None
+    if not isinstance(folder, str) or "/" in folder or folder in ("", ".", ".."):
+        log.warning("dataset cache index %s is damaged (expected {\"folder\": NAME}, found %.200r): ingesting again "
+                    "and rewriting it", index.uri, recorded)
+        return None
+    entry = datasets.join(folder)
+    manifest = _sound_entry(entry)
+    if manifest is None:
+        log.info("the dataset cache entry %s named by %s is gone, incomplete or damaged: ingesting again", entry.uri, index.uri)
+    return manifest
+
+
+def _sound_entry(entry: Location) -> Manifest | None:
+    """A cache entry's manifest when it is complete and intact; a damaged one is moved out of use first."""
+    if not is_prepared(entry):
+        return None
+    try:
+        return read_manifest(entry)
+    except DamagedDatasetError as exc:
+        try:
+            aside = storage.quarantine(entry)
+        except FileNotFoundError:  # a parallel process moved it first
+            return None
+        log.warning("%s; the dataset cache moved it out of use (%s) and ingests it again", exc, aside.uri)
+        return None
 
 
 def _cached_ingest(
-    dataset: str, root: Path, split: str, datasets: Location, image_scale: float, progress: bool
+    dataset: str, root: Path, split: str, output_root: Location, image_scale: float, progress: bool
 ) -> Manifest:
     """The cache entry for a raw split: found through the fingerprint index, or ingested and published.
 
@@ -134,17 +221,12 @@ def _cached_ingest(
     dropped, so identical content is stored once; either way the index learns the fingerprint
     and the next call decodes nothing.
     """
-    fingerprint = _fingerprint(dataset, root, split, image_scale)
-    index = datasets.join(INDEX_DIR, f"{dataset}-{split}-{fingerprint}.json")
-    if storage.exists(index):
-        recorded = storage.read_json(index)
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("folder"), str):
-            raise DatasetError(f"dataset cache index {index.uri} is damaged (expected {{\"folder\": NAME}}, found "
-                               f"{recorded!r}): delete it and the dataset is ingested again")
-        entry = datasets.join(recorded["folder"])
-        if is_prepared(entry):
-            return read_manifest(entry)
-        log.info("the dataset cache entry %s named by %s is gone or incomplete: ingesting again", entry.uri, index.uri)
+    datasets = output_root.join("datasets")
+    fingerprint = _fingerprint(dataset, root, split, image_scale, [output_root])
+    index = _index_file(output_root, dataset, split, fingerprint)
+    manifest = _indexed(datasets, index)
+    if manifest is not None:
+        return manifest
     staging = datasets.join(f".staging-{dataset}-{split}-{fingerprint}-{uuid.uuid4().hex[:8]}")
     storage.makedirs(staging)
     log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, datasets.uri)
@@ -152,7 +234,7 @@ def _cached_ingest(
         checksum = write_prepared(open_reader(dataset, root, split), staging, split=split, source=str(root.resolve()),
                                   image_scale=image_scale, progress=progress, fingerprint=fingerprint)
         entry = datasets.join(f"{dataset}-{split}-{checksum[:16]}")
-        if is_prepared(entry):
+        if _sound_entry(entry) is not None:
             log.info("%s already holds this content (checksum %s): keeping it", entry.uri, checksum[:12])
         else:
             _publish(staging, entry)

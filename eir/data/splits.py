@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from eir import storage
 from eir.data.ingest import Manifest, read_metadata
@@ -58,6 +59,31 @@ def _checksum(dataset_checksum: str, key: str, ids: list[list[str]]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _stored(loc: Location, num_steps: int) -> dict[str, Any] | None:
+    """The split file at `loc` if it is there and intact; a damaged one is reported and recomputed.
+
+    An intact one is the source of truth (its ids are used as recorded); a damaged one holds
+    nothing the manifest and the task do not determine, so writing it again loses nothing.
+    """
+    if not storage.exists(loc):
+        return None
+    try:
+        data = storage.read_json(loc)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        problem = f"not JSON ({exc})"
+    else:
+        ids = data.get("ids") if isinstance(data, dict) else None
+        if not (isinstance(ids, list) and len(ids) == num_steps
+                and all(isinstance(step, list) and all(isinstance(i, str) for i in step) for step in ids)):
+            problem = f"expected {num_steps} lists of ids under \"ids\""
+        elif not isinstance(data.get("checksum"), str):
+            problem = "no \"checksum\""
+        else:
+            return data
+    log.warning("split file %s is damaged (%s): computing it again", loc.uri, problem)
+    return None
+
+
 def step_splits(task: Task, manifest: Manifest, output_root: Location, *, purpose: str = "train") -> StepSplits:
     """Load the split file for this dataset/task, or compute, check and write it.
 
@@ -67,12 +93,9 @@ def step_splits(task: Task, manifest: Manifest, output_root: Location, *, purpos
     """
     key = task_key(task)
     loc = output_root.join("splits", manifest.checksum[:16], f"{key}-{purpose}.json")
-    cached = storage.exists(loc)
-    if cached:
-        data = storage.read_json(loc)
-        ids = data["ids"]
-    else:
-        ids = select_ids(task, manifest, purpose=purpose)
+    data = _stored(loc, task.num_steps)
+    cached = data is not None
+    ids = data["ids"] if cached else select_ids(task, manifest, purpose=purpose)
     if purpose == "train":
         check_step_sizes(task, [len(step) for step in ids])
     if not cached:

@@ -13,7 +13,7 @@ VOC labels are already canonical (0 background, 1..20, 255 ignore), so they are 
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from eir.data.base import (
     DatasetError,
@@ -25,6 +25,7 @@ from eir.data.base import (
     decode_image,
     decode_index_png,
     read_file_bytes,
+    read_text,
 )
 
 VOC_INFO = DatasetInfo(
@@ -93,7 +94,7 @@ class VOCReader(SegmentationReader):
         instance_path = self.root / OBJECT_DIR / f"{sample_id}.png"
         instances = None
         if instance_path.is_file():
-            instances = decode_index_png(instance_path.read_bytes(), instance_path, "instance map")
+            instances = decode_index_png(read_file_bytes(instance_path, "instance map"), instance_path, "instance map")
             check_same_size(image, instances, image_path, instance_path)
 
         return Sample(sample_id, image, label, instances, image_bytes, image_format)
@@ -123,18 +124,38 @@ class VOCReader(SegmentationReader):
 
 
 def read_id_list(path: Path, what: str) -> list[str]:
-    """Ids of a split list, in file order.
-
-    Plain lines are ids as written. A line whose first token is a path (DeepLab-style
-    "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png" lists) gives that file's stem.
-    """
-    text = read_file_bytes(path, what).decode("utf-8")
-    ids = [_line_id(line) for line in text.splitlines() if line.strip()]
+    """Ids of a split list, in file order (see `parse_id_lines` for what a line holds)."""
+    ids = parse_id_lines(read_text(path, what, "one image id per line"), path)
     if not ids:
         raise DatasetError(f"{what} {path} is empty (expected at least one id)")
     return ids
 
 
-def _line_id(line: str) -> str:
-    token = line.split()[0]
-    return Path(token).stem if "/" in token else token
+def parse_id_lines(text: str, path: Path) -> list[str]:
+    """The ids of a split list's text; blank lines are skipped.
+
+    An id is the whole line without its surrounding whitespace (line ending, indentation,
+    trailing blanks): spaces inside belong to it, as they do to the file names of users' own
+    data (`IMG 0001.jpg` is id "IMG 0001"). A line naming paths (DeepLab-style
+    "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png") gives its first file's stem; there
+    spaces separate the paths, so a third field is an error rather than a guess. An id listed
+    twice is an error too: it would be ingested, trained on and scored twice.
+    """
+    ids: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        sample_id = line
+        if "/" in line:
+            fields = line.split()
+            if len(fields) > 2:
+                raise DatasetError(
+                    f"{path} line {number}: {line!r} has {len(fields)} fields; expected one id per line or "
+                    "'<image path> <label path>' (spaces separate those paths: list such an id on its own)"
+                )
+            sample_id = PurePosixPath(fields[0]).stem
+        if sample_id in ids:
+            raise DatasetError(f"{path} line {number}: id {sample_id!r} is listed twice (first on line {ids[sample_id]})")
+        ids[sample_id] = number
+    return list(ids)

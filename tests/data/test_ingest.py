@@ -133,7 +133,9 @@ def test_manifest_describes_the_shards(prepared: Manifest, raw: Path) -> None:
     assert prepared.source == str(raw) and prepared.source_fingerprint == "fp-1"
     assert prepared.info.class_names[0] == "background" and prepared.info.num_classes == 20
     assert sorted(storage.list_dir(prepared.location)) == sorted([*prepared.shards, MANIFEST, COMPLETE_MARKER])
-    assert storage.read_json(prepared.location.join(COMPLETE_MARKER)) == {"rows": NUM_TRAIN, "checksum": prepared.checksum}
+    marker = storage.read_json(prepared.location.join(COMPLETE_MARKER))
+    shards = {name: storage.file_digest(prepared.location.join(name)) for name in prepared.shards}
+    assert marker == {"rows": NUM_TRAIN, "checksum": prepared.checksum, "files": shards}
     again = read_manifest(prepared.location)
     assert again == prepared
 

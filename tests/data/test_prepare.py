@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -147,12 +148,15 @@ def test_a_cache_entry_is_keyed_by_what_the_labels_mean(tmp_path: Path) -> None:
     assert after.checksum != before.checksum and after.location != before.location
 
 
-def test_a_damaged_index_entry_names_its_file(raw: Path, tmp_path: Path) -> None:
-    ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+def test_a_damaged_index_entry_is_named_and_rewritten(raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The index only points at an entry: a damaged one is reported, the split ingested again and the index rewritten."""
+    first = ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
     index = index_file(tmp_path, raw, "val")
     index.write_text("[]")
-    with pytest.raises(DatasetError, match=f"dataset cache index .*{index.name} is damaged"):
-        ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
+    with caplog.at_level(logging.WARNING):
+        assert ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False) == first
+    assert f"dataset cache index {index} is damaged" in caplog.text
+    assert storage.read_json(storage.resolve(index)) == {"folder": first.location.name}
 
 
 def test_image_scale_gets_its_own_cache_entry(raw: Path, tmp_path: Path) -> None:
