@@ -8,6 +8,8 @@ import http.server
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +43,8 @@ from eir.tracking import (
     step_run_name,
     tracking_uri,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def remote_root(tmp_path: Path) -> storage.Location:
@@ -314,3 +318,27 @@ def test_per_class_iou_table_compares_across_runs(tracker: Tracker) -> None:
         mlflow.set_tracking_uri(previous)
     car_at_1 = both[(both["step"] == 1) & (both["class"] == "car")]
     assert dict(zip(car_at_1["run_id"], car_at_1["IoU"])) == {eir_run: 40.0, finetune_run: 2.0}
+
+
+def test_launch_run_with_a_dead_tracking_server_is_one_error_line_and_leaves_no_run(tmp_path: Path) -> None:
+    """`launch.py run` end to end: exit 2 within seconds with one `error:` line, before Ray starts and before the
+    run directory gets a config.yaml, so the same command runs once the server is back (no "already exists")."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))} | {"MLFLOW_TRACKING_URI": uri}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"),
+         f"run.output_dir={tmp_path}", "run.name=dead", "dataset.synthetic_num_images=40",
+         "dataset.synthetic_image_size=48", "task.name=15-5", "model.weights=null"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [(f"error: no MLflow tracking server answered at MLFLOW_TRACKING_URI={uri} (tried GET /health, "
+                      "connection refused): start the server, correct MLFLOW_TRACKING_URI, or unset it to log to a "
+                      "sqlite file in run.output_dir")], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "starting a local Ray instance" not in result.stderr, "the check comes before Ray starts"
+    assert not (tmp_path / "dead" / "config.yaml").exists() and not (tmp_path / "dead" / "results.json").exists()
+    assert elapsed < 120, f"{elapsed:.0f} s (the dataset is prepared first; MLflow's own retries would take minutes)"
