@@ -8,19 +8,33 @@ the results.json schema with one step entry.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 
 from eir import storage
+from eir.config import ExperimentConfig
+from eir.data.base import DatasetError
 from eir.data.pipeline import eval_batch
-from eir.data.prepare import ensure_prepared
+from eir.data.prepare import ensure_prepared, find_prepared, synthetic_root
+from eir.data.registry import dataset_info
 from eir.data.splits import select_ids
 from eir.metrics import reduce_scores
-from eir.train.evaluate import confusion_on_batches
-from eir.train.experiment import ChannelSpace, RunDirError, read_run_config, results_document, step_row
 from eir.train.artifacts import load_step_model
+from eir.train.evaluate import confusion_on_batches
+from eir.train.experiment import (
+    ChannelSpace,
+    RunDirError,
+    read_run_config,
+    results_document,
+    step_row,
+)
+
+log = logging.getLogger(__name__)
+
+SHOWN_DIFFERENCES = 5
 
 
 def _batches(manifest, ids: set[str], lut, protocol: str, crop_size: int, batch_size: int):
@@ -68,6 +82,7 @@ def evaluate_run(
     output_root = storage.resolve(config.run.output_dir)
     manifest = ensure_prepared(dataset, root, split, output_root, image_scale=config.dataset.image_scale)
     info = manifest.info
+    check_label_space(run, config, info.class_names, f"{dataset}/{split} at {root}")
     task = get_task(dataset, config.task.name, config.task.setting, num_classes=info.num_classes,
                     class_order=config.task.class_order, future_label=info.future_label)
     joint = config.method.name == "joint"
@@ -91,3 +106,53 @@ def evaluate_run(
     if out:
         storage.write_json_atomic(storage.resolve(out), document)
     return document
+
+
+def run_class_names(config: ExperimentConfig) -> tuple[tuple[str, ...], str] | None:
+    """The class names a run was trained with and where they were read; None where they cannot be had.
+
+    First its prepared training data (found without decoding anything), else its dataset as the
+    config names it: fixed for VOC, ADE20K and CamVid, class_names.txt for a folder or synthetic root.
+    """
+    data = config.dataset
+    output_root = storage.resolve(config.run.output_dir)
+    synthetic = (data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed)
+    try:
+        manifest = find_prepared(data.name, data.root, data.train_split, output_root, image_scale=data.image_scale,
+                                 synthetic=synthetic)
+        if manifest is not None:
+            return manifest.info.class_names, f"its training data {manifest.location.uri}"
+        root = data.root or (str(synthetic_root(output_root, *synthetic)) if data.name == "synthetic" else "")
+        return dataset_info(data.name, root).class_names, f"its dataset {data.name} at {root or '(built in)'}"
+    except DatasetError as exc:
+        log.warning("cannot read the class names run.output_dir=%s was trained with (%s): they are not compared "
+                    "with the evaluated dataset's", config.run.output_dir, exc)
+        return None
+
+
+def label_space_differences(trained: tuple[str, ...], evaluated: tuple[str, ...]) -> list[str]:
+    """How two label spaces differ: the class count first, then each class id whose name differs."""
+    differences = []
+    if len(trained) != len(evaluated):
+        differences.append(f"K={len(evaluated) - 1} classes, the run's K={len(trained) - 1}")
+    for class_id in range(max(len(trained), len(evaluated))):
+        ours = trained[class_id] if class_id < len(trained) else None
+        theirs = evaluated[class_id] if class_id < len(evaluated) else None
+        if ours != theirs:
+            differences.append(f"class {class_id} is {theirs!r}, the run's {ours!r}")
+    return differences
+
+
+def check_label_space(run: storage.Location, config: ExperimentConfig, names: tuple[str, ...], what: str) -> None:
+    """Refuse to score a model on a dataset whose class ids mean other classes than the run's."""
+    trained = run_class_names(config)
+    if trained is None:
+        return
+    differences = label_space_differences(trained[0], names)
+    if differences:
+        more = len(differences) - SHOWN_DIFFERENCES
+        shown = "; ".join(differences[:SHOWN_DIFFERENCES]) + (f"; and {more} more" if more > 0 else "")
+        raise DatasetError(
+            f"{what} does not have the classes run {run.uri} was trained with (read from {trained[1]}): {shown} "
+            "(expected the same class names in the same order)"
+        )
