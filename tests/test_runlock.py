@@ -29,9 +29,8 @@ def test_a_second_holder_is_refused_while_the_first_lives(tmp_path: Path) -> Non
     with hold(run):
         record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        with pytest.raises(RunInUseError, match=rf"is in use by pid {os.getpid()} on {socket.gethostname()}"):
-            with hold(run):
-                pass
+        with pytest.raises(RunInUseError, match=rf"is in use by pid {os.getpid()} on {socket.gethostname()}"), hold(run):
+            pass
     assert not (tmp_path / "run" / LOCK_FILE).exists(), "released on exit"
     with hold(run):  # and free again
         pass
@@ -79,9 +78,8 @@ def test_another_process_is_refused(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"):
-            with hold(storage.resolve(tmp_path / "run")):
-                pass
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"), hold(storage.resolve(tmp_path / "run")):
+            pass
     finally:
         holder.kill()
         holder.wait()

@@ -88,7 +88,8 @@ def quiet_ray_train_reports() -> None:
     """Drop Ray Train's per-report INFO lines on the worker: each repeats the reported metrics, the
     whole confusion matrix included (52 of a quick start's 212 console lines); the worker prints
     its own one-line epoch summary instead. Warnings and errors still show."""
-    from ray.train.v2._internal.execution import context, storage as train_storage
+    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import storage as train_storage
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by file path
     logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)  # "Checkpoint successfully created"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 from ray.train import Checkpoint
-from ray.train.v2._internal.execution import context, storage as train_storage
+from ray.train.v2._internal.execution import context
+from ray.train.v2._internal.execution import storage as train_storage
 
 from eir import storage
 from eir.train.worker import CHECKPOINT_FILE, quiet_ray_train_reports, restore_state
