@@ -55,6 +55,10 @@ PROBE_TIMEOUT_S = 5.0
 # mid-run fail within ~10 s when it refuses connections, ~1.5 min when it hangs.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# What a TrackingError suggests: before anything ran, the setting; once a run logs, resuming it.
+OPEN_HINT = ("check MLFLOW_TRACKING_URI (and a server's credentials: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+             "or MLFLOW_TRACKING_TOKEN)")
+RESUME_HINT = "the run's files are kept: once the store answers again, continue with --resume"
 
 
 class TrackingError(ConfigError):
@@ -180,26 +184,23 @@ class Tracker:
         bound_http_retries()
         check_reachable(self.uri, probe_timeout)
         self.client = MlflowClient(self.uri)
-        with self._calling(f"opening experiment {experiment!r}"):
+        with self._calling(f"opening experiment {experiment!r}", OPEN_HINT):
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location(self.uri, output_root))
             else:
                 self.experiment_id = found.experiment_id
 
-    def _error(self, what: str, exc: BaseException) -> TrackingError:
-        return TrackingError(
-            f"the MLflow tracking store {shown_uri(self.uri)} failed while {what} ({_short(exc)}); the run's "
-            "files are kept: once the store answers again, continue with --resume"
-        )
+    def _error(self, what: str, exc: BaseException, hint: str = RESUME_HINT) -> TrackingError:
+        return TrackingError(f"the MLflow tracking store {shown_uri(self.uri)} failed while {what} ({_short(exc)}); {hint}")
 
     @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
+    def _calling(self, what: str, hint: str = RESUME_HINT) -> Iterator[None]:
         """MLflow's failures (a dead server, a refused request, a full disk) as one TrackingError naming the store."""
         try:
             yield
         except (MlflowException, OSError) as exc:
-            raise self._error(what, exc) from exc
+            raise self._error(what, exc, hint) from exc
 
     def start(self, name: str, *, parent: str | None = None, tags: Mapping[str, str] | None = None,
               description: str | None = None, run_id: str | None = None) -> str:
@@ -311,16 +312,16 @@ class Tracker:
         fails is logged, and the error that stopped the run stays the one reported."""
         closed: list[str] = []
         try:
-            experiment_id = self.client.get_run(run_id).info.experiment_id
-            tree, pending = [], [run_id]
+            root = self.client.get_run(run_id)
+            tree, pending = [], [root]
             while pending:
-                current = pending.pop()
-                tree.append(current)
-                pending += [child.info.run_id for child in self._children(experiment_id, current)]
-            for current in reversed(tree):  # the deepest first: a parent never ends before its children
-                if self.client.get_run(current).info.status == "RUNNING":
-                    self.finish(current, status)
-                    closed.append(current)
+                run = pending.pop()
+                tree.append(run)
+                pending += self._children(root.info.experiment_id, run.info.run_id)
+            for run in reversed(tree):  # the deepest first: a parent never ends before its children
+                if run.info.status == "RUNNING":
+                    self.finish(run.info.run_id, status)
+                    closed.append(run.info.run_id)
         except (MlflowException, OSError, TrackingError) as exc:
             log.warning("could not end MLflow run %s and its children as %s in %s: %s",
                         run_id, status, shown_uri(self.uri), _short(exc))

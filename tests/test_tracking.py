@@ -187,6 +187,33 @@ def test_closing_runs_on_a_dead_server_never_raises(short_lived_server, tmp_path
     assert time.monotonic() - start < 5
 
 
+def test_a_server_that_refuses_the_api_names_the_setting_to_check(tmp_path: Path, monkeypatch) -> None:
+    """A server (or proxy) that answers the health check but refuses MLflow's requests (401: credentials)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code, body = (200, b"OK") if self.path == "/health" else (401, b'{"error_code": "UNAUTHENTICATED"}')
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} failed while opening experiment "
+                                                r"'eir-test' \(UNAUTHENTICATED: .*\); check MLFLOW_TRACKING_URI \(and a server's credentials"):
+            Tracker(storage.resolve(str(tmp_path)), "eir-test")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bounds_leave_the_users_own_settings() -> None:
     environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
     bound_http_retries(environ)
