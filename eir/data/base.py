@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IGNORE_LABEL = 255
 # Class ids 1..K and background 0 must stay below the ignore label in 8-bit label maps, and the
@@ -180,6 +180,9 @@ def _open_image(data: bytes, path: Path, what: str, expected: str) -> Iterator[I
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it gives no size
         raise DatasetError(f"{what} {shown(path)} is refused before decoding: {exc} (eir decodes at most "
                            f"{MAX_IMAGE_PIXELS:,} pixels, MAX_IMAGE_PIXELS in eir/data/base.py)") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"unreadable {what} {shown(path)}: not a format Pillow recognises, {len(data)} bytes "
+                           f"(expected {expected})") from None
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"unreadable {what} {shown(path)}: {exc or type(exc).__name__}, {len(data)} bytes "
                            f"(expected {expected})") from None

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from PIL import Image
 
 from eir import storage
 from eir.data.base import (
+    IGNORE_LABEL,
     DatasetError,
     DatasetInfo,
     Sample,
@@ -215,6 +217,9 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_HEX = re.compile(r"[0-9a-f]{16,64}")
+
+
 def read_manifest(location: Location) -> Manifest:
     """Open a prepared dataset; a missing or incomplete one is an error naming the folder.
 
@@ -278,6 +283,12 @@ def _check_manifest(location: Location, data: dict[str, Any]) -> None:
         value = data[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise _damaged(location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
+    if not 0 <= data["future_label"] <= IGNORE_LABEL:
+        raise _damaged(location, f"{MANIFEST} future_label is {data['future_label']}, expected a label value 0..{IGNORE_LABEL}")
+    if not 0 < data["image_scale"] <= 1 or data["num_rows"] < 0:
+        raise _damaged(location, f"{MANIFEST} has image_scale {data['image_scale']} and num_rows {data['num_rows']}")
+    if not _HEX.fullmatch(data["checksum"]):  # it names the split folder: no path may hide in it
+        raise _damaged(location, f"{MANIFEST} checksum {data['checksum']!r} is not a hex digest")
     names = data["class_names"]
     if not all(isinstance(name, str) for name in names):
         raise _damaged(location, f"{MANIFEST} class_names holds non-text entries")
@@ -406,6 +417,17 @@ def _record_source(out: Location, source: str, fingerprint: str) -> Manifest:
     return read_manifest(out)
 
 
+def make_output_folder(folder: Location, target: Location) -> None:
+    """Create the private folder a prepared dataset is written into before it is published as `target`.
+
+    A target under a file or in a folder we may not write to is a user error naming the target.
+    """
+    try:
+        storage.makedirs(folder)
+    except OSError as exc:
+        raise DatasetError(f"cannot write the prepared dataset {target.uri}: {exc}") from None
+
+
 def _existing_output(out: Location, overwrite: bool) -> Manifest | None:
     """The prepared dataset `out` holds, or None where there is none or `overwrite` may replace what is there.
 
@@ -449,7 +471,7 @@ def ingest(
         return existing
 
     tmp = out.parent.join(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    storage.makedirs(tmp)
+    make_output_folder(tmp, out)
     started = time.perf_counter()
     try:
         checksum = write_prepared(reader, tmp, split=split, source=source, image_scale=image_scale,

@@ -23,6 +23,7 @@ from eir.data.ingest import (
     Manifest,
     ingest,
     is_prepared,
+    make_output_folder,
     read_manifest,
     source_fingerprint,
     write_prepared,
@@ -84,6 +85,14 @@ def synthetic_root(output_root: Location, num_images: int, image_size: int, seed
     return Path(output_root.path) / "datasets" / f"synthetic-raw-n{num_images}-s{image_size}-seed{seed}"
 
 
+def _root_location(root: str) -> Location:
+    """dataset.root as a Location; a URI pyarrow cannot open is an error naming it."""
+    try:
+        return storage.resolve(root)
+    except ValueError as exc:  # pyarrow.ArrowInvalid: an unknown scheme or a malformed URI
+        raise DatasetError(f"dataset root {root}: {exc} (expected a local folder or a URI such as s3://bucket/path)") from None
+
+
 def _prepared_at(root: Location, split: str) -> Manifest | None:
     """The prepared `split` at root, or at root/<split> as `launch.py prepare` writes it; None if neither.
 
@@ -117,7 +126,7 @@ def ensure_prepared(
     is given: the data is generated first.
     """
     if root:
-        manifest = _prepared_at(storage.resolve(root), split)
+        manifest = _prepared_at(_root_location(root), split)
         if manifest is not None:
             if not output_root.is_local and "://" not in root:
                 log.warning("dataset.root=%s is a prepared dataset on this machine's disk while run.output_dir=%s is "
@@ -154,7 +163,7 @@ def find_prepared(
     (its label space) without paying for an ingest, or failing where the raw data is gone.
     """
     if root:
-        manifest = _prepared_at(storage.resolve(root), split)
+        manifest = _prepared_at(_root_location(root), split)
         if manifest is not None or "://" in root:
             return manifest
         raw = Path(root)
@@ -228,7 +237,7 @@ def _cached_ingest(
     if manifest is not None:
         return manifest
     staging = datasets.join(f".staging-{dataset}-{split}-{fingerprint}-{uuid.uuid4().hex[:8]}")
-    storage.makedirs(staging)
+    make_output_folder(staging, datasets)
     log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, datasets.uri)
     try:
         checksum = write_prepared(open_reader(dataset, root, split), staging, split=split, source=str(root.resolve()),

@@ -155,6 +155,8 @@ def parse_id_lines(text: str, path: Path) -> list[str]:
                     "'<image path> <label path>' (spaces separate those paths: list such an id on its own)"
                 )
             sample_id = PurePosixPath(fields[0]).stem
+        if any(ord(char) < 32 for char in sample_id):
+            raise DatasetError(f"{path} line {number}: {line!r} holds control characters (expected an image id)")
         if sample_id in ids:
             raise DatasetError(f"{path} line {number}: id {sample_id!r} is listed twice (first on line {ids[sample_id]})")
         ids[sample_id] = number

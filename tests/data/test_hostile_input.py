@@ -213,6 +213,13 @@ def test_path_lines_keep_the_deeplab_form_and_refuse_spaces_in_paths(tmp_path: P
         VOCReader(tmp_path, "train_aug").ids()
 
 
+def test_an_id_with_control_characters_is_refused(tmp_path: Path) -> None:
+    root = folder_dataset(tmp_path / "raw")
+    (root / "train.txt").write_text("a\nb\x00c\n")
+    with pytest.raises(DatasetError, match=r"train\.txt line 2: 'b\\x00c' holds control characters"):
+        FolderReader(root, "train").ids()
+
+
 def test_an_id_listed_twice_is_named_with_both_lines(tmp_path: Path) -> None:
     root = folder_dataset(tmp_path / "raw")
     (root / "train.txt").write_text("a\nb\na\n")
@@ -367,6 +374,8 @@ def refuse_to_read(*args: object, **kwargs: object) -> SegmentationReader:
         (lambda entry: (entry / "part-00000.parquet").unlink(), "shard(s) part-00000.parquet listed in"),
         (lambda entry: _truncate(entry / "part-00000.parquet"), "part-00000.parquet has 100 bytes, expected"),
         (lambda entry: _edit_manifest(entry, lambda m: m["shards"][0].update(file="../../x")), "lists the shard"),
+        (lambda entry: _edit_manifest(entry, lambda m: m.update(checksum="../../../x" * 2)), "is not a hex digest"),
+        (lambda entry: _edit_manifest(entry, lambda m: m.update(future_label=999)), "future_label is 999"),
     ],
 )
 def test_a_damaged_cache_entry_is_quarantined_and_ingested_again(
@@ -480,3 +489,26 @@ def test_a_damaged_split_file_is_computed_again(cached: tuple[Path, storage.Loca
             assert step_splits(task, manifest, output_root, purpose="test") == splits
         assert f"split file {split_file} is damaged" in caplog.text
         assert storage.read_json(storage.resolve(split_file))["checksum"] == splits.checksum
+
+
+# ---------------------------------------------------------------- 8. other tracebacks met on the way
+
+
+def test_a_root_uri_pyarrow_cannot_open_is_named(tmp_path: Path, capsys) -> None:
+    err = fails(capsys, "run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), "--dry-run",
+                f"run.output_dir={tmp_path}", "dataset.name=folder", "dataset.root=foo://bucket/data", "task.name=1-1")
+    assert "dataset root foo://bucket/data: Unrecognized filesystem type" in err
+
+
+def test_a_prepare_output_under_a_file_is_named(tmp_path: Path, capsys) -> None:
+    root = folder_dataset(tmp_path / "raw")
+    (tmp_path / "a-file").write_text("x")
+    err = fails(capsys, *prepare_argv(root, tmp_path / "a-file"))
+    assert f"cannot write the prepared dataset {tmp_path}/a-file/train: " in err and "Not a directory" in err
+
+
+def test_an_empty_image_file_says_what_it_is(tmp_path: Path) -> None:
+    root = folder_dataset(tmp_path / "raw")
+    (root / "images" / "a.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"unreadable image .*images/a\.png: not a format Pillow recognises, 0 bytes"):
+        FolderReader(root, "train").read("a")
