@@ -60,8 +60,8 @@ def test_local_root_keeps_database_and_artifacts_beside_the_runs(tmp_path: Path,
 
 def test_remote_root_needs_a_tracking_uri(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
-        tracking_uri(remote_root(tmp_path))
+    with pytest.raises(TrackingError, match="is remote: set MLFLOW_TRACKING_URI to a tracking server"):
+        tracking_uri(remote_root(tmp_path))  # a ConfigError: one `error:` line from launch.py, not a traceback
 
 
 def test_remote_root_with_sqlite_puts_artifacts_beside_the_database(tmp_path: Path) -> None:
