@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 from eir import storage
@@ -18,10 +20,13 @@ from eir.config import ConfigError
 from eir.data.base import DatasetError
 from eir.data.registry import DATASETS
 from eir.model import CheckpointError
+from eir.raysession import RayStartError
 from eir.tasks import TaskError
 from eir.train.experiment import RunDirError
 
 log = logging.getLogger("eir")
+# Bad input: one `error:` line and exit 2 (OSError and RayStartError too, see `main`).
+USER_ERRORS = (ConfigError, DatasetError, TaskError, RunDirError, CheckpointError, FileExistsError)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -128,7 +133,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no step-0 cache entries under {root.uri}")
     for entry in entries:
-        state = "complete" if entry.pop("complete") else "INCOMPLETE"
+        state = entry.pop("state")
         print(f"{entry.pop('hash')}  {state}  " + "  ".join(f"{k}={v}" for k, v in entry.items()))
     return 0
 
@@ -312,9 +317,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, TaskError, RunDirError, CheckpointError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    except USER_ERRORS as exc:
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 2
+    except (OSError, RayStartError) as exc:  # the machine, not the input: the traceback helps only with -v
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as one line: an OSError as `path: reason` (disk full, read-only, not a folder, ...),
+    anything else by its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {exc.strerror}" if paths else exc.strerror
+    if isinstance(exc, OSError):
+        return " ".join(str(exc).split()) or type(exc).__name__  # e.g. pyarrow's, whose text names the path
+    return str(exc)
 
 
 if __name__ == "__main__":

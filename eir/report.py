@@ -3,7 +3,7 @@
 A setting that ran with several seeds is shown as mean ± std. Plots: the standard continual
 segmentation figure (mIoU after each step, one line per method) and, for a sweep, the sweep's
 metric against each swept knob. When the input is a sweep with an MLflow parent run, the same
-files are attached to it.
+files are attached to it, at the tracking URI the sweep recorded in `mlflow_sweep.json`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,30 +19,101 @@ from typing import Any
 import numpy as np
 
 from eir import storage
+from eir.config import ConfigError
 from eir.visualize import knob_figure, steps_figure
 
 log = logging.getLogger(__name__)
 METRICS = ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU")
+RUN_KEYS = ("dataset", "task", "task_setting", "method", "steps")
+SWEEP_KEYS = ("sweep", "metric", "trials", "failed", "step0_trained", "step0_reused")
+TRIAL_KEYS = ("trial_id", "params", "metric")
+
+
+class ReportError(ConfigError):
+    """An input of `report` that cannot be used: a missing folder, no finished run, a damaged file.
+
+    A ConfigError (a bad argument), so the command line reports it as one line without importing
+    this module (and matplotlib) to name it.
+    """
+
+
+def _read_object(path: Path, advice: str) -> dict[str, Any]:
+    """A JSON object from `path`; anything else is a ReportError naming the file."""
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path} is damaged (not JSON: {exc}); {advice}") from exc
+    if not isinstance(document, dict):
+        raise ReportError(f"{path} is damaged (expected a JSON object, got {type(document).__name__}); {advice}")
+    return document
+
+
+def _missing(document: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [key for key in keys if key not in document]
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    """A results.json, checked for what the tables read (a finished run's steps and their scores)."""
+    advice = "restore it, or move its run folder out of the folders given to report"
+    document = _read_object(path, advice)
+    if document.get("status") != "finished":
+        return document  # unfinished runs are left out of the tables: nothing else of them is read
+    missing = _missing(document, RUN_KEYS)
+    steps = document.get("steps")
+    if not missing and (not isinstance(steps, list) or not steps or not all(isinstance(step, dict) for step in steps)):
+        missing = ["steps (a list of per-step scores)"]
+    if not missing:
+        missing = sorted({key for step in steps for key in _missing(step, METRICS)})
+    if not missing and not all(_is_score(step[key]) for step in steps for key in METRICS):
+        missing = ["numeric scores"]
+    if missing:
+        raise ReportError(f"{path} is damaged (a finished run without {', '.join(missing)}); {advice}")
+    return document
+
+
+def _is_score(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _read_sweep(path: Path) -> dict[str, Any]:
+    """A sweep's summary.json, checked for what the tables and knob plots read."""
+    advice = "restore it (launch.py sweep --resume rewrites it), or move its sweep folder out of the folders given to report"
+    sweep = _read_object(path, advice)
+    missing = _missing(sweep, SWEEP_KEYS)
+    if not missing and not (isinstance(sweep["trials"], list) and all(isinstance(t, dict) for t in sweep["trials"])):
+        missing = ["trials (a list of trials)"]
+    if not missing:
+        missing = sorted({f"trials[].{key}" for trial in sweep["trials"] for key in _missing(trial, TRIAL_KEYS)})
+    if not missing and not all(isinstance(t["params"], dict) and _is_score(t["metric"]) for t in sweep["trials"]):
+        missing = ["trials with params (a mapping) and a numeric metric"]
+    if missing:
+        raise ReportError(f"{path} is damaged (a sweep summary without {', '.join(missing)}); {advice}")
+    return sweep
 
 
 def collect(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(runs, sweeps): every finished results.json under the paths, and every sweep summary."""
+    """(runs, sweeps): every finished results.json under the paths, and every sweep summary.
+
+    A damaged results.json or summary.json stops the report with its name, rather than being
+    skipped: a table that silently lost one seed or one trial shows wrong means with nothing to
+    say so.
+    """
     runs, sweeps = [], []
     for given in paths:
         root = Path(given)
         if not root.exists():
-            raise FileNotFoundError(f"report: {given} does not exist")
+            raise ReportError(f"{given} does not exist (expected a run directory, a sweep directory, or a folder holding them)")
         for results in sorted(root.rglob("results.json")) if root.is_dir() else [root]:
-            document = json.loads(results.read_text())
-            if document.get("status") == "finished" and document.get("steps"):
+            document = _read_run(results)
+            if document.get("status") == "finished":
                 document["path"] = str(results.parent)
                 runs.append(document)
         for summary in sorted(root.rglob("summary.json")) if root.is_dir() else []:
-            sweep = json.loads(summary.read_text())
+            sweep = _read_sweep(summary)
             sweep["path"] = str(summary.parent)
             sweeps.append(sweep)
     if not runs:
-        raise FileNotFoundError(f"report: no finished results.json under {', '.join(paths)}")
+        raise ReportError(f"no finished run under {', '.join(paths)} (no results.json with status 'finished')")
     return runs, sweeps
 
 
@@ -107,9 +179,9 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
         lines.append("")
     for sweep in sweeps:
         lines += [f"## Sweep {sweep['sweep']}", "",
-                  f"{len(sweep['trials'])} trials, {len(sweep['failed'])} failed; step 0 trained "
+                  (f"{len(sweep['trials'])} trials, {len(sweep['failed'])} failed; step 0 trained "
                   f"{sweep['step0_trained']}×, reused {sweep['step0_reused']}×; best: "
-                  f"{sweep['best']['params'] if sweep.get('best') else '–'}", ""]
+                  f"{sweep['best']['params'] if sweep.get('best') else '–'}"), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +199,8 @@ def write_report(paths: list[str], out: str) -> list[str]:
     for sweep in sweeps:
         points = [(t["params"], t["metric"]) for t in sweep["trials"] if t["metric"] is not None]
         for knob in sorted({k for params, _ in points for k in params}):
-            path = os.path.join(out, f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}.png")
+            # Names from a summary file become one file name inside `out`, whatever they contain.
+            path = os.path.join(out, re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}") + ".png")
             knob_figure([(p.get(knob), m) for p, m in points], knob, sweep["metric"], path)
             written.append(path)
         _attach_to_mlflow(sweep, written)
@@ -135,13 +208,25 @@ def write_report(paths: list[str], out: str) -> list[str]:
 
 
 def _attach_to_mlflow(sweep: dict[str, Any], files: list[str]) -> None:
-    ids = Path(sweep["path"]) / "mlflow_sweep.json"
-    if not ids.is_file():
-        return
-    from eir.tracking import Tracker
+    """Attach the report to the sweep's MLflow parent run, at the tracking URI the sweep recorded.
 
-    output_root = storage.resolve(Path(sweep["path"]).parents[1])
-    tracker = Tracker(output_root, f"eir-sweep-{sweep['sweep']}")
-    parent = json.loads(ids.read_text())["parent"]
-    for path in files:
-        tracker.artifact(parent, path, "report")
+    Sweeps from before the URI was recorded fall back to MLFLOW_TRACKING_URI, then the default
+    store under the sweep's output dir. The report's files are written by then, so a store that
+    cannot be reached (or a damaged mlflow_sweep.json) is a warning, not a failed report.
+    """
+    ids_path = Path(sweep["path"]) / "mlflow_sweep.json"
+    if not ids_path.is_file():
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from eir.tracking import tracking_uri
+
+    try:
+        ids = _read_object(ids_path, "the report is not attached to MLflow")
+        uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(Path(sweep["path"]).parents[1]))
+        client = MlflowClient(uri)
+        for path in files:
+            client.log_artifact(ids["parent"], path, "report")
+    except (ReportError, MlflowException, OSError, ValueError, KeyError) as exc:
+        log.warning("report written, but not attached to sweep %s's MLflow run: %s", sweep["sweep"], exc)

@@ -9,7 +9,11 @@ NaN anywhere needs a real run: tests/train/test_object_store_run.py (task 19-1).
 
 from __future__ import annotations
 
+import errno
 import io
+import json
+import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -137,3 +141,191 @@ def test_a_checkpoint_from_another_task_is_refused_by_evaluate(tmp_path: Path, c
     err = fails(capsys, "evaluate", str(run), "--dataset", "synthetic", "--root", str(raw), "--split", "val", "--step", "0")
     assert "model.pt" in err and "[10]" in err and "[15]" in err and "different task" in err
 
+
+
+# ---------------------------------------------------------------- every setting checked before anything runs (issue 17)
+
+SWEEP_BASE = f"base: {QUICKSTART}\n"
+
+
+def one_error_line(err: str) -> str:
+    """The command's stderr must be exactly one `error:` line (logging may precede it); that line."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.nan", "error: bad value nan for train.lr: expected a finite number"),
+        ("train.lr=.inf", "error: bad value inf for train.lr: expected a finite number"),
+        ("loss.bce_weight=.nan", "error: bad value nan for loss.bce_weight: expected a finite number"),
+        ("train.checkpoints_to_keep=0", "error: bad value 0 for train.checkpoints_to_keep: expected a positive integer"),
+        ("train.max_failures=-1", "error: bad value -1 for train.max_failures: expected 0 or more"),
+        ("train.momentum=-0.9", "error: bad value -0.9 for train.momentum: expected 0 < momentum < 1 (Nesterov SGD)"),
+        ("train.weight_decay=-1e-4", "error: bad value -0.0001 for train.weight_decay: expected a number >= 0"),
+        ("scaling.cpus_per_worker=0", "error: bad value 0.0 for scaling.cpus_per_worker: expected a CPU count > 0 (fractions allowed)"),
+        ("seed=-1", "error: bad value -1 for seed: expected a seed in [0, 2**32)"),
+        ("run.name=..", "error: bad value '..' for run.name: it would not name a folder of its own; expected one folder name"),
+        ("run.name=../escape", "error: bad value '../escape' for run.name: it contains a path separator; expected one folder name"),
+    ],
+)
+def test_bad_settings_fail_before_anything_is_written(override: str, message: str, tmp_path: Path, capsys) -> None:
+    err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path / 'out'}", override)
+    assert one_error_line(err).startswith(message)
+    assert not (tmp_path / "out").exists() and written_files(tmp_path) == []
+
+
+def test_a_missing_weights_file_fails_at_load_naming_key_and_path(tmp_path: Path, capsys) -> None:
+    weights = tmp_path / "gone" / "mnv2.pth"
+    err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path / 'out'}", f"model.weights={weights}")
+    assert one_error_line(err).startswith(f"error: bad value '{weights}' for model.weights: no such file {weights}; expected 'imagenet', null")
+    weights.parent.mkdir()
+    err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path / 'out'}", f"model.weights={weights.parent}")
+    assert f"for model.weights: {weights.parent} is a folder" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_duplicated_section_in_a_config_file_is_an_error(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"inherit: {QUICKSTART}\ntrain:\n  epochs: 1\nseed: 2\ntrain:\n  lr: 0.5\n")
+    err = fails(capsys, "run", str(config), "--dry-run", f"run.output_dir={tmp_path / 'out'}")
+    assert one_error_line(err) == (f"error: config file {config} is not valid YAML: key 'train' is given twice, at lines 2 and 5 "
+                                   "(the second would silently replace the first; merge them)")
+
+
+def test_a_non_utf8_config_file_is_one_error(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_bytes(f"inherit: {QUICKSTART}\n# d\xe9j\xe0 vu\n".encode("latin-1"))
+    err = fails(capsys, "run", str(config), "--dry-run", f"run.output_dir={tmp_path / 'out'}")
+    assert one_error_line(err) == f"error: config file {config} is not UTF-8 text (line 2 has the byte 0xe9): save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("name: ../../x\nspace: {seed: {grid: [0, 1]}}\n", "bad value '../../x' for name in {sweep}: it contains a path separator"),
+        ("name: s\nspace: {train.epochs: {grid: [1, -5]}}\n",
+         "sweep file {sweep}, trial train.epochs=-5: bad value -5 for train.epochs: expected a positive integer"),
+        ("name: s\nspace: {}\n", "space in {sweep} is empty"),
+        ("name: s\nspace: {seed: {grid: [0, 1]}}\nmax_concurrent_trials: -1\n", "bad value -1 for max_concurrent_trials in {sweep}"),
+        ("name: s\nspace: {seed: {grid: [0, 1]}}\nnum_samples: abc\n", "bad value 'abc' for num_samples in {sweep}"),
+        ("name: s\nspace: {seed: {grid: [0, 1]\n", "sweep file {sweep} is not valid YAML: "),
+        ("name: s\nspace: {seed: {grid: [0, 1]}}\nname: t\n", "sweep file {sweep} is not valid YAML: key 'name' is given twice"),
+        ("name: s\nspace: {seed: {grid: [0, 1]}}\nschedular: asha\n", "unknown sweep key(s) ['schedular'] in {sweep}"),
+    ],
+)
+def test_bad_sweeps_fail_before_anything_is_written(body: str, message: str, tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "deep" / "er" / "sweep.yaml"
+    sweep.parent.mkdir(parents=True)
+    sweep.write_text(SWEEP_BASE + body)
+    err = fails(capsys, "sweep", str(sweep), f"run.output_dir={tmp_path / 'out'}")
+    assert message.format(sweep=sweep) in one_error_line(err)
+    assert written_files(tmp_path) == [sweep], "nothing is written (a name of ../../x would land outside sweeps/)"
+
+
+def test_ray_that_cannot_start_is_one_error_and_writes_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever this one started
+    sweep = REPO / "experiments" / "sweeps" / "synthetic_tiny.yaml"
+    err = fails(capsys, "sweep", str(sweep), f"run.output_dir={tmp_path / 'out'}")
+    assert one_error_line(err).startswith(f"error: Ray could not start (the cluster at RAY_ADDRESS=127.0.0.1:{port}): "
+                                          f"nothing answers at 127.0.0.1:{port} (Connection refused)")
+    assert not (tmp_path / "out").exists()
+
+
+def _finished_run(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    steps = [{"step": 0, "mIoU_all": 50.0, "mIoU_old": 50.0, "mIoU_new": None, "hIoU": None}]
+    (folder / "results.json").write_text(json.dumps({"status": "finished", "dataset": "synthetic", "task": "10-5",
+                                                      "task_setting": "overlapped", "method": "eir", "steps": steps}))
+    return folder / "results.json"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"{\"status\": \"fini", "(not JSON: Unterminated string starting at: line 1 column 12 (char 11))"),
+        (b"\xff\xfe", "(not JSON: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+        (b"[1, 2]", "(expected a JSON object, got list)"),
+        (b"{\"status\": \"finished\", \"steps\": []}", "(a finished run without dataset, task, task_setting, method)"),
+        ((b"{\"status\": \"finished\", \"dataset\": \"d\", \"task\": \"t\", \"task_setting\": \"s\", \"method\": \"m\", "
+         b"\"steps\": [{\"mIoU_all\": 1}]}"), "(a finished run without hIoU, mIoU_new, mIoU_old)"),
+    ],
+)
+def test_report_refuses_a_damaged_results_file_among_good_ones(content: bytes, problem: str, tmp_path: Path, capsys) -> None:
+    _finished_run(tmp_path / "runs" / "a")
+    damaged = _finished_run(tmp_path / "runs" / "b")
+    damaged.write_bytes(content)
+    err = fails(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert one_error_line(err) == (f"error: {damaged} is damaged {problem}; "
+                                   "restore it, or move its run folder out of the folders given to report")
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_on_a_missing_or_empty_folder_and_a_damaged_sweep_summary(tmp_path: Path, capsys) -> None:
+    err = fails(capsys, "report", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert one_error_line(err) == (f"error: {tmp_path / 'nope'} does not exist "
+                                   "(expected a run directory, a sweep directory, or a folder holding them)")
+    (tmp_path / "empty").mkdir()
+    err = fails(capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert one_error_line(err) == f"error: no finished run under {tmp_path / 'empty'} (no results.json with status 'finished')"
+    sweep = tmp_path / "sweep"
+    _finished_run(sweep / "runs" / "t1")
+    (sweep / "summary.json").write_text(json.dumps({"sweep": "s", "metric": "hIoU", "trials": [{"trial_id": "t1"}], "failed": [],
+                                                    "step0_trained": 1, "step0_reused": 0}))
+    err = fails(capsys, "report", str(sweep), "--out", str(tmp_path / "out"))
+    assert one_error_line(err).startswith(f"error: {sweep / 'summary.json'} is damaged (a sweep summary without trials[].metric, trials[].params)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.ENOTDIR])
+def test_a_write_the_machine_refuses_is_one_line_naming_the_path(code: int, tmp_path: Path, capsys, monkeypatch) -> None:
+    import eir.report
+
+    _finished_run(tmp_path / "runs" / "a")
+    target = tmp_path / "out" / "report.md"
+
+    def refuse(loc, data) -> None:
+        raise OSError(code, os.strerror(code), loc.path)
+
+    monkeypatch.setattr(eir.report.storage, "write_bytes_atomic", refuse)
+    err = fails(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert one_error_line(err) == f"error: {target}: {os.strerror(code)}"
+
+
+def test_an_output_dir_that_is_a_file_or_not_writable(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    err = fails(capsys, "report", str(tmp_path), "--out", str(tmp_path / "file"))  # tmp_path has no run: fails first
+    assert one_error_line(err).startswith("error: no finished run under")
+    _finished_run(tmp_path / "runs" / "a")
+    err = fails(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "file"))
+    assert one_error_line(err) == f"error: {tmp_path / 'file'}: File exists"
+    err = fails(capsys, "run", QUICKSTART, "--dry-run", f"run.output_dir={tmp_path / 'file'}", "dataset.synthetic_num_images=40",
+                "dataset.synthetic_image_size=48")
+    assert one_error_line(err).startswith(f"error: {tmp_path / 'file'}/") and one_error_line(err).endswith(": Not a directory")
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs here (a folder nobody, root included, can write into)")
+    err = fails(capsys, "run", QUICKSTART, "--dry-run", "run.output_dir=/sys/eir-not-writable", "dataset.synthetic_num_images=40",
+                "dataset.synthetic_image_size=48")
+    assert one_error_line(err).startswith("error: /sys/eir-not-writable")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--step", "1", "--count", "0"], "error: bad value 0 for --count: expected a number of samples >= 1"),
+        (["--step", "1", "--count", "-3"], "error: bad value -3 for --count: expected a number of samples >= 1"),
+        (["--step", "0"], "error: bad value 0 for --step: expected an incremental step (1 or more; step 0 pastes nothing)"),
+        (["--step", "-1"], "error: bad value -1 for --step: expected an incremental step"),
+    ],
+)
+def test_preview_arguments_are_checked_before_the_run_is_opened(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
+    err = fails(capsys, "preview", str(tmp_path / "no-run"), "--out", str(tmp_path / "p.png"), *flags)
+    assert one_error_line(err).startswith(message)

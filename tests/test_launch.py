@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 COMMANDS = ["prepare", "run", "evaluate", "preview", "pseudo-labels", "sweep", "report", "submit", "bench", "cache"]
@@ -95,3 +95,51 @@ def test_every_experiment_config_loads(config: Path) -> None:
 
     loaded = load_config(config)
     assert loaded.train.batch_size % loaded.scaling.num_workers == 0
+
+
+def test_ctrl_c_is_error_interrupted_with_exit_130(tmp_path: Path, capsys, monkeypatch) -> None:
+    import eir.report
+    import launch as cli
+
+    def interrupted(paths, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eir.report, "write_report", interrupted)
+    assert cli.main(["report", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_machine_errors_keep_their_traceback_only_under_verbose(tmp_path: Path, capsys, monkeypatch) -> None:
+    import errno
+    import os
+
+    import eir.report
+    import launch as cli
+
+    def disk_full(paths, out):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "report.md"))
+
+    monkeypatch.setattr(eir.report, "write_report", disk_full)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'out' / 'report.md'}: No space left on device\n"
+    assert cli.main(["-v", "report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith(f"error: {tmp_path / 'out' / 'report.md'}: No space left on device\n")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (OSError(28, "No space left on device", "/d/x"), "/d/x: No space left on device"),
+        (OSError(18, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
+        (OSError(30, "Read-only file system"), "Read-only file system"),
+        (OSError("Cannot create directory '/r/x'.\nDetail: [errno 13] Permission denied"),
+         "Cannot create directory '/r/x'. Detail: [errno 13] Permission denied"),
+        (FileExistsError("run directory /r/x already exists: pass --resume"), "run directory /r/x already exists: pass --resume"),
+    ],
+)
+def test_errors_are_described_in_one_line(error: BaseException, line: str) -> None:
+    from launch import describe_error
+
+    assert describe_error(error) == line

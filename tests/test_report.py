@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from eir.report import write_report
@@ -53,3 +54,36 @@ def test_seeds_of_one_setting_are_averaged(tmp_path: Path) -> None:
     eir = next(row for row in rows if " eir " in row)
     assert eir.split(" | ")[4] == "2" and "32.00 ± 2.83" in eir
     assert (tmp_path / "out" / "miou_per_step.png").is_file()
+
+
+def test_report_attaches_to_the_sweeps_mlflow_run_at_the_recorded_uri(tmp_path: Path, monkeypatch, caplog) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("eir-sweep-memory")).info.run_id
+    sweep = tmp_path / "out" / "sweeps" / "memory"
+    _run(sweep / "runs" / "a_00000", "eir", 0, 30.0)
+    _sweep(sweep, str(sweep), {"a_00000": 100})
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's record names the store
+    (sweep / "mlflow_sweep.json").write_text(json.dumps({"parent": parent, "tracking_uri": uri}))
+    write_report([str(sweep)], str(tmp_path / "report"))
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.md", "report/miou_per_step.png"}
+
+    # A sweep recorded before the URI was: MLFLOW_TRACKING_URI, as before.
+    second = client.create_run(client.get_experiment_by_name("eir-sweep-memory").experiment_id).info.run_id
+    (sweep / "mlflow_sweep.json").write_text(json.dumps({"parent": second}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_report([str(sweep)], str(tmp_path / "report"))
+    assert "report/report.md" in {a.path for a in client.list_artifacts(second, "report")}
+
+    # A damaged record: the report is still written, with a warning instead of the attachment.
+    (sweep / "mlflow_sweep.json").write_text("{not json")
+    (tmp_path / "report" / "report.md").unlink()
+    with caplog.at_level(logging.WARNING, logger="eir.report"):
+        write_report([str(sweep)], str(tmp_path / "report"))
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert "report written, but not attached to sweep memory's MLflow run" in caplog.text
+    assert str(sweep / "mlflow_sweep.json") in caplog.text

@@ -10,11 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 from eir import storage
+from eir.config import ConfigError
 from eir.data.ingest import read_rows
 from eir.data.pipeline import PseudoLabeler, SampleMaker
 from eir.replay.paste import index_by_channel
 from eir.replay.store import InstanceStore
-from eir.train.experiment import Experiment, RunDirError, read_run_config, resolve, stream_spec
+from eir.train.experiment import (
+    Experiment,
+    RunDirError,
+    read_run_config,
+    resolve,
+    stream_spec,
+)
 from eir.visualize import colorize, image_grid
 
 HEADERS = ["training image", "target (blended)", "pseudo-label"]
@@ -57,6 +64,11 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
 
 
 def write_preview(run_dir: str, step: int, out: str, count: int = 8) -> str:
+    """Draw step `step`'s samples of a run to `out`; bad arguments fail before the run is opened."""
+    if step < 1:
+        raise ConfigError(f"bad value {step} for --step: expected an incremental step (1 or more; step 0 pastes nothing)")
+    if count < 1:
+        raise ConfigError(f"bad value {count} for --count: expected a number of samples >= 1")
     run = storage.resolve(run_dir)
     config = read_run_config(run)
     exp = resolve(config, progress=False, run_dir=run)

@@ -9,29 +9,49 @@ derived from the cluster's resources and what one trial's trainer and data pipel
 Layout: `<run.output_dir>/sweeps/<name>/` is the Tune experiment dir (restorable with --resume);
 each trial's run dir is `<...>/sweeps/<name>/runs/<trial id>/`. The datasets, splits, step-0
 cache and MLflow store stay shared under `run.output_dir`, so trials that agree on step 0 train
-it once. MLflow: a parent run for the sweep, one nested run per trial, one nested run per step.
+it once. MLflow: a parent run for the sweep, one nested run per trial (named by its swept values,
+`memory.size=10,seed=1`, as in Tune), one nested run per step; `mlflow_sweep.json` in the sweep
+dir holds the parent's id and the tracking URI.
+
+Everything a sweep file sets is checked before Ray starts: its keys and distributions, and the
+config of every combination of grid and choice values and range bounds (`check_trial_configs`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, anchored_paths, load_config, parse_overrides, valid_keys
+from eir.config import (
+    ConfigError,
+    ExperimentConfig,
+    anchored_paths,
+    check_name,
+    load_config,
+    parse_overrides,
+    read_config_tree,
+    read_yaml_file,
+    valid_keys,
+)
 
 log = logging.getLogger(__name__)
 
 SWEEP_KEYS = {"name", "base", "overrides", "space", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials"}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("hIoU", "mIoU_all")
+# The sweep places and names each trial's run itself: sweeping these would be overwritten or scatter the shared cache.
+UNSWEEPABLE = ("run.name", "run.output_dir")
+# Up to this many combinations of candidate values, every one is checked as a whole trial config.
+MAX_CHECKED_COMBINATIONS = 1024  # ~2 ms each
 # A trial is a driver that waits on its trainers; its own reservation is a token (Tune refuses 0).
 TRIAL_DRIVER_CPU = 0.1
 
@@ -40,6 +60,7 @@ TRIAL_DRIVER_CPU = 0.1
 class SweepSpec:
     name: str
     base: Path
+    base_tree: dict[str, Any] = field(default_factory=dict)  # the base file's settings, read once
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, dict[str, list]] = field(default_factory=dict)
     num_samples: int = 1
@@ -53,53 +74,152 @@ class SweepSpec:
         updates = dict(self.overrides)
         updates.update(parse_overrides(extra or []))
         updates.update(params or {})
-        return load_config(self.base, updates)
+        return load_config(self.base, updates, file_tree=self.base_tree)
 
 
 def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
-    """Read and check a sweep file; every error names the key and what was expected."""
+    """Read and check a sweep file, every trial's settings included, before anything runs.
+
+    Every error is one ConfigError naming the file, the key and what was expected.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path, f"sweep file {path}")
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"sweep file {path} must be a mapping")
-    unknown = sorted(set(data) - SWEEP_KEYS)
+        raise ConfigError(f"sweep file {path} must be a mapping of sweep keys, got {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {unknown} in {path}; valid keys: {', '.join(sorted(SWEEP_KEYS))}")
     for required in ("name", "base", "space"):
         if required not in data:
             raise ConfigError(f"sweep file {path} lacks `{required}`")
+
+    def bad(key: str, expected: str) -> ConfigError:
+        return ConfigError(f"bad value {data[key]!r} for {key} in {path}: expected {expected}")
+
+    if not isinstance(data["name"], str):
+        raise bad("name", "a folder name")
+    check_name(data["name"], f"name in {path}")
+    if not isinstance(data["base"], str) or not data["base"]:
+        raise bad("base", "the path of an experiment YAML, relative to the sweep file")
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise bad("overrides", "a mapping of config keys to values (`train.epochs: 5`)")
+    num_samples = data.get("num_samples", 1)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise bad("num_samples", "an integer >= 1 (repeats of the grid, or random samples)")
+    concurrency = data.get("max_concurrent_trials")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+        raise bad("max_concurrent_trials", "an integer >= 1, or null to derive it from the cluster's resources")
+    choices = {"metric": METRICS, "mode": ("max", "min"), "scheduler": ("fifo", "asha")}
+    for key, allowed in choices.items():
+        if data.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"bad value {data[key]!r} for {key} in {path}: allowed values are {', '.join(map(repr, allowed))}")
+    base = (path.parent / data["base"]).resolve()
     spec = SweepSpec(
-        name=str(data["name"]),
-        base=(path.parent / data["base"]).resolve(),
-        overrides=dict(data.get("overrides") or {}),
-        space=dict(data["space"]),
-        num_samples=int(data.get("num_samples", 1)),
-        metric=str(data.get("metric", "hIoU")),
-        mode=str(data.get("mode", "max")),
-        scheduler=str(data.get("scheduler", "fifo")),
-        max_concurrent_trials=data.get("max_concurrent_trials"),
+        name=data["name"],
+        base=base,
+        base_tree=read_config_tree(base),
+        overrides=overrides,
+        space=_checked_space(data["space"], path),
+        num_samples=num_samples,
+        metric=data.get("metric", "hIoU"),
+        mode=data.get("mode", "max"),
+        scheduler=data.get("scheduler", "fifo"),
+        max_concurrent_trials=concurrency,
     )
-    if spec.metric not in METRICS:
-        raise ConfigError(f"bad value {spec.metric!r} for metric in {path}: allowed values are {', '.join(METRICS)}")
-    if spec.mode not in ("max", "min"):
-        raise ConfigError(f"bad value {spec.mode!r} for mode in {path}: allowed values are 'max', 'min'")
-    if spec.scheduler not in ("fifo", "asha"):
-        raise ConfigError(f"bad value {spec.scheduler!r} for scheduler in {path}: allowed values are 'fifo', 'asha'")
+    check_trial_configs(spec, extra, path)
+    return spec
+
+
+def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
+    """The `space:` mapping, each key a config key with one well-formed distribution.
+
+    An empty space is an error rather than "run the base config num_samples times": every trial
+    would be the same run, seed included, so it would measure nothing (repeat over seeds with
+    `seed: {grid: [0, 1, 2]}`).
+    """
+    if not isinstance(space, dict):
+        raise ConfigError(f"bad value {space!r} for space in {path}: expected a mapping of config keys to distributions")
+    if not space:
+        raise ConfigError(f"space in {path} is empty: a sweep needs at least one swept key "
+                          "(to repeat the base run over seeds, sweep `seed: {grid: [0, 1, 2]}`)")
     keys = set(valid_keys())
-    for key, dist in spec.space.items():
+    forms = ", ".join(f"{d}: [...]" for d in DISTRIBUTIONS)
+    for key, dist in space.items():
         if key not in keys:
             raise ConfigError(f"space key {key!r} in {path} is not a config key (run `launch.py run --help` for the keys)")
+        if key in UNSWEEPABLE:
+            raise ConfigError(f"space key {key!r} in {path} cannot be swept: the sweep names and places each trial's run itself")
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise ConfigError(f"space.{key} in {path} must be one of {{{', '.join(f'{d}: [...]' for d in DISTRIBUTIONS)}}}, got {dist!r}")
+            raise ConfigError(f"space.{key} in {path} must be one of {{{forms}}}, got {dist!r}")
         kind, values = next(iter(dist.items()))
-        if kind in ("uniform", "loguniform", "randint") and (not isinstance(values, list) or len(values) != 2):
-            raise ConfigError(f"space.{key}.{kind} in {path} needs [lo, hi], got {values!r}")
-        probe = values[0] if isinstance(values, list) and values else values
-        spec.config({key: probe}, extra)  # a value the config rejects fails now, not in a trial
-    spec.config(None, extra)
-    return spec
+        where = f"space.{key}.{kind} in {path}"
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"bad value {values!r} for {where}: expected a non-empty list of values")
+            continue
+        if not isinstance(values, list) or len(values) != 2:
+            raise ConfigError(f"bad value {values!r} for {where}: expected [lo, hi]")
+        lo, hi = values
+        number = int if kind == "randint" else (int, float)
+        if any(isinstance(v, bool) or not isinstance(v, number) or not math.isfinite(v) for v in values):
+            raise ConfigError(f"bad value {values!r} for {where}: expected two {'integers' if kind == 'randint' else 'finite numbers'}")
+        if lo > hi or (lo == hi and kind != "randint"):
+            raise ConfigError(f"bad value {values!r} for {where}: expected lo {'<=' if kind == 'randint' else '<'} hi")
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"bad value {values!r} for {where}: expected 0 < lo (a log scale)")
+    return space
+
+
+def _candidates(dist: dict[str, list]) -> list[Any]:
+    """The values of a distribution a trial can get that can be checked up front: every grid or
+    choice value, and both bounds of a range (as floats for uniform and loguniform, which is what
+    Tune samples: an integer key then fails here rather than in a trial)."""
+    kind, values = next(iter(dist.items()))
+    if kind in ("uniform", "loguniform"):
+        return [float(v) for v in values]
+    return list(values)
+
+
+def check_trial_configs(spec: SweepSpec, extra: list[str] | None, path: Path) -> None:
+    """Build the config of every combination of candidate values, so a bad one fails before Tune starts.
+
+    Beyond `MAX_CHECKED_COMBINATIONS`, each value is checked with the other keys at their first
+    value instead (a cross-key conflict then surfaces in its trial).
+    """
+    keys = list(spec.space)
+    options = [_candidates(spec.space[key]) for key in keys]
+    if math.prod(map(len, options)) <= MAX_CHECKED_COMBINATIONS:
+        combinations = itertools.product(*options)
+    else:
+        firsts = [values[0] for values in options]
+        combinations = ((*firsts[:i], value, *firsts[i + 1:]) for i, values in enumerate(options) for value in values)
+    for combination in combinations:
+        params = dict(zip(keys, combination, strict=True))
+        try:
+            spec.config(params, extra)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep file {path}, trial {trial_label(params)}: {exc}") from exc
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    """A trial's name from its swept values, e.g. `memory.size=10,seed=1`: Tune's trial name, the
+    trial's run name in MLflow, and part of its Tune folder, so only file-name-safe characters."""
+    text = ",".join(f"{key}={f'{value:.4g}' if isinstance(value, float) else value}" for key, value in sorted(params.items()))
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text) or "trial"
+    if len(safe) > 120:  # long lists or many keys: cut, and keep names of different trials apart
+        safe = f"{safe[:111]}~{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def _tune_trial_name(trial: Any) -> str:
+    return trial_label(trial.config)
+
+
+def _tune_trial_dirname(trial: Any) -> str:
+    return f"{trial_label(trial.config)}_{trial.trial_id}"  # the id keeps repeats of one setting apart
 
 
 def search_space(spec: SweepSpec) -> dict[str, Any]:
@@ -135,12 +255,15 @@ def default_concurrency(config: ExperimentConfig, resources: dict[str, float], c
     return max(1, min(fits)) if fits else 1
 
 
-def sweep_dir(spec: SweepSpec, extra: list[str] | None = None) -> storage.Location:
-    return storage.resolve(spec.config(None, extra).run.output_dir).join("sweeps", spec.name)
+def sweep_dir(config: ExperimentConfig, spec: SweepSpec) -> storage.Location:
+    return storage.resolve(config.run.output_dir).join("sweeps", spec.name)
 
 
 def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool = False) -> dict[str, Any]:
     """Run (or continue) a sweep; returns the summary written to `<sweep dir>/summary.json`."""
+    started = time.perf_counter()
+    spec = load_sweep(path, extra)  # a bad sweep fails before Ray is even imported
+
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -148,19 +271,21 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     from eir.raysession import ensure_ray, started_locally
     from eir.tracking import Tracker
 
-    started = time.perf_counter()
-    spec = load_sweep(path, extra)
     # Trials run in their own working directories: relative paths are pinned to this one.
     extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
     base = spec.config(None, extra)
     output_root = storage.resolve(base.run.output_dir)
-    folder = sweep_dir(spec, extra)
+    folder = sweep_dir(base, spec)
     ensure_ray()
     tracker = Tracker(output_root, f"eir-sweep-{spec.name}")
     ids_loc = folder.join("mlflow_sweep.json")
-    parent_id = storage.read_json(ids_loc)["parent"] if storage.exists(ids_loc) else None
-    parent = tracker.start(spec.name, run_id=parent_id, tags={"eir.sweep": spec.name})
-    storage.write_json_atomic(ids_loc, {"parent": parent})
+    recorded = storage.read_json(ids_loc) if storage.exists(ids_loc) else {}
+    if recorded.get("tracking_uri", tracker.uri) != tracker.uri:
+        raise ConfigError(f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
+                          f"this invocation tracks at {tracker.uri}: set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
+    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name})
+    # The URI too: `launch.py report` attaches its files to this run without MLFLOW_TRACKING_URI set.
+    storage.write_json_atomic(ids_loc, {"parent": parent, "tracking_uri": tracker.uri})
     tracker.params(parent, {f"space.{k}": str(v) for k, v in spec.space.items()} | {
         "base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler})
 
@@ -173,7 +298,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         else FIFOScheduler()
     )
     trainable = tune.with_resources(
-        _make_trial(str(Path(path).resolve()), extra, folder.uri, tracker.uri, tracker.experiment_id, parent),
+        _make_trial(spec, extra, folder.uri, tracker.uri, parent),
         {"CPU": TRIAL_DRIVER_CPU},
     )
     log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,
@@ -193,6 +318,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
                 mode=spec.mode,
                 scheduler=scheduler,
                 max_concurrent_trials=concurrency,
+                trial_name_creator=_tune_trial_name,
+                trial_dirname_creator=_tune_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
@@ -214,27 +341,28 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
 
 
 def _num_steps(config: ExperimentConfig) -> int:
-    from eir.tasks import get_task
+    from eir.tasks import TaskError, get_task
 
     if config.method.name == "joint":
         return 1
     try:
         return get_task(config.dataset.name, config.task.name, config.task.setting).num_steps
-    except Exception:  # a folder dataset needs its class count; ASHA then gets a generous horizon
+    except TaskError:  # a folder dataset needs its class count; ASHA then gets a generous horizon
         return 100
 
 
-def _make_trial(path: str, extra: list[str], folder_uri: str, tracking_uri: str, experiment_id: str, parent: str):
+def _make_trial(spec: SweepSpec, extra: list[str], folder_uri: str, tracking_uri: str, parent: str):
+    """The Tune trainable: the spec travels with it (checked on the driver; nothing is re-read)."""
+
     def trial(params: dict[str, Any]) -> None:
         from ray import tune
 
         from eir.train.experiment import run_experiment
 
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
-        spec = load_sweep(path, extra)
         trial_id = tune.get_context().get_trial_id()
         config = spec.config(dict(params), extra)
-        config.run.name = f"trial_{trial_id}"
+        config.run.name = trial_label(dict(params))  # its MLflow run's name; the run dir stays runs/<trial id>
         run_dir = storage.resolve(folder_uri).join("runs", trial_id)
 
         def report(step: int, row: dict[str, Any]) -> None:
@@ -263,7 +391,7 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
     for result in grid:
         params = dict(result.config or {})
         if result.error is not None:
-            failed.append({"params": params, "error": f"{type(result.error).__name__}: {result.error}"})
+            failed.append({"name": trial_label(params), "params": params, "error": f"{type(result.error).__name__}: {result.error}"})
             continue
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id", "?")
@@ -271,6 +399,7 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
         document = storage.read_json(loc) if storage.exists(loc) else None
         trials.append({
             "trial_id": trial_id,
+            "name": trial_label(params),
             "params": params,
             "metric": metrics.get(spec.metric),
             "last_step": metrics.get("step"),
@@ -290,11 +419,11 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    lines = [f"sweep {summary['sweep']}: {len(summary['trials'])} trials finished, {len(summary['failed'])} failed; "
-             f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
-             f"wall {summary['wall_s'] / 60:.1f} min (this invocation)"]
+    lines = [(f"sweep {summary['sweep']}: {len(summary['trials'])} trials finished, {len(summary['failed'])} failed; "
+              f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
+              f"wall {summary['wall_s'] / 60:.1f} min (this invocation)")]
     for trial in sorted(summary["trials"], key=lambda t: -(t["metric"] or -1e9)):
-        lines.append(f"  {trial['trial_id']}  {summary['metric']}={trial['metric']}  {trial['params']}  ({trial['status']})")
+        lines.append(f"  {trial['name']}  {summary['metric']}={trial['metric']}  ({trial['status']}, trial {trial['trial_id']})")
     for failure in summary["failed"]:
-        lines.append(f"  FAILED {failure['params']}: {failure['error']}")
+        lines.append(f"  FAILED {failure['name']}: {failure['error']}")
     return "\n".join(lines)

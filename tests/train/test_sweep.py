@@ -20,7 +20,7 @@ import pytest
 
 from eir.config import ConfigError, load_config
 from eir.report import write_report
-from eir.train.sweep import default_concurrency, load_sweep, run_sweep
+from eir.train.sweep import default_concurrency, load_sweep, run_sweep, trial_label
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "experiments" / "sweeps" / "synthetic_tiny.yaml"
@@ -49,6 +49,142 @@ def test_bad_distribution_and_bad_value(tmp_path: Path) -> None:
         load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  memory.size: {grid: [-5]}\n"))
     with pytest.raises(ConfigError, match="metric"):
         load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace: {}\nmetric: accuracy\n"))
+
+
+def sweep_error(tmp_path: Path, text: str) -> str:
+    """load_sweep must refuse the file with one ConfigError line; its message."""
+    with pytest.raises(ConfigError) as info:
+        load_sweep(write_sweep(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_every_grid_value_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  train.epochs: {grid: [1, -5]}\n")
+    assert message.endswith("trial train.epochs=-5: bad value -5 for train.epochs: expected a positive integer")
+    assert message.startswith(f"sweep file {tmp_path / 'sweep.yaml'}, ")
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  train.lr: {choice: [0.1, .nan]}\n")
+    assert "bad value nan for train.lr: expected a finite number" in message
+
+
+def test_combinations_of_grid_values_are_checked_together(tmp_path: Path) -> None:
+    # Each value is valid with the other key's first value; batch 10 over 4 workers is not.
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  train.batch_size: {grid: [8, 10]}\n"
+                                    "  scaling.num_workers: {grid: [1, 4]}\n")
+    assert "trial scaling.num_workers=4,train.batch_size=10: train.batch_size=10 does not divide across scaling.num_workers=4" in message
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ("train.lr: {uniform: [-0.1, 0.1]}", "trial train.lr=-0.1: bad value -0.1 for train.lr: expected a learning rate > 0"),
+        ("train.epochs: {uniform: [1, 5]}", "trial train.epochs=1: bad value 1.0 for train.epochs: expected an integer"),
+        ("train.lr: {loguniform: [0, 0.1]}", "bad value [0, 0.1] for space.train.lr.loguniform in"),
+        ("train.lr: {uniform: [0.1, 0.01]}", "expected lo < hi"),
+        ("train.lr: {uniform: [0.1]}", "expected [lo, hi]"),
+        ("train.lr: {uniform: [0.1, .inf]}", "expected two finite numbers"),
+        ("memory.size: {randint: [1.5, 4]}", "expected two integers"),
+        ("memory.size: {randint: [-2, 4]}", "trial memory.size=-2: bad value -2 for memory.size: expected 0 or more"),
+        ("memory.size: {grid: []}", "expected a non-empty list of values"),
+        ("memory.size: {choice: 5}", "expected a non-empty list of values"),
+        ("run.name: {grid: [a, b]}", "space key 'run.name' in"),
+    ],
+)
+def test_bounds_and_shapes_of_search_spaces_are_checked(tmp_path: Path, space: str, expected: str) -> None:
+    assert expected in sweep_error(tmp_path, f"name: s\nbase: BASE\nspace:\n  {space}\n")
+
+
+def test_an_empty_space_is_an_error(tmp_path: Path) -> None:
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace: {}\n")
+    assert "space in" in message and "is empty" in message and "seed: {grid: [0, 1, 2]}" in message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_concurrent_trials: -1", "bad value -1 for max_concurrent_trials in"),
+        ("max_concurrent_trials: 0", "bad value 0 for max_concurrent_trials in"),
+        ("max_concurrent_trials: two", "bad value 'two' for max_concurrent_trials in"),
+        ("num_samples: abc", "bad value 'abc' for num_samples in"),
+        ("num_samples: 0", "bad value 0 for num_samples in"),
+        ("num_samples: 1.5", "bad value 1.5 for num_samples in"),
+        ("num_samples: true", "bad value True for num_samples in"),
+        ("mode: maximum", "bad value 'maximum' for mode in"),
+        ("overrides: [train.epochs=1]", "bad value ['train.epochs=1'] for overrides in"),
+        ("overrides: {train.epochs: 0}", "bad value 0 for train.epochs: expected a positive integer"),
+    ],
+)
+def test_sweep_settings_are_checked(tmp_path: Path, line: str, expected: str) -> None:
+    assert expected in sweep_error(tmp_path, f"name: s\nbase: BASE\nspace:\n  seed: {{grid: [0, 1]}}\n{line}\n")
+
+
+def test_good_settings_load(tmp_path: Path) -> None:
+    spec = load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n  train.lr: {loguniform: [1e-4, 1e-2]}\n"
+                                            "num_samples: 2\nmax_concurrent_trials: null\n"))
+    assert (spec.num_samples, spec.max_concurrent_trials) == (2, None)
+    assert load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace: {seed: {randint: [0, 3]}}\nmax_concurrent_trials: 2\n")).max_concurrent_trials == 2
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "''", "' s'", "a\\\\b", "5"])
+def test_sweep_name_is_one_folder_name(tmp_path: Path, name: str) -> None:
+    message = sweep_error(tmp_path, f"name: {name}\nbase: BASE\nspace:\n  seed: {{grid: [0, 1]}}\n")
+    assert "for name in" in message and ("expected one folder name" in message or "expected a folder name" in message)
+
+
+def test_sweep_yaml_problems_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1}\n")
+    assert message.startswith(f"sweep file {path} is not valid YAML: ") and "line 4" in message
+    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\nname: t\n")
+    assert message == (f"sweep file {path} is not valid YAML: key 'name' is given twice, at lines 1 and 5 "
+                       "(the second would silently replace the first; merge them)")
+    path.write_bytes(b"name: s\xff\n")
+    with pytest.raises(ConfigError, match=rf"sweep file {path} is not UTF-8 text \(line 1 has the byte 0xff\)"):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match=rf"sweep file {tmp_path / 'gone.yaml'} does not exist"):
+        load_sweep(tmp_path / "gone.yaml")
+
+
+def test_the_base_config_is_read_once_however_many_trials(tmp_path: Path, monkeypatch) -> None:
+    import eir.config
+
+    reads: list[Path] = []
+    real = eir.config.read_yaml_file
+    monkeypatch.setattr(eir.config, "read_yaml_file", lambda path, what: reads.append(path) or real(path, what))
+    spec = load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1, 2, 3, 4]}\n  memory.size: {grid: [1, 2]}\n"))
+    for params in ({"seed": 3}, None):
+        spec.config(params)
+    assert len(reads) == len(set(reads)) >= 1, "each file of the base's inherit chain is read once"
+
+
+def test_trials_are_named_by_their_swept_values() -> None:
+    from types import SimpleNamespace
+
+    from eir.train.sweep import _tune_trial_dirname, _tune_trial_name, trial_label
+
+    assert trial_label({"seed": 1, "memory.size": 10}) == "memory.size=10,seed=1"
+    assert trial_label({"train.lr": 0.0012345678}) == "train.lr=0.001235"
+    assert trial_label({"loss.rskd_region": "new_gt", "task.class_order": [3, 1]}) == "loss.rskd_region=new_gt,task.class_order=_3,_1_"
+    assert trial_label({"dataset.root": "../a b/c"}) == "dataset.root=.._a_b_c"
+    long = [trial_label({"task.class_order": list(range(n, 60))}) for n in (1, 2)]
+    assert all(len(name) == 120 for name in long) and long[0] != long[1]
+    trial = SimpleNamespace(config={"memory.size": 10}, trial_id="ab12_00003")
+    assert _tune_trial_name(trial) == "memory.size=10"
+    assert _tune_trial_dirname(trial) == "memory.size=10_ab12_00003"
+
+
+def test_a_sweep_tracked_elsewhere_is_not_continued_in_another_store(tmp_path: Path, monkeypatch) -> None:
+    import eir.raysession
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)  # refused before Tune: no Ray needed
+    folder = tmp_path / "out" / "sweeps" / "s"
+    folder.mkdir(parents=True)
+    (folder / "mlflow_sweep.json").write_text(json.dumps({"parent": "abc", "tracking_uri": "http://elsewhere:5000"}))
+    sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
+    with pytest.raises(ConfigError, match="sweep s was tracked at MLflow http://elsewhere:5000 .* set MLFLOW_TRACKING_URI=http://elsewhere:5000"):
+        run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"], resume=True)
 
 
 def test_default_concurrency_leaves_room_for_every_trainer() -> None:
@@ -116,10 +252,16 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     # must mean this directory for all of them (one dataset, one step-0 cache).
     monkeypatch.chdir(tmp_path)
     summary = run_sweep(TINY, ["run.output_dir=runs"])
-    assert len(summary["trials"]) == 2 and not summary["failed"]
-    assert summary["step0_trained"] == 1 and summary["step0_reused"] == 1, "step 0 is trained once per sweep"
+    (key, dist), = load_sweep(TINY).space.items()  # the demo sweeps one key over a grid
+    swept = dist["grid"]
+    names = {trial_label({key: value}) for value in swept}
+    assert len(summary["trials"]) == len(swept) and not summary["failed"]
+    assert summary["step0_trained"] == 1 and summary["step0_reused"] == len(swept) - 1, "step 0 is trained once per sweep"
     assert len(list((tmp_path / "runs" / "cache" / "step0").glob("*/key.json"))) == 1
-    assert {t["params"]["memory.size"] for t in summary["trials"]} == {10, 30}
+    assert sorted(t["params"][key] for t in summary["trials"]) == sorted(swept)
+    assert {t["name"] for t in summary["trials"]} == names
+    ids = json.loads((Path(summary["dir"].replace("file://", "")) / "mlflow_sweep.json").read_text())
+    assert ids["tracking_uri"] == mlflow_server, "report finds the sweep's MLflow run without MLFLOW_TRACKING_URI"
     assert 0 < max(t["time_total_s"] for t in summary["trials"]) <= summary["wall_s"]
     for trial in summary["trials"]:
         results = json.loads((Path(trial["run_dir"]) / "results.json").read_text())
@@ -130,24 +272,28 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     runs = mlflow.search_runs(experiment_names=["eir-sweep-synthetic_tiny"], output_format="list")
     parent = next(r for r in runs if r.info.run_name == "synthetic_tiny")
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(trials) == 2
+    assert len(trials) == len(swept)
+    assert {r.info.run_name for r in trials} == names, "MLflow trial runs are named by their swept values"
     for trial in trials:
         steps = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
         assert sorted(r.info.run_name for r in steps) == ["step_0", "step_1"]
-        assert "memory.size" in trial.data.params and "final_hIoU" in trial.data.metrics
+        assert key in trial.data.params and "final_hIoU" in trial.data.metrics
     assert "best_hIoU" in parent.data.metrics
     step1 = next(r for r in runs if r.info.run_name == "step_1")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(step1.info.run_id)}
     assert "confusion.png" in artifacts, "artifacts arrive through the server"
 
     out = tmp_path / "report"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # report reads the URI from mlflow_sweep.json
     files = write_report([summary["dir"].replace("file://", "")], str(out))
     text = (out / "report.md").read_text()
     for trial in summary["trials"]:
         results = json.loads((Path(trial["run_dir"]) / "results.json").read_text())
         assert f"{results['steps'][-1]['mIoU_all']:.2f}" in text
-    assert any(name.endswith("_vs_memory.size.png") for name in files)
+    assert any(name.endswith(f"_vs_{key}.png") for name in files)
     assert (out / "miou_per_step.png").is_file()
+    attached = {a.path for a in mlflow.MlflowClient(mlflow_server).list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in attached
 
 
 @pytest.mark.slow
@@ -176,6 +322,6 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
     trained = finished[0].parent / "step_1" / "model.pt"
     before = trained.stat().st_mtime_ns
     summary = run_sweep(TINY, [f"run.output_dir={tmp_path}"], resume=True)
-    assert len(summary["trials"]) == 2 and not summary["failed"]
+    assert len(summary["trials"]) == len(next(iter(load_sweep(TINY).space.values()))["grid"]) and not summary["failed"]
     assert all(t["status"] == "finished" for t in summary["trials"])
     assert trained.stat().st_mtime_ns == before, "the trial finished before the interruption is not trained again"
