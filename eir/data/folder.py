@@ -1,9 +1,11 @@
 """A generic layout for users' own data, and the class-name file it shares with the synthetic set.
 
-    root/class_names.txt   one name per line; line 0 is background, so K = lines - 1
+    root/class_names.txt   one unique name per line; line 0 is background, so K = lines - 1 (K <= 254)
     root/images/<id>.jpg|.png
     root/masks/<id>.png    8-bit class ids 0..K, 255 = ignore
-    root/<split>.txt       the split's ids, one per line
+    root/<split>.txt       the split's ids, one per line (a whole line is one id, spaces included)
+
+Text files are UTF-8 (a byte-order mark is fine) and image file names too: a name is its id.
 
 Split lists are optional as a whole: a folder without any `*.txt` list (besides the class
 names) uses every image for every split, with a warning, since train and test then coincide.

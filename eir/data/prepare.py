@@ -7,6 +7,11 @@ that identical content is stored once however its files were copied or touched. 
 folder must not need a decode, so `datasets/_index/<dataset>-<split>-<fingerprint>.json` maps the
 cheap source fingerprint (paths, sizes, mtimes) to it. A root that already is a prepared dataset
 (it holds a manifest) is used as is.
+
+Nothing damaged is reused: a cache entry whose manifest is not JSON, lacks keys, or whose shards
+are missing or of the wrong size is moved aside (`.<name>.damaged-<id>`, kept for a look) and
+ingested again; a damaged index file is rewritten. A damaged prepared folder the user named is an
+error naming it (it may be someone's only copy).
 """
 
 from __future__ import annotations
@@ -195,13 +200,13 @@ def _indexed(datasets: Location, index: Location) -> Manifest | None:
         recorded = f"not JSON: {exc}"
     folder = recorded.get("folder") if isinstance(recorded, dict) else None
     if not isinstance(folder, str) or "/" in folder or folder in ("", ".", ".."):
-        log.warning("dataset cache index %s is damaged (expected {\"folder\": NAME}, found %.200r): ingesting again "
-                    "and rewriting it", index.uri, recorded)
+        log.warning("dataset cache index %s is damaged (expected {\"folder\": NAME}, found %.200r): not used; the "
+                    "next ingest of this dataset rewrites it", index.uri, recorded)
         return None
     entry = datasets.join(folder)
     manifest = _sound_entry(entry)
     if manifest is None:
-        log.info("the dataset cache entry %s named by %s is gone, incomplete or damaged: ingesting again", entry.uri, index.uri)
+        log.info("the dataset cache entry %s named by %s is gone, incomplete or damaged: not used", entry.uri, index.uri)
     return manifest
 
 
@@ -216,7 +221,7 @@ def _sound_entry(entry: Location) -> Manifest | None:
             aside = storage.quarantine(entry)
         except FileNotFoundError:  # a parallel process moved it first
             return None
-        log.warning("%s; the dataset cache moved it out of use (%s) and ingests it again", exc, aside.uri)
+        log.warning("%s; the dataset cache moved it out of use (%s), so it is ingested again", exc, aside.uri)
         return None
 
 
