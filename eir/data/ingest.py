@@ -208,6 +208,11 @@ def _dir_key(folder: Path) -> tuple[int, int]:
 class DamagedDatasetError(DatasetError):
     """A prepared dataset whose manifest is unreadable or whose files contradict it: redo it, never read it."""
 
+    def __init__(self, location: Location, problem: str) -> None:
+        super().__init__(f"prepared dataset {location.uri} is damaged: {problem}; prepare it again "
+                         "(`launch.py prepare ... --overwrite`) or remove the folder")
+        self.problem = problem
+
 
 # Manifest keys and the JSON types they must have (bool is no int here: JSON true is not a count).
 _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -258,20 +263,13 @@ def read_manifest(location: Location) -> Manifest:
     )
 
 
-def _damaged(location: Location, problem: str) -> DamagedDatasetError:
-    return DamagedDatasetError(
-        f"prepared dataset {location.uri} is damaged: {problem}; prepare it again (`launch.py prepare ... "
-        "--overwrite`) or remove the folder"
-    )
-
-
 def _manifest_data(location: Location, path: Location) -> dict[str, Any]:
     try:
         data = storage.read_json(path)
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        raise _damaged(location, f"{MANIFEST} is not JSON ({exc})") from None
+        raise DamagedDatasetError(location, f"{MANIFEST} is not JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise _damaged(location, f"{MANIFEST} holds a {type(data).__name__}, expected an object")
+        raise DamagedDatasetError(location, f"{MANIFEST} holds a {type(data).__name__}, expected an object")
     return data
 
 
@@ -279,34 +277,34 @@ def _check_manifest(location: Location, data: dict[str, Any]) -> None:
     """Every key with its type, a label space eir can hold, and shards that exist and add up."""
     for key, kind in _MANIFEST_TYPES.items():
         if key not in data:
-            raise _damaged(location, f"{MANIFEST} lacks the key {key!r}")
+            raise DamagedDatasetError(location, f"{MANIFEST} lacks the key {key!r}")
         value = data[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise _damaged(location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
+            raise DamagedDatasetError(location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
     if not 0 <= data["future_label"] <= IGNORE_LABEL:
-        raise _damaged(location, f"{MANIFEST} future_label is {data['future_label']}, expected a label value 0..{IGNORE_LABEL}")
+        raise DamagedDatasetError(location, f"{MANIFEST} future_label is {data['future_label']}, expected a label value 0..{IGNORE_LABEL}")
     if not 0 < data["image_scale"] <= 1 or data["num_rows"] < 0:
-        raise _damaged(location, f"{MANIFEST} has image_scale {data['image_scale']} and num_rows {data['num_rows']}")
+        raise DamagedDatasetError(location, f"{MANIFEST} has image_scale {data['image_scale']} and num_rows {data['num_rows']}")
     if not _HEX.fullmatch(data["checksum"]):  # it names the split folder: no path may hide in it
-        raise _damaged(location, f"{MANIFEST} checksum {data['checksum']!r} is not a hex digest")
+        raise DamagedDatasetError(location, f"{MANIFEST} checksum {data['checksum']!r} is not a hex digest")
     names = data["class_names"]
     if not all(isinstance(name, str) for name in names):
-        raise _damaged(location, f"{MANIFEST} class_names holds non-text entries")
+        raise DamagedDatasetError(location, f"{MANIFEST} class_names holds non-text entries")
     check_class_names(names, f"{location.join(MANIFEST).uri} class_names")
     shards = data["shards"]
     for shard in shards:
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("rows"), int)
                 and "/" not in shard["file"] and shard["file"] not in ("", ".", "..")):
-            raise _damaged(location, f"{MANIFEST} lists the shard {shard!r}, expected {{\"file\": NAME, \"rows\": N}}")
+            raise DamagedDatasetError(location, f"{MANIFEST} lists the shard {shard!r}, expected {{\"file\": NAME, \"rows\": N}}")
     if sum(shard["rows"] for shard in shards) != data["num_rows"]:
-        raise _damaged(location, f"its shards hold {sum(s['rows'] for s in shards)} rows, {MANIFEST} says {data['num_rows']}")
+        raise DamagedDatasetError(location, f"its shards hold {sum(s['rows'] for s in shards)} rows, {MANIFEST} says {data['num_rows']}")
     present = set(storage.list_dir(location))
     missing = [shard["file"] for shard in shards if shard["file"] not in present]
     if missing:
-        raise _damaged(location, f"shard(s) {', '.join(missing[:3])} listed in {MANIFEST} are missing")
+        raise DamagedDatasetError(location, f"shard(s) {', '.join(missing[:3])} listed in {MANIFEST} are missing")
     problems = storage.damaged_files(location, checksums=False)  # sizes only: datasets can be large
     if problems:
-        raise _damaged(location, "; ".join(problems[:3]))
+        raise DamagedDatasetError(location, "; ".join(problems[:3]))
 
 
 def is_prepared(location: Location) -> bool:
@@ -521,5 +519,5 @@ def _read_shards(manifest: Manifest, columns: list[str] | None) -> pa.Table:
             with loc.fs.open_input_file(loc.path) as handle:
                 tables.append(pq.read_table(handle, columns=columns))
         except (OSError, pa.ArrowException) as exc:
-            raise _damaged(manifest.location, f"shard {loc.name} cannot be read ({exc})") from None
+            raise DamagedDatasetError(manifest.location, f"shard {loc.name} cannot be read ({exc})") from None
     return pa.concat_tables(tables)

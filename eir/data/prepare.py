@@ -221,7 +221,8 @@ def _sound_entry(entry: Location) -> Manifest | None:
             aside = storage.quarantine(entry)
         except FileNotFoundError:  # a parallel process moved it first
             return None
-        log.warning("%s; the dataset cache moved it out of use (%s), so it is ingested again", exc, aside.uri)
+        log.warning("dataset cache entry %s is damaged (%s): moved out of use to %s and ingested again",
+                    entry.uri, exc.problem, aside.uri)
         return None
 
 

@@ -388,7 +388,8 @@ def test_a_damaged_cache_entry_is_quarantined_and_ingested_again(
     with caplog.at_level(logging.WARNING):
         again = ensure_prepared("folder", str(root), "train", output_root, progress=False)
     assert Path(again.location.path) == entry and again.num_rows == 2
-    assert f"prepared dataset {entry} is damaged" in caplog.text and "moved it out of use" in caplog.text
+    assert f"dataset cache entry {entry} is damaged (" in caplog.text and problem in caplog.text
+    assert "moved out of use to" in caplog.text and "--overwrite" not in caplog.text
     aside = [path for path in entry.parent.iterdir() if path.name.startswith(f".{entry.name}.damaged-")]
     assert len(aside) == 1 and (aside[0] / MANIFEST).exists(), "the damaged entry is kept aside, not deleted"
 
