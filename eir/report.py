@@ -220,11 +220,13 @@ def _attach_to_mlflow(sweep: dict[str, Any], files: list[str]) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from eir.tracking import tracking_uri
+    from eir.tracking import bound_http_retries, check_reachable, tracking_uri
 
     try:
         ids = _read_object(ids_path, "the report is not attached to MLflow")
         uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(Path(sweep["path"]).parents[1]))
+        bound_http_retries()  # a dead server costs seconds, not MLflow's minutes of retries
+        check_reachable(uri)
         client = MlflowClient(uri)
         for path in files:
             client.log_artifact(ids["parent"], path, "report")

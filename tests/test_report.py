@@ -87,3 +87,22 @@ def test_report_attaches_to_the_sweeps_mlflow_run_at_the_recorded_uri(tmp_path: 
     assert (tmp_path / "report" / "report.md").is_file()
     assert "report written, but not attached to sweep memory's MLflow run" in caplog.text
     assert str(sweep / "mlflow_sweep.json") in caplog.text
+
+
+def test_a_dead_tracking_server_is_a_warning_within_seconds(tmp_path: Path, monkeypatch, caplog) -> None:
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sweep = tmp_path / "sweeps" / "memory"
+    _run(sweep / "runs" / "a_00000", "eir", 0, 30.0)
+    _sweep(sweep, str(sweep), {"a_00000": 100})
+    (sweep / "mlflow_sweep.json").write_text(json.dumps({"parent": "abc", "tracking_uri": f"http://127.0.0.1:{port}"}))
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="eir.report"):
+        write_report([str(sweep)], str(tmp_path / "report"))
+    assert time.perf_counter() - started < 30
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert "report written, but not attached to sweep memory's MLflow run" in caplog.text and str(port) in caplog.text

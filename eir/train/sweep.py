@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,47 +262,98 @@ def sweep_dir(config: ExperimentConfig, spec: SweepSpec) -> storage.Location:
 
 
 def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or continue) a sweep; returns the summary written to `<sweep dir>/summary.json`."""
+    """Run (or continue) a sweep; returns the summary written to `<sweep dir>/summary.json`.
+
+    A sweep stopped by an error or Ctrl-C ends its MLflow runs (parent, trials, steps) as FAILED
+    or KILLED rather than leaving them RUNNING.
+    """
     started = time.perf_counter()
     spec = load_sweep(path, extra)  # a bad sweep fails before Ray is even imported
 
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from eir.raysession import ensure_ray, started_locally
-    from eir.tracking import Tracker
+    from eir.raysession import ensure_ray
+    from eir.tracking import FAILED, FINISHED, KILLED, Tracker
 
     # Trials run in their own working directories: relative paths are pinned to this one.
     extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
     base = spec.config(None, extra)
-    output_root = storage.resolve(base.run.output_dir)
     folder = sweep_dir(base, spec)
     ensure_ray()
-    tracker = Tracker(output_root, f"eir-sweep-{spec.name}")
-    ids_loc = folder.join("mlflow_sweep.json")
-    recorded = storage.read_json(ids_loc) if storage.exists(ids_loc) else {}
-    if recorded.get("tracking_uri", tracker.uri) != tracker.uri:
+    tracker = Tracker(storage.resolve(base.run.output_dir), f"eir-sweep-{spec.name}")
+    parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
+    try:
+        grid = _fit(spec, extra, base, folder, tracker.uri, parent, resume)
+    except BaseException as exc:
+        tracker.close_tree(parent, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
+        raise
+    summary = summarize(spec, grid, folder) | {"wall_s": round(time.perf_counter() - started, 1)}
+    best = summary.get("best")
+    tracker.metrics(parent, {f"best_{spec.metric}": best["metric"]} if best else {})
+    tracker.tags(parent, {"best_trial": best["name"] if best else "none"})
+    if best:
+        tracker.params(parent, {f"best.{k}": v for k, v in best["params"].items()})
+    tracker.finish(parent, FAILED if summary["failed"] else FINISHED)
+    storage.write_json_atomic(folder.join("summary.json"), summary)
+    print(summary_table(summary))
+    return summary
+
+
+def _start_parent(spec: SweepSpec, tracker: Any, ids_loc: storage.Location) -> str:
+    """The sweep's MLflow parent run (the recorded one when the sweep ran before), its id and the
+    tracking URI recorded in `mlflow_sweep.json`, so `launch.py report` finds it without
+    MLFLOW_TRACKING_URI. A password in the URI is not written down (MLflow reads credentials from
+    MLFLOW_TRACKING_USERNAME/PASSWORD as well)."""
+    recorded = _read_ids(ids_loc)
+    uri = _without_password(tracker.uri)
+    if recorded.get("tracking_uri", uri) != uri:
         raise ConfigError(f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
-                          f"this invocation tracks at {tracker.uri}: set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
-    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name})
-    # The URI too: `launch.py report` attaches its files to this run without MLFLOW_TRACKING_URI set.
-    storage.write_json_atomic(ids_loc, {"parent": parent, "tracking_uri": tracker.uri})
+                          f"this invocation tracks at {uri}: set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
+    description = (f"Sweep `{spec.name}` over {', '.join(f'`{key}`' for key in spec.space)} from `{spec.base.name}`; "
+                   f"{spec.metric} ({spec.mode}). Select the trial runs below and press Compare.")
+    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name}, description=description)
+    storage.write_json_atomic(ids_loc, {"parent": parent, "tracking_uri": uri})
     tracker.params(parent, {f"space.{k}": str(v) for k, v in spec.space.items()} | {
         "base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler})
+    return parent
+
+
+def _read_ids(ids_loc: storage.Location) -> dict[str, Any]:
+    """`mlflow_sweep.json` of an earlier invocation ({} for a new sweep); damage is a ConfigError naming it."""
+    if not storage.exists(ids_loc):
+        return {}
+    remedy = "remove it to give the sweep a new MLflow parent run"
+    try:
+        ids = json.loads(storage.read_bytes(ids_loc).decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ConfigError(f"{ids_loc.uri} is damaged (not JSON: {exc}); {remedy}") from exc
+    if not isinstance(ids, dict) or not isinstance(ids.get("parent"), str):
+        raise ConfigError(f"{ids_loc.uri} is damaged (expected {{\"parent\": <run id>, \"tracking_uri\": ...}}); {remedy}")
+    return ids
+
+
+def _without_password(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _fit(spec: SweepSpec, extra: list[str], base: ExperimentConfig, folder: storage.Location, tracking_uri: str,
+         parent: str, resume: bool) -> Any:
+    """Build (or restore) the Tuner and run every trial; Tune's ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from eir.raysession import started_locally
 
     concurrency = spec.max_concurrent_trials or default_concurrency(
         base, ray.cluster_resources(), cores=os.cpu_count() if started_locally() else None)
-    num_steps = _num_steps(base)
     scheduler = (
-        ASHAScheduler(time_attr="step", max_t=max(1, num_steps - 1), grace_period=1, reduction_factor=2)
+        ASHAScheduler(time_attr="step", max_t=max(1, _num_steps(base) - 1), grace_period=1, reduction_factor=2)
         if spec.scheduler == "asha"
         else FIFOScheduler()
     )
-    trainable = tune.with_resources(
-        _make_trial(spec, extra, folder.uri, tracker.uri, parent),
-        {"CPU": TRIAL_DRIVER_CPU},
-    )
+    trainable = tune.with_resources(_make_trial(spec, extra, folder.uri, tracking_uri, parent), {"CPU": TRIAL_DRIVER_CPU})
     log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,
              "grid" if all("grid" in d for d in spec.space.values()) else f"{spec.num_samples} samples ×", concurrency,
              spec.metric, spec.mode, folder.uri)
@@ -327,17 +380,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-    grid = tuner.fit()
-    summary = summarize(spec, grid, folder) | {"wall_s": round(time.perf_counter() - started, 1)}
-    best = summary.get("best")
-    tracker.metrics(parent, {f"best_{spec.metric}": best["metric"]} if best else {})
-    tracker.tags(parent, {"best_trial": best["trial_id"] if best else "none"})
-    if best:
-        tracker.params(parent, {f"best.{k}": v for k, v in best["params"].items()})
-    tracker.finish(parent, ok=not summary["failed"])
-    storage.write_json_atomic(folder.join("summary.json"), summary)
-    print(summary_table(summary))
-    return summary
+    return tuner.fit()
 
 
 def _num_steps(config: ExperimentConfig) -> int:

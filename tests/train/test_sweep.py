@@ -187,6 +187,48 @@ def test_a_sweep_tracked_elsewhere_is_not_continued_in_another_store(tmp_path: P
         run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"], resume=True)
 
 
+def test_a_damaged_mlflow_record_is_named(tmp_path: Path, monkeypatch) -> None:
+    import eir.raysession
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)
+    ids = tmp_path / "out" / "sweeps" / "s" / "mlflow_sweep.json"
+    ids.parent.mkdir(parents=True)
+    ids.write_text('{"parent": ')
+    sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
+    with pytest.raises(ConfigError, match=rf"{ids} is damaged \(not JSON: .*\); remove it to give the sweep a new MLflow parent run"):
+        run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"])
+
+
+def test_a_stopped_sweep_ends_its_mlflow_runs_as_killed_or_failed(tmp_path: Path, monkeypatch) -> None:
+    import eir.raysession
+    import eir.train.sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)
+    sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
+    statuses = {}
+    for stop, status in ((KeyboardInterrupt(), "KILLED"), (RuntimeError("trial driver died"), "FAILED")):
+        def fit(*args, stop=stop):
+            raise stop
+
+        monkeypatch.setattr(eir.train.sweep, "_fit", fit)
+        with pytest.raises(type(stop)):
+            run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"])
+        ids = json.loads((tmp_path / "out" / "sweeps" / "s" / "mlflow_sweep.json").read_text())
+        assert ids["tracking_uri"] == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+        statuses[status] = mlflow.MlflowClient(ids["tracking_uri"]).get_run(ids["parent"]).info.status
+    assert statuses == {"KILLED": "KILLED", "FAILED": "FAILED"}
+
+
+def test_a_password_in_the_tracking_uri_is_not_written_down() -> None:
+    from eir.train.sweep import _without_password
+
+    assert _without_password("https://me:secret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
+    assert _without_password("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert _without_password("sqlite:////tmp/a b/mlflow.db") == "sqlite:////tmp/a b/mlflow.db"
+
+
 def test_default_concurrency_leaves_room_for_every_trainer() -> None:
     config = load_config(overrides=["scaling.num_workers=2", "scaling.cpus_per_worker=2", "train.batch_size=8"])
     # one trial: 2 workers x 2 CPUs + 1 data CPU = 5
