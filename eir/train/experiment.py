@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import subprocess
@@ -44,7 +45,9 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists without --resume, config differs)."""
 
 
+@functools.cache
 def git_sha() -> str:
+    """The commit of the code this process imported (read once: a later commit does not change it)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
@@ -408,24 +411,36 @@ def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: st
     """The step loop of a run whose directory this process holds."""
     config = exp.config
     from eir.raysession import ensure_ray
-    from eir.tracking import Tracker, load_run_ids, save_run_ids
+    from eir.tracking import (
+        Tracker,
+        load_run_ids,
+        run_description,
+        run_params,
+        run_status,
+        save_run_ids,
+        source_tags,
+    )
     from eir.train.artifacts import log_step_artifacts
 
     tracker = Tracker(exp.output_root, mlflow_experiment or f"eir-{config.dataset.name}-{config.task.name}")
     ensure_ray()
     storage.write_bytes_atomic(exp.run_dir.join("config.yaml"), dump_yaml(config).encode())
     run_ids = load_run_ids(exp.run_dir)
-    parent = tracker.start(config.run.name, parent=mlflow_parent, tags={"eir.run_dir": exp.run_dir.uri}, run_id=run_ids.get("parent"))
+    sha = git_sha()
+    parent = tracker.start(
+        config.run.name, parent=mlflow_parent, run_id=run_ids.get("parent"),
+        tags={"eir.run_dir": exp.run_dir.uri, "method": config.method.name, "git_sha": sha, **source_tags(sha)},
+        description=run_description(config, exp.run_dir.join("results.json").uri),
+    )
     run_ids["parent"] = parent
     save_run_ids(exp.run_dir, run_ids)
-    tracker.params(parent, {**config.flat(), "train_split_checksum": exp.train_splits.checksum,
-                            "test_split_checksum": exp.test_splits.checksum, "test_images": exp.test_manifest.num_rows})
-    tracker.tags(parent, {"git_sha": git_sha(), "method": config.method.name})
 
     rows: list[dict[str, Any]] = []
     previous_model: str | None = None
-    ok = False
+    ok, outcome = False, "failed"
     try:
+        tracker.params(parent, {**run_params(config), "train_split_checksum": exp.train_splits.checksum,
+                                "test_split_checksum": exp.test_splits.checksum, "test_images": exp.test_manifest.num_rows})
         redone = False  # once a step is trained again, every later step must be too (it builds on it)
         for step in range(exp.schedule.num_steps):
             step_dir = exp.run_dir.join(f"step_{step}")
@@ -443,6 +458,7 @@ def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: st
             previous_model = step_dir.join("model.pt").uri
             rows.append(row)
             tracker.metrics(parent, _numeric(row), step=step)
+            tracker.iou_table(parent, step, row["per_class_IoU"])
             final = step == exp.schedule.num_steps - 1
             if not final:
                 storage.write_json_atomic(exp.run_dir.join("results.json"), results_document(config, rows, "running", exp.checksums))
@@ -454,20 +470,22 @@ def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: st
         tracker.metrics(parent, {"mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
                                  **{f"final_{k}": v for k, v in _numeric(rows[-1]).items()}}, step=len(rows) - 1)
         _log_file_artifact(tracker, parent, exp.run_dir.join("results.json"))
-        ok = True
+        ok, outcome = True, "finished"
         if reporter is not None:
             # Last, once everything is recorded: a Tune scheduler ends a trial inside its report.
             reporter(len(rows) - 1, rows[-1])
         return document
     except BaseException as exc:
         if not ok:  # a finished run stays finished whatever fails after it was recorded
-            _record_stop(exp, config, rows, exc)
+            outcome = _record_stop(exp, config, rows, exc)
         raise
     finally:
-        tracker.finish(parent, ok)
+        # Ends the parent and any step still RUNNING (FAILED, or KILLED for an interrupt); never raises,
+        # so a dead tracking server cannot hide the error that stopped the run.
+        tracker.close_tree(parent, run_status(outcome))
 
 
-def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str, Any]], exc: BaseException) -> None:
+def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str, Any]], exc: BaseException) -> str:
     """Say in results.json why a run stopped, so nobody reads a dead run's "running" as live.
 
     Ctrl-C is "interrupted"; a clean SystemExit is "stopped" (how a Tune scheduler such as ASHA
@@ -487,6 +505,7 @@ def _record_stop(exp: Experiment, config: ExperimentConfig, rows: list[dict[str,
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)
     except Exception:  # noqa: BLE001 - reporting must not mask the original error
         log.exception("could not record the %s run in %s", status, exp.run_dir.uri)
+    return status
 
 
 def pseudo_label_dir(exp: Experiment, step: int) -> Location:
@@ -589,13 +608,14 @@ def _run_step(
     parent: str,
 ) -> dict[str, Any]:
     from eir.data.pipeline import eval_stream
-    from eir.tracking import save_run_ids
+    from eir.tracking import save_run_ids, step_run_name
     from eir.train.memory import build_memory, load_memory, memory_file
     from eir.train.step import run_train_step
 
     cfg = exp.config
     key = f"step_{step}"
-    child = tracker.start(key, parent=parent, tags={"eir.step": str(step)}, run_id=run_ids.get(key))
+    child = tracker.start(step_run_name(cfg.run.name, step), parent=parent, tags={"eir.step": str(step)},
+                          run_id=run_ids.get(key))
     run_ids[key] = child
     save_run_ids(exp.run_dir, run_ids)
     plan = make_plan(exp, step, previous_model)
@@ -681,7 +701,7 @@ def _run_step(
     if cfg.memory.kind != "none" and step < exp.schedule.num_steps - 1:
         vouched.append(memory_file(step_dir, cfg.memory.kind).name)
     storage.mark_complete(step_dir, files=vouched)  # what a resumed run and the next step read
-    tracker.finish(child, True)
+    tracker.finish(child)
     return row
 
 

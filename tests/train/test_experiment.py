@@ -121,21 +121,28 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     assert len(parents) == 1
     parent = parents[0]
     children = _children(runs, parent)
-    assert sorted(r.info.run_name for r in children) == ["step_0", "step_1"]
+    assert sorted(r.info.run_name for r in children) == ["finetune/step_0", "finetune/step_1"]
     assert parent.data.params["method.name"] == "finetune"
     assert parent.data.params["eval.protocol"] == finetune_run["eval_protocol"]
     assert parent.data.tags["git_sha"] == finetune_run["git_sha"]
     for name in ("train_split_checksum", "test_split_checksum"):
         assert len(finetune_run[name]) >= 16 and parent.data.params[name] == finetune_run[name]
     assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(finetune_run["steps"][-1]["mIoU_all"], abs=1e-3)
-    step1 = next(r for r in children if r.info.run_name == "step_1")
+    step1 = next(r for r in children if r.info.run_name == "finetune/step_1")
     assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
     client = mlflow.MlflowClient()
-    step0 = next(r for r in children if r.info.run_name == "step_0")
+    step0 = next(r for r in children if r.info.run_name == "finetune/step_0")
     for name in ("loss", "lr", "images_per_s", "data_wait_share"):
         assert [m.step for m in client.get_metric_history(step0.info.run_id, name)] == [1, 2], name
     artifacts = {a.path for a in client.list_artifacts(step1.info.run_id)}
     assert {"per_class_iou.csv", "confusion.png", "predictions.png"} <= artifacts
+    # What a researcher reads: status, commit, description, only the keys finetune reads, the IoU table.
+    assert parent.info.status == "FINISHED" and {r.info.status for r in children} == {"FINISHED"}
+    assert parent.data.tags["mlflow.source.git.commit"] == finetune_run["git_sha"]
+    assert "finetune" in parent.data.tags["mlflow.note.content"]
+    assert "paste.probability" not in parent.data.params and "loss.rskd_region" not in parent.data.params
+    table = client.load_table(parent.info.experiment_id, "per_class_iou.json", run_ids=[parent.info.run_id])
+    assert sorted(set(table["step"])) == [0, 1] and "background" in set(table["class"])
 
 
 def test_existing_run_dir_needs_resume(finetune_run: dict, output_dir: Path) -> None:
@@ -275,7 +282,7 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     # The loss's parts are logged per epoch, so a diverging run shows which term moved.
     runs = _mlflow_runs(output_dir)
     parent = next(r for r in runs if r.info.run_name == method)
-    step1 = next(r for r in _children(runs, parent) if r.info.run_name == "step_1")
+    step1 = next(r for r in _children(runs, parent) if r.info.run_name == f"{method}/step_1")
     loss, bce, rskd = (step1.data.metrics[k] for k in ("loss", "loss_bce", "loss_rskd"))
     assert bce > 0 and loss == pytest.approx(plan["bce_weight"] * bce + plan["rskd_weight"] * rskd, rel=1e-6)
     assert (rskd > 0) == (method == "eir")

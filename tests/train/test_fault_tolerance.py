@@ -145,4 +145,4 @@ def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str
     parents = [r for r in runs if r.info.run_name == "interrupted"]
     assert len(parents) == 1, "the MLflow run is resumed, not duplicated"
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
-    assert children == ["step_0", "step_1"], "each step's MLflow run is resumed, not duplicated"
+    assert children == ["interrupted/step_0", "interrupted/step_1"], "each step's MLflow run is resumed, not duplicated"

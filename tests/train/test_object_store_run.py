@@ -105,7 +105,7 @@ def test_eir_run_with_output_dir_on_s3(s3_endpoint: str, tmp_path: Path) -> None
             os.environ.pop(key, None)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("eir-synthetic-19-1").experiment_id])
-    step1 = [r for r in runs if r.info.run_name == "step_1"]
+    step1 = [r for r in runs if r.info.run_name == "on_s3/step_1"]
     assert step1 and "loss" in step1[0].data.metrics, "step 1 logged its training loss"
     for run in runs:
         for key in run.data.metrics:
