@@ -152,6 +152,8 @@ def read_file_bytes(path: Path, what: str) -> bytes:
         raise DatasetError(f"missing {what}: {shown(path)} does not exist") from None
     except OSError as exc:  # a folder, no permission, a symbolic link loop, an I/O error
         raise DatasetError(f"cannot read {what} {shown(path)}: {exc.strerror or exc} (expected a readable file)") from None
+    except ValueError:  # a NUL byte, e.g. from a split list's line: no file can have that name
+        raise DatasetError(f"cannot read {what} {shown(path)!r}: a file name cannot hold a NUL byte") from None
 
 
 def read_text(path: Path, what: str, expected: str) -> str:

@@ -513,3 +513,10 @@ def test_an_empty_image_file_says_what_it_is(tmp_path: Path) -> None:
     (root / "images" / "a.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"unreadable image .*images/a\.png: not a format Pillow recognises, 0 bytes"):
         FolderReader(root, "train").read("a")
+
+
+def test_a_nul_byte_in_a_listed_path_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "train.txt").write_text("/x/train/a\x00.png /x/trainannot/a.png\n")
+    reader = CamVidReader(tmp_path, "train")
+    with pytest.raises(DatasetError, match=r"cannot read image .*train/a\\x00\.png'?: a file name cannot hold a NUL byte"):
+        reader.read(reader.ids()[0])
