@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
             scheduler, max_concurrent_trials). Each trial runs the whole experiment and reports after every step,
             so ASHA can stop poor trials early. Trials share the step-0 cache. Results: <run.output_dir>/sweeps/<name>/
             (summary.json, runs/<trial>/results.json); MLflow: experiment eir-sweep-<name>, a parent run with a nested
-            run per trial and per step — select the trial runs and press Compare in the MLflow UI."""
+            run per trial and per step — select the trial runs and press Compare in the MLflow UI. Trials are named
+            by their swept values (memory.size=25). Every trial's settings are checked before Ray starts."""
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -333,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
 def describe_error(exc: BaseException) -> str:
     """An error as one line: an OSError as `path: reason` (disk full, read-only, not a folder, ...),
     anything else by its message."""
+    cause = getattr(exc, "cause", None)  # a Ray task's error that is also its cause's type: the cause says it
+    if isinstance(cause, OSError) and cause is not exc:
+        return describe_error(cause)
     if isinstance(exc, OSError) and exc.strerror:
         paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
         return f"{' -> '.join(paths)}: {exc.strerror}" if paths else exc.strerror

@@ -143,3 +143,14 @@ def test_errors_are_described_in_one_line(error: BaseException, line: str) -> No
     from launch import describe_error
 
     assert describe_error(error) == line
+
+
+def test_an_os_error_from_a_ray_task_is_described_by_its_cause() -> None:
+    from launch import describe_error
+
+    class RemoteOSError(OSError):  # what Ray raises for a task that failed with an OSError: both types at once
+        def __init__(self, cause: OSError):
+            super().__init__("ray::task() (pid=1)\nTraceback (most recent call last):\n  ...\n" + str(cause))
+            self.cause = cause
+
+    assert describe_error(RemoteOSError(OSError(28, "No space left on device", "/d/x"))) == "/d/x: No space left on device"
