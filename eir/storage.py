@@ -171,17 +171,19 @@ def damaged_files(loc: Location, *, checksums: bool = True) -> list[str]:
         return [f"{marker.uri} is missing"]
     try:
         inventory = read_json(marker).get("files", {})
-    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
-        return [f"{marker.uri} is not a readable completion marker ({exc})"]
+        expected_sizes = {str(name): int(entry["size"]) for name, entry in inventory.items()}
+        expected_sums = {str(name): str(entry["sha256"]) for name, entry in inventory.items()}
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as exc:
+        return [f"{marker.uri} is not a readable completion marker ({type(exc).__name__}: {exc})"]
     problems = []
-    for name, expected in sorted(inventory.items()):
+    for name in sorted(expected_sizes):
         target = loc.join(name)
         info = target.fs.get_file_info(target.path)
         if info.type != pafs.FileType.File:
             problems.append(f"{name} is missing")
-        elif info.size != expected["size"]:
-            problems.append(f"{name} has {info.size} bytes, expected {expected['size']}")
-        elif checksums and file_digest(target)["sha256"] != expected["sha256"]:
+        elif info.size != expected_sizes[name]:
+            problems.append(f"{name} has {info.size} bytes, expected {expected_sizes[name]}")
+        elif checksums and file_digest(target)["sha256"] != expected_sums[name]:
             problems.append(f"{name} does not match its recorded SHA-256")
     return problems
 

@@ -105,8 +105,9 @@ def test_the_marker_vouches_for_each_file_by_size_and_sha256(tmp_path: Path) -> 
     assert storage.damaged_files(loc, checksums=False) == [], "sizes only"
     (tmp_path / "out" / "sub" / "part-0.parquet").unlink()
     assert "sub/part-0.parquet is missing" in storage.damaged_files(loc)
-    (tmp_path / "out" / COMPLETE_MARKER).write_text("{not json")
-    assert "is not a readable completion marker" in storage.damaged_files(loc)[0]
+    for marker in ("{not json", '["a list"]', '{"files": ["a list"]}', '{"files": {"model.pt": {"size": 7}}}'):
+        (tmp_path / "out" / COMPLETE_MARKER).write_text(marker)
+        assert "is not a readable completion marker" in storage.damaged_files(loc)[0], marker
 
 
 def test_mark_complete_can_vouch_for_named_files_only(tmp_path: Path) -> None:

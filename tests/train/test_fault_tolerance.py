@@ -146,3 +146,37 @@ def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str
     assert len(parents) == 1, "the MLflow run is resumed, not duplicated"
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
     assert children == ["interrupted/step_0", "interrupted/step_1"], "each step's MLflow run is resumed, not duplicated"
+
+
+def test_ctrl_c_during_a_step_is_recorded_as_interrupted(tmp_path: Path) -> None:
+    """What a user's Ctrl-C does: Ray Train aborts the step, the run says `interrupted`, MLflow says KILLED."""
+    log = tmp_path / "console.txt"
+    with open(log, "w") as console:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"), *TINY,
+             "method.name=finetune", "train.epochs=30", f"run.output_dir={tmp_path}", "run.name=interrupted"],
+            cwd=REPO, env={**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+                           "EIR_RAY_NUM_CPUS": "4"},
+            stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 600
+            while not _registered_checkpoint(tmp_path / "interrupted" / "step_0"):
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "no epoch checkpoint within 10 minutes"
+                time.sleep(1)
+            os.kill(process.pid, signal.SIGINT)  # the driver only, as Ray Train's handler expects
+            code = process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    output = log.read_text()
+    assert code == 130 and "error: interrupted" in output, output[-3000:]
+    results = json.loads((tmp_path / "interrupted" / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["error"].startswith("KeyboardInterrupt"), results
+    assert "Reporting training result" not in output, "Ray Train's per-report lines stay off the console"
+    assert not (tmp_path / "interrupted" / "_LOCK").exists(), "the lock is released"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["eir-synthetic-15-5"], output_format="list")
+    assert {r.info.run_name: r.info.status for r in runs} == {"interrupted": "KILLED", "interrupted/step_0": "KILLED"}
