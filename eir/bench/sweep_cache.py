@@ -6,7 +6,7 @@ own. Both sweeps start from an empty output dir (so the cached sweep pays for it
 in the same Ray instance, the cached one first (it pays Ray's warm-up, which biases the ratio
 against the cache). Key: `cache_speedup` = wall(no cache) / wall(cache).
 Full: experiments/benchmarks/sweep_cache.yaml (4 trials, 2 at a time); quick:
-experiments/sweeps/synthetic_tiny.yaml (2 trials).
+experiments/benchmarks/sweep_cache_quick.yaml (2 trials).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run_sweep_cache(quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     from eir.train.sweep import run_sweep
 
-    sweep = REPO / "experiments" / ("sweeps/synthetic_tiny.yaml" if quick else "benchmarks/sweep_cache.yaml")
+    sweep = REPO / "experiments" / "benchmarks" / ("sweep_cache_quick.yaml" if quick else "sweep_cache.yaml")
     results: dict[str, dict[str, Any]] = {}
     saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # keep the benchmark's runs out of the user's store
     try:
