@@ -259,10 +259,13 @@ def test_cache_command_lists_and_clears_the_step0_cache(finetune_run: dict, outp
     assert "no step-0 cache entries" in capsys.readouterr().out
 
 
-def test_dry_run_trains_nothing(output_dir: Path) -> None:
+def test_dry_run_trains_nothing(output_dir: Path, capsys) -> None:
     document = run_experiment(tiny_config(output_dir, "run.name=dry"), dry_run=True, progress=False)
     assert document["status"] == "dry_run" and document["steps"] == []
     assert not (output_dir / "dry").exists()
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: nothing is trained") and f"{output_dir / 'datasets'}) is prepared there" in out, \
+        "it says that it prepares the dataset, and where"
 
 
 @pytest.mark.parametrize("method", ["eir", "image_replay", "instance_replay"])
