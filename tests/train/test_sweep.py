@@ -24,6 +24,10 @@ from eir.train.sweep import default_concurrency, load_sweep, run_sweep, trial_la
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "experiments" / "sweeps" / "synthetic_tiny.yaml"
+# The demo sweep (finetune vs EIR on the quick start's data) shrunk to seconds per step for the tests.
+SMALL = ["dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5", "model.weights=null",
+         "train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "train.crop_size=48",
+         "scaling.cpus_per_worker=1", "memory.size=10"]
 
 
 def write_sweep(tmp_path: Path, text: str) -> Path:
@@ -293,7 +297,7 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     # A relative output dir, as users write it: trials run in their own working directories, so it
     # must mean this directory for all of them (one dataset, one step-0 cache).
     monkeypatch.chdir(tmp_path)
-    summary = run_sweep(TINY, ["run.output_dir=runs"])
+    summary = run_sweep(TINY, [*SMALL, "run.output_dir=runs"])
     (key, dist), = load_sweep(TINY).space.items()  # the demo sweeps one key over a grid
     swept = dist["grid"]
     names = {trial_label({key: value}) for value in swept}
@@ -318,10 +322,10 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     assert {r.info.run_name for r in trials} == names, "MLflow trial runs are named by their swept values"
     for trial in trials:
         steps = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
-        assert sorted(r.info.run_name for r in steps) == ["step_0", "step_1"]
+        assert sorted(r.info.run_name for r in steps) == [f"{trial.info.run_name}/step_0", f"{trial.info.run_name}/step_1"]
         assert key in trial.data.params and "final_hIoU" in trial.data.metrics
     assert "best_hIoU" in parent.data.metrics
-    step1 = next(r for r in runs if r.info.run_name == "step_1")
+    step1 = next(r for r in runs if r.info.run_name.endswith("/step_1"))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(step1.info.run_id)}
     assert "confusion.png" in artifacts, "artifacts arrive through the server"
 
@@ -343,7 +347,7 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     env = {**os.environ, "EIR_RAY_NUM_CPUS": "4"}
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), "sweep", str(TINY), f"run.output_dir={tmp_path}"],
+        [sys.executable, str(REPO / "launch.py"), "sweep", str(TINY), *SMALL, f"run.output_dir={tmp_path}"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     runs = tmp_path / "sweeps" / "synthetic_tiny" / "runs"
@@ -363,7 +367,7 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
         process.wait()
     trained = finished[0].parent / "step_1" / "model.pt"
     before = trained.stat().st_mtime_ns
-    summary = run_sweep(TINY, [f"run.output_dir={tmp_path}"], resume=True)
+    summary = run_sweep(TINY, [*SMALL, f"run.output_dir={tmp_path}"], resume=True)
     assert len(summary["trials"]) == len(next(iter(load_sweep(TINY).space.values()))["grid"]) and not summary["failed"]
     assert all(t["status"] == "finished" for t in summary["trials"])
     assert trained.stat().st_mtime_ns == before, "the trial finished before the interruption is not trained again"
