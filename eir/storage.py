@@ -128,6 +128,10 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, loc.path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # a full disk fails in write/fsync: name the file
+            raise OSError(exc.errno, exc.strerror, loc.path) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 import os
 from pathlib import Path
 
@@ -257,3 +256,17 @@ def test_replace_dir_on_an_object_store_drops_the_old_files(tmp_path: Path) -> N
     storage.replace_dir(tmp, storage.resolve("bucket/out", filesystem=fs))
     assert tree(tmp_path / "bucket" / "out") == FILLED_TREE
     assert not (tmp_path / "bucket" / ".out.tmp").exists()
+
+
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = storage.resolve(tmp_path / "results.json")
+    with pytest.raises(OSError) as caught:
+        storage.write_json_atomic(target, {"a": 1})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == target.path
+    assert list(tmp_path.iterdir()) == [], "no temp file and no half-written target are left"

@@ -126,3 +126,14 @@ def test_model_weights_imagenet_loads_through_the_resolver(empty_torch_cache: Pa
             "print(torch.equal(m.backbone[0][0].weight, s['features.0.0.weight']))")
     done = subprocess.run([sys.executable, "-c", code, str(SHARED_WEIGHTS)], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_a_sweep_checks_the_weights_once_before_ray(empty_torch_cache: Path, no_network, tmp_path, capsys) -> None:
+    import ray
+
+    sweep = Path(launch.__file__).parent / "experiments" / "sweeps" / "synthetic_tiny.yaml"
+    code = launch.main(["sweep", str(sweep), f"run.output_dir={tmp_path / 'out'}", "dataset.synthetic_num_images=20",
+                        "dataset.synthetic_image_size=32", "train.crop_size=32"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: model.weights=imagenet:")
+    assert not ray.is_initialized()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, config_from_dict, dump_yaml, inactive_keys
+from eir.config import ConfigError, ExperimentConfig, config_from_yaml, dump_yaml, inactive_keys
 from eir.data.ingest import Manifest
 from eir.data.prepare import ensure_prepared
 from eir.data.splits import StepSplits, step_splits
@@ -203,20 +203,14 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
 
 def read_run_config(run_dir: Location) -> ExperimentConfig:
     """The config a run dir was made with (every command that opens a run dir reads it here)."""
-    import yaml
-
     loc = run_dir.join("config.yaml")
     if not storage.exists(loc):
         raise RunDirError(f"{run_dir.uri} is not a run directory (no config.yaml)")
     try:
-        tree = yaml.safe_load(storage.read_bytes(loc).decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{loc.uri} is damaged (not a YAML config: {str(exc).splitlines()[0]}); "
-                          "restore it, or start a new run under another run.name") from exc
-    if not isinstance(tree, dict):
-        raise RunDirError(f"{loc.uri} is damaged (expected a mapping of config sections); "
-                          "restore it, or start a new run under another run.name")
-    return config_from_dict(tree, where=loc.uri)
+        return config_from_yaml(storage.read_bytes(loc), where=loc.uri)
+    except ConfigError as exc:
+        raise RunDirError(f"the run's config is damaged: {exc}; restore {loc.uri}, or start a new run under "
+                          "another run.name") from exc
 
 
 def require_existing_run(exp: Experiment) -> None:

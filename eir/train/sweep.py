@@ -277,6 +277,10 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
     base = spec.config(None, extra)
     folder = sweep_dir(base, spec)
+    if base.model.weights == "imagenet":  # before Ray: one clear error, not one failed trial each
+        from eir.weights import imagenet_file
+
+        imagenet_file(base.model.backbone)
     ensure_ray()
     tracker = Tracker(storage.resolve(base.run.output_dir), f"eir-sweep-{spec.name}")
     parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
