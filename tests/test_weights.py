@@ -51,9 +51,17 @@ def test_no_cache_no_network_is_one_error_naming_the_key_and_the_ways_out(empty_
     assert not empty_torch_cache.exists() or not any(empty_torch_cache.iterdir()), "nothing half-written"
 
 
-def test_the_run_command_fails_before_ray_with_one_line(empty_torch_cache: Path, no_network, tmp_path, capsys) -> None:
-    import ray
+@pytest.fixture
+def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every attempt of a command to start or join Ray (whatever another test left running)."""
+    import eir.raysession
 
+    calls: list[str] = []
+    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: calls.append("ensure_ray"))
+    return calls
+
+
+def test_the_run_command_fails_before_ray_with_one_line(empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys) -> None:
     code = launch.main(["run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
                         f"run.output_dir={tmp_path / 'out'}", "dataset.synthetic_num_images=20",
                         "dataset.synthetic_image_size=32", "train.crop_size=32"])
@@ -61,7 +69,7 @@ def test_the_run_command_fails_before_ray_with_one_line(empty_torch_cache: Path,
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: model.weights=imagenet:"), err
     assert "Traceback" not in err
-    assert not ray.is_initialized(), "checked before Ray starts"
+    assert ray_starts == [], "checked before Ray starts"
     assert not (tmp_path / "out" / "quickstart").exists(), "no run directory is left to block a retry"
 
 
@@ -128,12 +136,10 @@ def test_model_weights_imagenet_loads_through_the_resolver(empty_torch_cache: Pa
     assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
-def test_a_sweep_checks_the_weights_once_before_ray(empty_torch_cache: Path, no_network, tmp_path, capsys) -> None:
-    import ray
-
+def test_a_sweep_checks_the_weights_once_before_ray(empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys) -> None:
     sweep = Path(launch.__file__).parent / "experiments" / "sweeps" / "synthetic_tiny.yaml"
     code = launch.main(["sweep", str(sweep), f"run.output_dir={tmp_path / 'out'}", "dataset.synthetic_num_images=20",
                         "dataset.synthetic_image_size=32", "train.crop_size=32"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: model.weights=imagenet:")
-    assert not ray.is_initialized()
+    assert ray_starts == []
