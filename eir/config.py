@@ -17,6 +17,7 @@ import math
 import re
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -533,6 +534,13 @@ def check_name(value: str, key: str) -> None:
                           "no '/', '\\', control characters or leading/trailing spaces; at most 200 bytes)")
 
 
+def _check_each(values: dict[str, Any], ok: Callable[[Any], bool], expected: str) -> None:
+    """One range rule over several keys, failing on the first value outside it."""
+    for key, value in values.items():
+        if not ok(value):
+            raise ConfigError(f"bad value {value!r} for {key}: expected {expected}")
+
+
 def validate(config: ExperimentConfig) -> None:
     """Cross-field and range checks that types alone cannot express (non-finite floats fail in `_coerce`)."""
     positive = {
@@ -549,19 +557,13 @@ def validate(config: ExperimentConfig) -> None:
         "paste.max_instances": config.paste.max_instances,
         "data.pseudo_actors": config.data.pseudo_actors,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"bad value {value!r} for {key}: expected a positive integer")
-    non_negative = {"train.max_failures": config.train.max_failures, "memory.size": config.memory.size}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"bad value {value!r} for {key}: expected 0 or more")
-    for key, value in {"seed": config.seed, "dataset.synthetic_seed": config.dataset.synthetic_seed}.items():
-        if not 0 <= value < SEED_LIMIT:
-            raise ConfigError(f"bad value {value!r} for {key}: expected a seed in [0, 2**32)")
-    for key, value in {"train.lr": config.train.lr, "train.lr_incremental": config.train.lr_incremental}.items():
-        if value <= 0:
-            raise ConfigError(f"bad value {value!r} for {key}: expected a learning rate > 0")
+    _check_each(positive, lambda v: v >= 1, "a positive integer")
+    _check_each({"train.max_failures": config.train.max_failures, "memory.size": config.memory.size},
+                lambda v: v >= 0, "0 or more")
+    _check_each({"seed": config.seed, "dataset.synthetic_seed": config.dataset.synthetic_seed},
+                lambda v: 0 <= v < SEED_LIMIT, "a seed in [0, 2**32)")
+    _check_each({"train.lr": config.train.lr, "train.lr_incremental": config.train.lr_incremental},
+                lambda v: v > 0, "a learning rate > 0")
     # SGD runs with Nesterov momentum, which torch refuses for momentum 0.
     if not 0 < config.train.momentum < 1:
         raise ConfigError(f"bad value {config.train.momentum!r} for train.momentum: expected 0 < momentum < 1 (Nesterov SGD)")
@@ -570,13 +572,9 @@ def validate(config: ExperimentConfig) -> None:
         "loss.bce_weight": config.loss.bce_weight,
         "loss.rskd_weight": config.loss.rskd_weight,
     }
-    for key, value in at_least_zero.items():
-        if value < 0:
-            raise ConfigError(f"bad value {value!r} for {key}: expected a number >= 0")
-    cpus = {"scaling.cpus_per_worker": config.scaling.cpus_per_worker, "data.num_cpus_per_worker": config.data.num_cpus_per_worker}
-    for key, value in cpus.items():
-        if value <= 0:
-            raise ConfigError(f"bad value {value!r} for {key}: expected a CPU count > 0 (fractions allowed)")
+    _check_each(at_least_zero, lambda v: v >= 0, "a number >= 0")
+    _check_each({"scaling.cpus_per_worker": config.scaling.cpus_per_worker, "data.num_cpus_per_worker": config.data.num_cpus_per_worker},
+                lambda v: v > 0, "a CPU count > 0 (fractions allowed)")
     if not 0 < config.dataset.image_scale <= 1:
         raise ConfigError(f"bad value {config.dataset.image_scale!r} for dataset.image_scale: expected 0 < scale <= 1")
     if not 0 <= config.train.warmup_fraction < 1:
