@@ -1,19 +1,24 @@
-"""One live command per run directory: a lock file held (and kept fresh) while a run writes.
+"""One live command per directory: a lock held while a run (or a sweep) writes its folder.
 
 Two `launch.py run`s with the same `run.name` would otherwise both start and mix their files in
-one directory (one's config.yaml, the other's plan.json, two MLflow parents). The lock is a small
-JSON file, `<run dir>/_LOCK`, naming its holder (host, pid, command, start time) and a heartbeat
-the holder rewrites every `HEARTBEAT_S` seconds from a background thread.
+one directory (one's config.yaml, the other's plan.json, two MLflow parents). The lock is the file
+`<dir>/_LOCK`, whose JSON record names its holder (host, pid, command, start time) for the message
+the second command prints.
 
-A lock is stale, and is taken over with a warning, when its holder is on this host and its process
-is gone, or when its heartbeat is older than `STALE_AFTER_S` (a holder on another node that died
-with it, or a recycled pid). Local disks create the file exclusively (`O_EXCL`); object stores have
-no exclusive create, so the taker writes its record, waits `SETTLE_S` and reads it back: of two
-racing takers only the last writer finds its own token and proceeds.
+- Local disks: the holder keeps an exclusive `flock` on the file, which the kernel releases when
+  the process ends however it ends, so a killed run never leaves a lock behind and nothing has to
+  guess about staleness. After locking, the holder checks that the path still names the file it
+  locked (a releasing holder unlinks it), so two commands can never hold two generations of it.
+- Object stores have neither locks nor exclusive creates: the holder rewrites its record every
+  `HEARTBEAT_S` seconds; a taker writes its own record, waits `SETTLE_S` and reads it back (of two
+  racing takers only the last writer proceeds). A record is stale when its holder is on this host
+  and its process is gone, or when it is on another host and its heartbeat is older than
+  `STALE_AFTER_S`. A holder that finds its record replaced stops at the next step (`Lease.check`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -38,13 +43,25 @@ SETTLE_S = 1.0
 
 
 class RunInUseError(FileExistsError):
-    """Another live command holds the run directory."""
+    """Another live command holds the directory (or took it over from this one)."""
+
+
+class Lease:
+    """What a holder checks between steps: whether its object-store lock was taken over."""
+
+    def __init__(self, lock: Location) -> None:
+        self.lock = lock
+        self.lost_to: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.lost_to is not None:
+            raise RunInUseError(f"this command lost {self.lock.uri} to another one: " + _holder_text(self.lost_to))
 
 
 @contextmanager
-def hold(run_dir: Location) -> Iterator[None]:
-    """Hold `run_dir`'s lock for the duration of the block; RunInUseError if a live command holds it."""
-    lock = run_dir.join(LOCK_FILE)
+def hold(folder: Location) -> Iterator[Lease]:
+    """Hold `folder`'s lock for the duration of the block; RunInUseError if a live command holds it."""
+    lock = folder.join(LOCK_FILE)
     record = {
         "token": uuid.uuid4().hex,
         "host": socket.gethostname(),
@@ -53,13 +70,18 @@ def hold(run_dir: Location) -> Iterator[None]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "heartbeat": time.time(),
     }
-    storage.makedirs(run_dir)
-    _acquire(lock, record)
+    storage.makedirs(folder)
+    lease = Lease(lock)
+    if lock.is_local:
+        with _flocked(lock, record):
+            yield lease
+        return
+    _acquire_remote(lock, record)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(lock, record, stop), name="eir-run-lock", daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(lease, record, stop), name="eir-run-lock", daemon=True)
     beat.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         beat.join()
@@ -67,51 +89,73 @@ def hold(run_dir: Location) -> Iterator[None]:
             lock.fs.delete_file(lock.path)
 
 
-def _acquire(lock: Location, record: dict[str, Any]) -> None:
-    for _ in range(2):  # a second try after removing a stale lock
-        if lock.is_local and _create_exclusive(lock.path, record):
+@contextmanager
+def _flocked(lock: Location, record: dict[str, Any]) -> Iterator[None]:
+    while True:
+        fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(_in_use_message(lock, _holder(lock))) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(lock.path).st_ino
+        except FileNotFoundError:  # unlinked by a holder releasing it between our open and our lock
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    try:
+        previous = _holder(lock)
+        if previous:  # a holder that died without releasing: the kernel dropped its lock
+            log.warning("run directory %s: taking over the lock left by %s (it has exited)",
+                        lock.parent.uri, _holder_text(previous))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        os.unlink(lock.path)  # unlinked while still locked: a waiting opener re-checks the inode
+        os.close(fd)
+
+
+def _acquire_remote(lock: Location, record: dict[str, Any]) -> None:
+    for _ in range(2):  # a second try after a stale record was removed
+        if storage.exists(lock):
+            holder = _holder(lock)
+            reason = stale_reason(holder, _age_s(lock))
+            if reason is None:
+                raise RunInUseError(_in_use_message(lock, holder))
+            log.warning("run directory %s: taking over a stale lock (%s)", lock.parent.uri, reason)
+        storage.write_json_atomic(lock, record)
+        time.sleep(SETTLE_S)
+        if _holder(lock).get("token") == record["token"]:
             return
-        if not storage.exists(lock):
-            if not lock.is_local:
-                storage.write_json_atomic(lock, record)
-                time.sleep(SETTLE_S)
-                if _holder(lock).get("token") == record["token"]:
-                    return
-            continue
-        holder = _holder(lock)
-        reason = stale_reason(holder, _age_s(lock))
-        if reason is None:
-            raise RunInUseError(_in_use_message(lock, holder))
-        log.warning("run directory %s: taking over a stale lock (%s)", lock.parent.uri, reason)
-        lock.fs.delete_file(lock.path)
     raise RunInUseError(_in_use_message(lock, _holder(lock)))
 
 
-def _create_exclusive(path: str, record: dict[str, Any]) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle)
-    return True
-
-
-def _heartbeat(lock: Location, record: dict[str, Any], stop: threading.Event) -> None:
+def _heartbeat(lease: Lease, record: dict[str, Any], stop: threading.Event) -> None:
+    """Keep the record fresh; a passing storage error is retried at the next beat, not fatal."""
     while not stop.wait(HEARTBEAT_S):
-        if _holder(lock).get("token") != record["token"]:
-            log.error("run directory %s: this command's lock was taken over by another one", lock.parent.uri)
-            return
-        storage.write_json_atomic(lock, {**record, "heartbeat": time.time()})
+        try:
+            found = _holder(lease.lock)
+            if found.get("token") not in (None, record["token"]):
+                lease.lost_to = found
+                log.error("run directory %s: %s took over this command's lock", lease.lock.parent.uri, _holder_text(found))
+                return
+            storage.write_json_atomic(lease.lock, {**record, "heartbeat": time.time()})
+        except OSError as exc:
+            log.warning("run directory %s: could not refresh the lock (%s); retrying", lease.lock.parent.uri, exc)
 
 
 def _holder(lock: Location) -> dict[str, Any]:
-    """The lock's record; {} when it is gone or unreadable (half-written by a killed holder)."""
+    """The lock's record; {} when it is gone, empty, unreadable or of the wrong shape."""
     try:
         found = json.loads(storage.read_bytes(lock).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        int(found["pid"])  # the fields the staleness rules read, of the types they need
+        float(found["heartbeat"])
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
         return {}
-    return found if isinstance(found, dict) else {}
+    return found
 
 
 def _age_s(lock: Location) -> float:
@@ -121,12 +165,13 @@ def _age_s(lock: Location) -> float:
 
 
 def stale_reason(holder: dict[str, Any], file_age_s: float, now: float | None = None) -> str | None:
-    """Why a lock no longer protects a live command, or None while its holder may be alive."""
+    """Why an object-store lock record no longer protects a live command, or None while it may."""
     now = time.time() if now is None else now
     if not holder:
         return "an unreadable lock file" if file_age_s > STALE_AFTER_S else None
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-        return f"pid {holder.get('pid')} on this host has exited"
+    if holder.get("host") == socket.gethostname():  # this host can ask the process itself
+        alive = _alive(int(holder.get("pid", -1)))
+        return None if alive else f"pid {holder.get('pid')} on this host has exited"
     age = now - float(holder.get("heartbeat", 0))
     if age > STALE_AFTER_S:
         return f"no heartbeat from {holder.get('host')} pid {holder.get('pid')} for {age:.0f} s"
@@ -145,11 +190,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holder_text(holder: dict[str, Any]) -> str:
+    return (f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}: {holder.get('command')})"
+            if holder else "another command")
+
+
 def _in_use_message(lock: Location, holder: dict[str, Any]) -> str:
-    who = (f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}: {holder.get('command')})"
-           if holder else "another command")
-    return (f"run directory {lock.parent.uri} is in use by {who}; wait for it to finish or choose another run.name "
-            f"(a lock whose holder died is taken over by itself after {STALE_AFTER_S:.0f} s; {lock.uri})")
+    return (f"run directory {lock.parent.uri} is in use by {_holder_text(holder)}; wait for it to finish or choose "
+            f"another name ({lock.uri})")
 
 
-__all__ = ["LOCK_FILE", "RunInUseError", "hold", "stale_reason"]
+__all__ = ["LOCK_FILE", "Lease", "RunInUseError", "hold", "stale_reason"]

@@ -235,7 +235,8 @@ def quarantine(loc: Location) -> Location:
     no directory rename: its marker is deleted, so nothing trusts it and it is rewritten in place.
     """
     if not loc.is_local:
-        loc.fs.delete_file(loc.join(COMPLETE_MARKER).path)
+        if exists(loc.join(COMPLETE_MARKER)):
+            loc.fs.delete_file(loc.join(COMPLETE_MARKER).path)
         return loc
     aside = loc.parent.join(f".{loc.name}.damaged-{uuid.uuid4().hex[:8]}")
     os.replace(loc.path, aside.path)

@@ -21,6 +21,7 @@ calls it again and finds the cache on a single machine, or fetches on its own no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -187,6 +188,13 @@ def _install(candidate: Path, target: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
+    """Hashed once per process and file version: the driver and every model build ask again."""
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

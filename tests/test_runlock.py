@@ -49,7 +49,7 @@ def test_a_lock_whose_process_died_is_taken_over(tmp_path: Path, caplog) -> None
         {"token": "old", "host": socket.gethostname(), "pid": _dead_pid(), "heartbeat": time.time()}))
     with caplog.at_level("WARNING"), hold(storage.resolve(tmp_path / "run")):
         assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == os.getpid()
-    assert "taking over a stale lock" in caplog.text and "has exited" in caplog.text
+    assert "taking over the lock left by pid" in caplog.text and "has exited" in caplog.text
 
 
 def test_stale_rules() -> None:
@@ -58,17 +58,49 @@ def test_stale_rules() -> None:
     assert stale_reason({"host": here, "pid": alive, "heartbeat": now}, 0, now) is None
     assert stale_reason({"host": "other-node", "pid": 1, "heartbeat": now - 10}, 0, now) is None, "another node: trust a fresh heartbeat"
     assert "no heartbeat" in stale_reason({"host": "other-node", "pid": 1, "heartbeat": now - 1000}, 0, now)
-    assert "no heartbeat" in stale_reason({"host": here, "pid": alive, "heartbeat": now - 1000}, 0, now), "a recycled pid"
+    assert stale_reason({"host": here, "pid": alive, "heartbeat": now - 1000}, 0, now) is None, \
+        "this host asks the process itself: a suspended laptop's run keeps its lock"
+    assert "has exited" in stale_reason({"host": here, "pid": _dead_pid(), "heartbeat": now}, 0, now)
     assert stale_reason({}, file_age_s=5, now=now) is None, "an unreadable lock may be being written"
     assert stale_reason({}, file_age_s=1000, now=now) == "an unreadable lock file"
 
 
-def test_the_heartbeat_keeps_the_lock_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _remote(tmp_path: Path) -> storage.Location:
+    """The object-store code path (a SubTreeFileSystem is not a LocalFileSystem) on a local folder."""
+    run = storage.resolve("bucket/run", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
+    assert not run.is_local
+    return run
+
+
+def test_the_heartbeat_keeps_an_object_store_lock_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
-    with hold(storage.resolve(tmp_path / "run")):
-        first = json.loads((tmp_path / "run" / LOCK_FILE).read_text())["heartbeat"]
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    lock = tmp_path / "bucket" / "run" / LOCK_FILE
+    with hold(_remote(tmp_path)):
+        first = json.loads(lock.read_text())["heartbeat"]
         time.sleep(0.3)
-        assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["heartbeat"] > first
+        assert json.loads(lock.read_text())["heartbeat"] > first
+    assert not lock.exists()
+
+
+def test_a_holder_whose_object_store_lock_was_taken_stops_at_the_next_step(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    lock = tmp_path / "bucket" / "run" / LOCK_FILE
+    with hold(_remote(tmp_path)) as lease:
+        lease.check()  # still ours
+        lock.write_text(json.dumps({"token": "other", "host": "node-2", "pid": 7, "heartbeat": time.time()}))
+        time.sleep(0.3)
+        with pytest.raises(RunInUseError, match="lost .* to another one: pid 7 on node-2"):
+            lease.check()
+    assert json.loads(lock.read_text())["token"] == "other", "the new holder's record is left alone"
+
+
+def test_a_record_of_the_wrong_shape_reads_as_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text(json.dumps({"pid": "not a number", "heartbeat": []}))
+    with hold(storage.resolve(tmp_path / "run")):  # no traceback: the local lock is the kernel's, the record only talk
+        pass
 
 
 def test_another_process_is_refused(tmp_path: Path) -> None:
@@ -83,16 +115,14 @@ def test_another_process_is_refused(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
-    with hold(storage.resolve(tmp_path / "run")):  # the killed holder's lock is stale at once on this host
+    with hold(storage.resolve(tmp_path / "run")):  # the kernel released the killed holder's lock
         pass
 
 
 def test_object_store_path_write_then_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No exclusive create on object stores: of two racing takers only the last writer proceeds."""
     monkeypatch.setattr(runlock, "SETTLE_S", 0.3)
-    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    run = storage.resolve("bucket/run", filesystem=fs)
-    assert not run.is_local
+    run = _remote(tmp_path)
     outcomes: list[str] = []
 
     def take() -> None:
@@ -110,3 +140,17 @@ def test_object_store_path_write_then_verify(tmp_path: Path, monkeypatch: pytest
         racer.join()
     assert sorted(outcomes) == ["held", "refused"]
     assert not (tmp_path / "bucket" / "run" / LOCK_FILE).exists()
+
+
+def test_a_sweep_in_use_is_refused_before_ray(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eir.raysession
+    import launch
+
+    started: list[str] = []
+    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: started.append("ray"))
+    sweep = Path(launch.__file__).parent / "experiments" / "sweeps" / "synthetic_tiny.yaml"
+    with hold(storage.resolve(tmp_path / "sweeps" / "synthetic_tiny")):
+        code = launch.main(["sweep", str(sweep), "model.weights=null", f"run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"is in use by pid {os.getpid()}" in err and "Traceback" not in err
+    assert started == []

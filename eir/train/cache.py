@@ -86,8 +86,10 @@ def list_entries(output_root: Location) -> list[dict[str, Any]]:
         problems = storage.damaged_files(loc) if storage.is_complete(loc) else []
         try:
             key = storage.read_json(loc.join("key.json")) if storage.exists(loc.join("key.json")) else {}
-        except ValueError:
-            key, problems = {}, [*problems, "key.json is not JSON"]
+        except (ValueError, UnicodeDecodeError):
+            key = None
+        if not isinstance(key, dict) or not isinstance(key.get("config", {}), dict):
+            key, problems = {}, [*problems, "key.json is not a JSON object of settings"]
         state = ("DAMAGED: " + "; ".join(problems)) if problems else "complete" if storage.is_complete(loc) else "INCOMPLETE"
         rows.append({"hash": name, "state": state, **key.get("config", {})})
     return rows

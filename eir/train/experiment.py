@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from eir.storage import Location
 from eir.tasks import Task, get_task
 from eir.train import cache
 from eir.train.plan import StepPlan
+
+if TYPE_CHECKING:
+    from eir.runlock import Lease
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +192,8 @@ def scores_table(rows: list[dict[str, Any]]) -> str:
 def config_differences(previous: ExperimentConfig, current: ExperimentConfig) -> list[str]:
     """Keys whose values differ and matter to at least one of the two configs."""
     before, after = _normalised(previous.flat()), _normalised(current.flat())
-    ignored = inactive_keys(previous) & inactive_keys(current)
+    # run.name names the folder (or, in a sweep, the trial's label): it cannot change what the run computes.
+    ignored = (inactive_keys(previous) & inactive_keys(current)) | {"run.name"}
     return sorted(key for key in after if key not in ignored and before.get(key) != after[key])
 
 
@@ -387,9 +391,9 @@ def run_experiment(
         imagenet_file(config.model.backbone)  # before Ray: one clear error instead of a worker's URLError
     from eir.runlock import hold
 
-    with hold(exp.run_dir):
+    with hold(exp.run_dir) as lease:
         check_run_dir(exp, resume)  # again under the lock: another run may have started in between
-        return _run_steps(exp, reporter, mlflow_experiment, mlflow_parent)
+        return _run_steps(exp, lease, reporter, mlflow_experiment, mlflow_parent)
 
 
 def _trains_imagenet_step0(exp: Experiment) -> bool:
@@ -400,9 +404,9 @@ def _trains_imagenet_step0(exp: Experiment) -> bool:
     return entry is None or not storage.is_complete(entry)
 
 
-def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: str | None,
+def _run_steps(exp: Experiment, lease: Lease, reporter: Reporter | None, mlflow_experiment: str | None,
                mlflow_parent: str | None) -> dict[str, Any]:
-    """The step loop of a run whose directory this process holds."""
+    """The step loop of a run whose directory this process holds (`lease`: checked before each step)."""
     config = exp.config
     from eir.raysession import ensure_ray
     from eir.tracking import (
@@ -437,11 +441,15 @@ def _run_steps(exp: Experiment, reporter: Reporter | None, mlflow_experiment: st
                                 "test_split_checksum": exp.test_splits.checksum, "test_images": exp.test_manifest.num_rows})
         redone = False  # once a step is trained again, every later step must be too (it builds on it)
         for step in range(exp.schedule.num_steps):
+            lease.check()
             step_dir = exp.run_dir.join(f"step_{step}")
-            if redone and storage.is_complete(step_dir):
-                aside = storage.quarantine(step_dir)
-                log.warning("step %d in %s was built on the step trained again: moved aside (%s) and redone",
-                            step, step_dir.uri, aside.uri)
+            if redone and storage.is_dir(step_dir):  # finished or not: its checkpoints and pseudo-labels are stale
+                if step_dir.is_local:
+                    where = f"moved aside ({storage.quarantine(step_dir).uri})"
+                else:  # no rename on object stores: a stale epoch checkpoint left there would be resumed
+                    storage.delete_dir(step_dir)
+                    where = "deleted"
+                log.warning("step %d in %s was built on the step trained again: %s and redone", step, step_dir.uri, where)
             if not redone and storage.reusable(step_dir, f"finished step {step}"):
                 row = storage.read_json(step_dir.join("metrics.json"))
                 log.info("step %d already finished in %s: skipped", step, step_dir.uri)

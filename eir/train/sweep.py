@@ -281,22 +281,25 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         from eir.weights import imagenet_file
 
         imagenet_file(base.model.backbone)
-    ensure_ray()
-    tracker = Tracker(storage.resolve(base.run.output_dir), f"eir-sweep-{spec.name}")
-    parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
-    try:
-        grid = _fit(spec, extra, base, folder, tracker.uri, parent, resume)
-    except BaseException as exc:
-        tracker.close_tree(parent, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
-        raise
-    summary = summarize(spec, grid, folder) | {"wall_s": round(time.perf_counter() - started, 1)}
-    best = summary.get("best")
-    tracker.metrics(parent, {f"best_{spec.metric}": best["metric"]} if best else {})
-    tracker.tags(parent, {"best_trial": best["name"] if best else "none"})
-    if best:
-        tracker.params(parent, {f"best.{k}": v for k, v in best["params"].items()})
-    tracker.finish(parent, FAILED if summary["failed"] else FINISHED)
-    storage.write_json_atomic(folder.join("summary.json"), summary)
+    from eir.runlock import hold
+
+    with hold(folder):  # one live sweep per sweep folder (its Tune state, mlflow_sweep.json)
+        ensure_ray()
+        tracker = Tracker(storage.resolve(base.run.output_dir), f"eir-sweep-{spec.name}")
+        parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
+        try:
+            grid = _fit(spec, extra, base, folder, tracker.uri, parent, resume)
+        except BaseException as exc:
+            tracker.close_tree(parent, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
+            raise
+        summary = summarize(spec, grid, folder) | {"wall_s": round(time.perf_counter() - started, 1)}
+        best = summary.get("best")
+        tracker.metrics(parent, {f"best_{spec.metric}": best["metric"]} if best else {})
+        tracker.tags(parent, {"best_trial": best["name"] if best else "none"})
+        if best:
+            tracker.params(parent, {f"best.{k}": v for k, v in best["params"].items()})
+        tracker.finish(parent, FAILED if summary["failed"] else FINISHED)
+        storage.write_json_atomic(folder.join("summary.json"), summary)
     print(summary_table(summary))
     return summary
 
