@@ -70,12 +70,21 @@ def hold(folder: Location) -> Iterator[Lease]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "heartbeat": time.time(),
     }
-    storage.makedirs(folder)
     lease = Lease(lock)
     if lock.is_local:
-        with _flocked(lock, record):
-            yield lease
+        created = _missing_folders(folder.path)
+        storage.makedirs(folder)
+        try:
+            with _flocked(lock, record):
+                yield lease
+        finally:
+            for path in created:  # a command that stopped before writing anything leaves no empty folders
+                try:
+                    os.rmdir(path)
+                except OSError:  # not empty (the run wrote its files) or gone: keep going up no further
+                    break
         return
+    storage.makedirs(folder)
     _acquire_remote(lock, record)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(lease, record, stop), name="eir-run-lock", daemon=True)
@@ -116,6 +125,18 @@ def _flocked(lock: Location, record: dict[str, Any]) -> Iterator[None]:
     finally:
         os.unlink(lock.path)  # unlinked while still locked: a waiting opener re-checks the inode
         os.close(fd)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders `makedirs(path)` would create, deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _acquire_remote(lock: Location, record: dict[str, Any]) -> None:

@@ -154,3 +154,12 @@ def test_a_sweep_in_use_is_refused_before_ray(tmp_path: Path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert code == 2 and f"is in use by pid {os.getpid()}" in err and "Traceback" not in err
     assert started == []
+
+
+def test_a_command_that_wrote_nothing_leaves_no_folders(tmp_path: Path) -> None:
+    with pytest.raises(KeyError), hold(storage.resolve(tmp_path / "out" / "sweeps" / "s")):
+        raise KeyError("stopped before writing anything")
+    assert list(tmp_path.iterdir()) == []
+    with hold(storage.resolve(tmp_path / "out" / "run")):
+        (tmp_path / "out" / "run" / "config.yaml").write_text("x")
+    assert (tmp_path / "out" / "run" / "config.yaml").exists(), "a folder with files stays"
