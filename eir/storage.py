@@ -151,15 +151,22 @@ def is_complete(loc: Location) -> bool:
     return exists(loc.join(COMPLETE_MARKER))
 
 
-def mark_complete(loc: Location, info: dict[str, Any] | None = None, files: list[str] | None = None) -> None:
+def mark_complete(
+    loc: Location,
+    info: dict[str, Any] | None = None,
+    files: list[str] | None = None,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Written last, after every other file of the directory.
 
     The marker records the size and SHA-256 of each file it vouches for (`files`, relative to
     `loc`; by default every file under it), so a reader can tell a complete directory from one
-    whose files were truncated or lost after the marker was written (`damaged_files`).
+    whose files were truncated or lost after the marker was written (`damaged_files`). `known`
+    holds digests the writer computed from the bytes it wrote (`bytes_digest`), so large outputs
+    are not read back just to be hashed.
     """
     names = files if files is not None else _files_under(loc)
-    inventory = {name: file_digest(loc.join(name)) for name in names}
+    inventory = {name: (known or {}).get(name) or file_digest(loc.join(name)) for name in names}
     write_json_atomic(loc.join(COMPLETE_MARKER), {**(info or {}), "files": inventory})
 
 
@@ -219,6 +226,11 @@ def file_digest(loc: Location) -> dict[str, Any]:
             digest.update(block)
             size += len(block)
     return {"size": size, "sha256": digest.hexdigest()}
+
+
+def bytes_digest(data: bytes) -> dict[str, Any]:
+    """What `file_digest` would say of a file holding exactly `data`."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _files_under(loc: Location) -> list[str]:

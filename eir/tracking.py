@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -93,11 +93,19 @@ def artifact_location(uri: str, output_root: Location) -> str | None:
 
 def shown_uri(uri: str) -> str:
     """The URI as messages show it: a password in it (user:password@host) replaced by ***."""
+    return _credentials_replaced(uri, lambda parts: parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+
+
+def uri_without_credentials(uri: str) -> str:
+    """The URI as files record it: `user:password@` dropped (MLflow reads credentials from the environment)."""
+    return _credentials_replaced(uri, lambda parts: parts.netloc.rsplit("@", 1)[1])
+
+
+def _credentials_replaced(uri: str, netloc: Callable[[urllib.parse.SplitResult], str]) -> str:
     parts = urllib.parse.urlsplit(uri)
     if not parts.password:
         return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc(parts)))
 
 
 def bound_http_retries(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -323,8 +323,9 @@ def label_space_bytes(class_names: Iterable[str], future_label: int, background_
 
 def _write_shards(
     rows: Iterable[dict[str, Any]], tmp: Location, shard_rows: int, label_space: bytes
-) -> tuple[list[dict[str, Any]], int, str]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], int, str]:
     shards: list[dict[str, Any]] = []
+    digests: dict[str, dict[str, Any]] = {}
     checksum = hashlib.sha256(label_space)
     batch: list[dict[str, Any]] = []
     total = 0
@@ -332,9 +333,13 @@ def _write_shards(
     def flush() -> None:
         name = f"part-{len(shards):05d}.parquet"
         table = pa.Table.from_pylist(batch, schema=SCHEMA)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=max(1, min(len(batch), 16)))
+        data = buffer.getvalue().to_pybytes()
         with tmp.fs.open_output_stream(tmp.join(name).path) as sink:
-            pq.write_table(table, sink, row_group_size=max(1, min(len(batch), 16)))
+            sink.write(data)
         shards.append({"file": name, "rows": len(batch)})
+        digests[name] = storage.bytes_digest(data)  # for the completion marker, without reading the shard back
         batch.clear()
 
     for row in rows:
@@ -345,7 +350,7 @@ def _write_shards(
             flush()
     if batch:
         flush()
-    return shards, total, checksum.hexdigest()
+    return shards, digests, total, checksum.hexdigest()
 
 
 def write_prepared(
@@ -374,7 +379,7 @@ def write_prepared(
     samples = (reader.read(i) for i in listed)
     label_space = label_space_bytes(info.class_names, info.future_label, info.background_is_class)
     try:
-        shards, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows,
+        shards, digests, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows,
                                                 label_space)
     finally:  # a bad sample ends the bar on its own line before the error is printed (a generator: closable)
         getattr(listed, "close", lambda: None)()
@@ -398,7 +403,8 @@ def write_prepared(
     storage.write_json_atomic(folder.join(MANIFEST), manifest)
     # The marker vouches for the shards' sizes and checksums; the manifest is checked by its own
     # structure, since `_record_source` may rewrite it.
-    storage.mark_complete(folder, {"rows": total, "checksum": checksum}, files=[shard["file"] for shard in shards])
+    storage.mark_complete(folder, {"rows": total, "checksum": checksum}, files=[shard["file"] for shard in shards],
+                          known=digests)
     return checksum
 
 

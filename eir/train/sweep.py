@@ -27,7 +27,6 @@ import math
 import os
 import re
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,7 +309,9 @@ def _start_parent(spec: SweepSpec, tracker: Any, ids_loc: storage.Location) -> s
     MLFLOW_TRACKING_URI. A password in the URI is not written down (MLflow reads credentials from
     MLFLOW_TRACKING_USERNAME/PASSWORD as well)."""
     recorded = _read_ids(ids_loc)
-    uri = _without_password(tracker.uri)
+    from eir.tracking import uri_without_credentials
+
+    uri = uri_without_credentials(tracker.uri)
     if recorded.get("tracking_uri", uri) != uri:
         raise ConfigError(f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
                           f"this invocation tracks at {uri}: set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
@@ -335,13 +336,6 @@ def _read_ids(ids_loc: storage.Location) -> dict[str, Any]:
     if not isinstance(ids, dict) or not isinstance(ids.get("parent"), str):
         raise ConfigError(f"{ids_loc.uri} is damaged (expected {{\"parent\": <run id>, \"tracking_uri\": ...}}); {remedy}")
     return ids
-
-
-def _without_password(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _fit(spec: SweepSpec, extra: list[str], base: ExperimentConfig, folder: storage.Location, tracking_uri: str,

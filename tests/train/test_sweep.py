@@ -226,7 +226,7 @@ def test_a_stopped_sweep_ends_its_mlflow_runs_as_killed_or_failed(tmp_path: Path
 
 
 def test_a_password_in_the_tracking_uri_is_not_written_down() -> None:
-    from eir.train.sweep import _without_password
+    from eir.tracking import uri_without_credentials as _without_password
 
     assert _without_password("https://me:secret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
     assert _without_password("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
