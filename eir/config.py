@@ -24,6 +24,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from eir.methods import METHOD_NAMES, method_class
 from eir.storage import is_uri, local_path
 from eir.tasks import DATASET_NUM_CLASSES, TaskError, get_task, parse_task_name
 
@@ -112,7 +113,7 @@ def read_yaml_file(path: Path, what: str) -> Any:
 
 
 DatasetName = Literal["synthetic", "voc", "ade20k", "camvid", "folder"]
-MethodName = Literal["finetune", "joint", "image_replay", "instance_replay", "eir_no_rskd", "eir"]
+MethodName = Literal[METHOD_NAMES]  # one per module of eir/methods
 Backbone = Literal["mobilenet_v2", "resnet50", "resnet101"]
 EvalProtocol = Literal["full", "center_crop"]
 
@@ -181,17 +182,6 @@ class LossConfig:
 class DataConfig:
     num_cpus_per_worker: float = 1.0  # CPUs of each Ray Data decode/augment/paste task
     pseudo_actors: int = 1  # actor-pool size of the pseudo-label batch inference
-
-
-# A method is a named set of knobs (applied to every key the config does not set itself).
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "finetune": {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
-    "joint": {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
-    "image_replay": {"memory.kind": "images", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0, "loss.rskd_weight": 0.0},
-    "instance_replay": {"memory.kind": "instances", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": None, "loss.rskd_weight": 0.0},
-    "eir_no_rskd": {"memory.kind": "instances", "pseudo.enabled": True, "paste.enabled": True, "replay.ratio": None, "loss.rskd_weight": 0.0},
-    "eir": {"memory.kind": "instances", "pseudo.enabled": True, "paste.enabled": True, "replay.ratio": None, "loss.rskd_weight": 5.0},
-}
 
 
 @dataclass
@@ -438,7 +428,7 @@ def load_config(
         updates = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
         _apply(config, updates, "overrides")
         explicit |= set(updates)
-    preset = {k: v for k, v in METHOD_PRESETS[config.method.name].items() if k not in explicit}
+    preset = {k: v for k, v in method_class(config.method.name).presets.items() if k not in explicit}
     _apply(config, preset, f"method {config.method.name!r}")
     validate(config)
     check_weights_file(config)

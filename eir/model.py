@@ -156,6 +156,11 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outputs, dim=1))
 
 
+# Intermediate activations `forward` can return: the backbone's output (stride 8 or 16) and the
+# decoder's (ASPP + 3x3 conv, what the heads read).
+FEATURES = ("backbone", "decoder")
+
+
 class IncrementalDeepLabV3(nn.Module):
     """DeepLabV3 whose classifier grows by one head per step; see the module docstring."""
 
@@ -199,13 +204,28 @@ class IncrementalDeepLabV3(nn.Module):
         """Output channels: background + every class seen so far."""
         return sum(head.out_channels for head in self.heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits B x num_classes_total x H x W at the input's size (bilinear upsampling)."""
-        features = self.decoder(self.backbone(x))
-        logits = [self.heads[0](features.detach())] + [head(features) for head in self.heads[1:]]
-        return F.interpolate(
+    def forward(
+        self, x: torch.Tensor, features: Sequence[str] = ()
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits B x num_classes_total x H x W at the input's size (bilinear upsampling).
+
+        With `features` (names from FEATURES) it returns (logits, {name: activation}): the
+        intermediate maps a method's loss reads (a distillation on features, not only on logits).
+        It goes through `forward`, so DDP's gradient hooks see those losses too.
+        """
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown feature(s) {sorted(unknown)}; the model provides {', '.join(FEATURES)}")
+        backbone = self.backbone(x)
+        decoded = self.decoder(backbone)
+        logits = [self.heads[0](decoded.detach())] + [head(decoded) for head in self.heads[1:]]
+        upsampled = F.interpolate(
             torch.cat(logits, dim=1), size=x.shape[-2:], mode="bilinear", align_corners=False
         )
+        if not features:
+            return upsampled
+        found = {"backbone": backbone, "decoder": decoded}
+        return upsampled, {name: found[name] for name in features}
 
     def add_step_head(self, num_classes: int, init: str | None = None) -> None:
         """Append a head for a new step; `init` defaults to the model's `new_head_init`.

@@ -30,6 +30,7 @@ from eir.config import ConfigError, ExperimentConfig, config_from_yaml, dump_yam
 from eir.data.ingest import Manifest
 from eir.data.prepare import ensure_prepared
 from eir.data.splits import StepSplits, step_splits
+from eir.methods import method_class
 from eir.metrics import StepScores, mean_over_steps, reduce_scores
 from eir.storage import Location
 from eir.tasks import Task, get_task
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[int, dict[str, Any]], None]
+# Per-epoch values a step logs to MLflow, besides the loss and its terms ("loss_<term>").
+EPOCH_METRICS = ("lr", "images_per_s", "data_wait_share")
 
 
 class RunDirError(ValueError):
@@ -105,7 +108,7 @@ class Experiment:
 
     @property
     def is_joint(self) -> bool:
-        return self.config.method.name == "joint"
+        return method_class(self.config.method.name).joint
 
     def eval_step(self, step: int) -> int:
         """The task step whose test protocol scores this schedule step (joint: the final step)."""
@@ -149,7 +152,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
         class_order=config.task.class_order,
         future_label=info.future_label,
     )
-    schedule = task.joint() if config.method.name == "joint" else task
+    schedule = task.joint() if method_class(config.method.name).joint else task
     return Experiment(
         config=config,
         output_root=root,
@@ -275,7 +278,6 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         backbone=cfg.model.backbone,
         weights=cfg.model.weights if step == 0 else None,
         output_stride=cfg.model.output_stride,
-        new_head_init=cfg.model.new_head_init,
         previous_model=previous_model,
         epochs=cfg.train.epochs_incremental if incremental else cfg.train.epochs,
         global_batch=cfg.train.batch_size,
@@ -291,10 +293,8 @@ def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPla
         new_channels=new,
         amp=cfg.train.amp,
         seed=cfg.seed,
-        current_channels=tuple(range(1 + sum(head_sizes[:-1]), 1 + sum(head_sizes))),
-        bce_weight=cfg.loss.bce_weight,
-        rskd_weight=cfg.loss.rskd_weight,
-        rskd_region=cfg.loss.rskd_region,
+        method=cfg.method.name,
+        method_options=method_class(cfg.method.name).options_from(cfg.flat()),
         torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
         warmup_fraction=cfg.train.warmup_fraction,
         progress=exp.progress,
@@ -693,7 +693,7 @@ def _run_step(
     row = exp.row(step, scores, source)
     row["checkpoint_resumes"] = restarts[0]
     for epoch_row in epochs or []:
-        tracker.metrics(child, {k: epoch_row[k] for k in ("loss", "loss_bce", "loss_rskd", "lr", "images_per_s", "data_wait_share") if k in epoch_row}, step=int(epoch_row["epoch"]))
+        tracker.metrics(child, {k: v for k, v in epoch_row.items() if k.startswith("loss") or k in EPOCH_METRICS}, step=int(epoch_row["epoch"]))
     tracker.metrics(child, _numeric(row), step=step)
     tracker.tags(child, {"eir.step0_source": source})
     storage.write_json_atomic(step_dir.join("confusion.json"), confusion.tolist())

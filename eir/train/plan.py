@@ -1,14 +1,17 @@
 """Everything one Ray Train step needs, as one picklable value the driver hands to the workers.
 
 Workers never read the experiment config: the driver resolves it into a `StepPlan` (channel
-counts, LUT-free sizes, learning rates, checkpoint paths), which keeps the per-worker loop flat
-and makes a step reproducible from its plan alone (it is written beside the step's results).
+counts, sizes, learning rates, checkpoint paths, the method and its options), which keeps the
+per-worker loop flat and records what the step ran with (`step_<t>/plan.json`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from eir.methods import StepShape
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,6 @@ class StepPlan:
     backbone: str
     weights: str | None  # ImageNet weights for step 0 ("imagenet" or a local file); None later
     output_stride: int
-    new_head_init: str
     previous_model: str | None  # URI of step t−1's model.pt (None at step 0)
     epochs: int
     global_batch: int
@@ -34,10 +36,8 @@ class StepPlan:
     new_channels: tuple[int, ...]
     amp: bool
     seed: int
-    current_channels: tuple[int, ...] = ()  # channels of C_t (RSKD's "new_gt" region)
-    bce_weight: float = 1.0
-    rskd_weight: float = 0.0  # > 0 at t ≥ 1: the trainer holds the frozen old model
-    rskd_region: str = "new_gt"
+    method: str = "finetune"  # eir.methods: the loss, head initialisation and prediction rule
+    method_options: dict[str, Any] = field(default_factory=dict)  # values of the method's option_keys
     torch_threads: int = 1
     warmup_fraction: float = 0.0
     progress: bool = True  # rank 0 shows an evaluation progress bar
@@ -47,8 +47,12 @@ class StepPlan:
     fault_marker: str | None = None
 
     @property
+    def shape(self) -> StepShape:
+        return StepShape(self.step, self.head_sizes)
+
+    @property
     def num_channels(self) -> int:
-        return 1 + sum(self.head_sizes)
+        return self.shape.num_channels
 
     @property
     def freeze_batchnorm(self) -> bool:
@@ -71,10 +75,6 @@ class StepPlan:
         if iteration < warmup:
             return (iteration + 1) / warmup
         return max(0.0, 1.0 - (iteration - warmup) / max(1, total - warmup)) ** 0.9
-
-    @property
-    def needs_old_model(self) -> bool:
-        return self.step > 0 and self.rskd_weight > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from eir import storage
 from eir.data.transforms import normalize
-from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+from eir.methods import LossInputs, Method, build_method
 from eir.model import CheckpointError, build_model
 from eir.train.evaluate import confusion_on_batches
 from eir.train.plan import StepPlan, iterations_per_epoch
@@ -56,12 +56,12 @@ def build_old_model(plan: StepPlan) -> torch.nn.Module:
     return model
 
 
-def build_step_model(plan: StepPlan) -> torch.nn.Module:
-    """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus a new head for C_t."""
+def build_step_model(plan: StepPlan, method: Method) -> torch.nn.Module:
+    """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus the method's new head for C_t."""
     if plan.step == 0:
         return build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
     model = build_old_model(plan)
-    model.add_step_head(plan.head_sizes[-1], init=plan.new_head_init)
+    method.init_new_head(model, plan.head_sizes[-1])
     return model
 
 
@@ -104,8 +104,9 @@ def train_step_worker(plan_dict: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(plan.seed * 1000 + plan.step * 10 + rank)
     amp = plan.amp and device.type == "cuda"
+    method = build_method(plan.method, plan.method_options)
 
-    core = build_step_model(plan)
+    core = build_step_model(plan, method)
     if world > 1 and device.type == "cuda":
         core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
     if plan.freeze_batchnorm:
@@ -128,7 +129,7 @@ def train_step_worker(plan_dict: dict) -> None:
             log.info("[step %d] resumed from the epoch %d checkpoint", plan.step, state["epoch"] + 1)
     model = ray.train.torch.prepare_model(core)
     old_model = None
-    if plan.needs_old_model:  # RSKD distils from the frozen step t−1 model, on the same (pasted) batch
+    if method.needs_old_model(plan.step):  # e.g. RSKD distils from it, on the same (pasted) batch
         old_model = build_old_model(plan).to(device).eval()
         old_model.requires_grad_(False)
 
@@ -143,7 +144,7 @@ def train_step_worker(plan_dict: dict) -> None:
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        bce_sum, rskd_sum = 0.0, 0.0  # the unweighted parts: which term moved when the loss did
+        term_sums: dict[str, float] = {}  # the unweighted terms: which one moved when the loss did
         # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
         # the model, decided (the loss read below syncs the device every iteration).
         data_wait, ready = 0.0, time.perf_counter()
@@ -156,26 +157,21 @@ def train_step_worker(plan_dict: dict) -> None:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             images = normalize(batch["image"])
-            label = batch["label"].long()
-            targets, valid = soft_targets(label, plan.num_channels, batch.get("paste_class"), batch.get("paste_weight"))
             with torch.autocast(device.type, enabled=amp):
-                logits = model(images)
-                old_logits = None
+                outputs = model(images, features=method.features)
+                old_outputs = None
                 if old_model is not None:
                     with torch.no_grad():
-                        old_logits = old_model(images)
-            bce = bce_loss(logits.float(), targets, valid)
-            rskd = torch.zeros((), device=bce.device)
-            if old_logits is not None:
-                region = region_mask(label, plan.current_channels, plan.rskd_region)
-                rskd = rskd_loss(logits.float(), old_logits.float(), region)
-            loss = plan.bce_weight * bce + plan.rskd_weight * rskd
-            # One device sync per iteration reads all three (the finiteness check needs it anyway).
-            loss_value, bce_value, rskd_value = torch.stack([loss, bce, rskd]).detach().tolist()
+                        old_outputs = old_model(images, features=method.features)
+            loss, terms = method.loss(loss_inputs(batch, plan, outputs, old_outputs))
+            # One host read per iteration for the loss and its terms (the finiteness check needs it anyway).
+            values = torch.stack([loss.detach(), *(t.detach() for t in terms.values())]).tolist()
+            loss_value, term_values = values[0], dict(zip(terms, values[1:]))
             if not math.isfinite(loss_value):
+                parts = ", ".join(f"{name} {value:.4g}" for name, value in term_values.items())
                 raise FloatingPointError(
                     f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {loss_value} "
-                    f"(bce {bce_value:.4g}, rskd {rskd_value:.4g}); training diverged at learning rate {plan.lr} "
+                    f"({parts}); training diverged at learning rate {plan.lr} "
                     f"(train.lr{'_incremental' if plan.step else ''}): lower it"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -183,8 +179,8 @@ def train_step_worker(plan_dict: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss_value
-            bce_sum += bce_value
-            rskd_sum += rskd_value
+            for name, value in term_values.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value
             seen += images.shape[0]
             batches += 1
             iteration += 1
@@ -198,8 +194,7 @@ def train_step_worker(plan_dict: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, batches),
-            "loss_bce": bce_sum / max(1, batches),
-            "loss_rskd": rskd_sum / max(1, batches),
+            **{f"loss_{name}": total / max(1, batches) for name, total in term_sums.items()},
             "lr": base_lrs[0] * plan.lr_factor(iteration, total_iters),
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "iteration": iteration,
@@ -210,9 +205,9 @@ def train_step_worker(plan_dict: dict) -> None:
         }
         history.append(metrics)
         if rank == 0:
+            parts = ", ".join(f"{name} {total / max(1, batches):.4f}" for name, total in term_sums.items())
             log.info(
-                f"[step {plan.step}] epoch {epoch + 1}/{plan.epochs} loss {metrics['loss']:.4f} "
-                f"(bce {metrics['loss_bce']:.4f}, rskd {metrics['loss_rskd']:.4f}) "
+                f"[step {plan.step}] epoch {epoch + 1}/{plan.epochs} loss {metrics['loss']:.4f} ({parts}) "
                 f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
                 f"ETA {metrics['eta_s'] / 60:.1f} min"
             )
@@ -222,6 +217,23 @@ def train_step_worker(plan_dict: dict) -> None:
         # Reported with a checkpoint: Train's result carries the metrics of the latest checkpoint only.
         scores = {"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, plan, device, rank, world, amp)}
         _report(scores, core, optimizer, scaler, plan.epochs - 1, iteration, rank, plan, resumed_at, history)
+
+
+def loss_inputs(batch: dict[str, torch.Tensor], plan: StepPlan, outputs, old_outputs) -> LossInputs:
+    """A stream batch and the model outputs as the method's loss reads them (float32 logits)."""
+    (logits, features), (old_logits, old_features) = _split(outputs), _split(old_outputs)
+    return LossInputs(
+        logits=logits.float(), label=batch["label"].long(), shape=plan.shape,
+        paste_class=batch.get("paste_class"), paste_weight=batch.get("paste_weight"),
+        old_logits=None if old_logits is None else old_logits.float(), features=features, old_features=old_features,
+    )
+
+
+def _split(outputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The model returns logits, or (logits, features) when a method asked for features."""
+    if outputs is None:
+        return None, {}
+    return outputs if isinstance(outputs, tuple) else (outputs, {})
 
 
 def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool) -> list:

@@ -280,15 +280,18 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     assert not (run / "step_1" / "instances.parquet").exists(), "the last step keeps no memory"
     assert (run / "step_1" / "pseudo" / "_COMPLETE").is_file() == (method == "eir")
     plan = json.loads((run / "step_1" / "plan.json").read_text())
-    assert plan["rskd_weight"] == (5.0 if method == "eir" else 0.0)
+    options = plan["method_options"]
+    assert plan["method"] == method and options["loss.rskd_weight"] == (5.0 if method == "eir" else 0.0)
     assert plan["rows_per_epoch"] >= plan["num_train_rows"]
     # The loss's parts are logged per epoch, so a diverging run shows which term moved.
     runs = _mlflow_runs(output_dir)
     parent = next(r for r in runs if r.info.run_name == method)
     step1 = next(r for r in _children(runs, parent) if r.info.run_name == f"{method}/step_1")
-    loss, bce, rskd = (step1.data.metrics[k] for k in ("loss", "loss_bce", "loss_rskd"))
-    assert bce > 0 and loss == pytest.approx(plan["bce_weight"] * bce + plan["rskd_weight"] * rskd, rel=1e-6)
-    assert (rskd > 0) == (method == "eir")
+    terms = {k: v for k, v in step1.data.metrics.items() if k.startswith("loss_")}
+    assert set(terms) == ({"loss_bce", "loss_rskd"} if method == "eir" else {"loss_bce"}), "only the terms it trains"
+    weighted = options["loss.bce_weight"] * terms["loss_bce"] + options["loss.rskd_weight"] * terms.get("loss_rskd", 0.0)
+    assert terms["loss_bce"] > 0 and step1.data.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
+    assert method != "eir" or terms["loss_rskd"] > 0
 
 
 

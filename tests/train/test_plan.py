@@ -25,7 +25,7 @@ def test_whole_batches_give_equal_epochs() -> None:
 def _plan(step: int, warmup_fraction: float = 0.0) -> StepPlan:
     return StepPlan(
         step=step, head_sizes=(15, 5)[: step + 1], backbone="mobilenet_v2", weights=None, output_stride=16,
-        new_head_init="kaiming", previous_model=None, epochs=1, global_batch=8, per_worker_batch=8, lr=0.01,
+        previous_model=None, epochs=1, global_batch=8, per_worker_batch=8, lr=0.01,
         momentum=0.9, weight_decay=1e-4, num_train_rows=8, rows_per_epoch=8, num_eval_rows=8, eval_batch=8,
         old_channels=(), new_channels=(), amp=False, seed=0, warmup_fraction=warmup_fraction,
     )

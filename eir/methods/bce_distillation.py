@@ -1,0 +1,50 @@
+"""The loss family of EIR and of the baselines it shares a protocol with (METHOD.md §3.4).
+
+Sigmoid heads; multi-label BCE over every channel against soft targets (pasted pixels blend the
+pasted class in); at t ≥ 1 optionally region-specific unbiased distillation (RSKD) from the
+frozen step t−1 model. The six original methods differ only in the memory and stream extras
+they switch on, so each is this loss with its own presets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+from eir.methods.base import LossInputs, Method
+
+if TYPE_CHECKING:
+    from eir.model import IncrementalDeepLabV3
+
+# The stream extras every method of this family sets explicitly (so none inherits another's).
+NO_EXTRAS = {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": False, "replay.ratio": 0.0}
+
+
+class BceDistillation(Method):
+    """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1."""
+
+    option_keys = ("loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init")
+
+    def needs_old_model(self, step: int) -> bool:
+        return step > 0 and self.options["loss.rskd_weight"] > 0
+
+    def loss_weights(self, step: int) -> dict[str, float]:
+        weights = {"bce": float(self.options["loss.bce_weight"])}
+        if self.needs_old_model(step):
+            weights["rskd"] = float(self.options["loss.rskd_weight"])
+        return weights
+
+    def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        targets, valid = soft_targets(inputs.label, inputs.shape.num_channels, inputs.paste_class, inputs.paste_weight)
+        terms = {"bce": bce_loss(inputs.logits, targets, valid)}
+        if self.needs_old_model(inputs.shape.step):
+            if inputs.old_logits is None:
+                raise ValueError(f"method {self.name!r} distils at step {inputs.shape.step} but got no old logits")
+            region = region_mask(inputs.label, inputs.shape.current_channels, self.options["loss.rskd_region"])
+            terms["rskd"] = rskd_loss(inputs.logits, inputs.old_logits, region)
+        return terms
+
+    def init_new_head(self, model: IncrementalDeepLabV3, num_classes: int) -> None:
+        model.add_step_head(num_classes, init=self.options["model.new_head_init"])

@@ -1,0 +1,163 @@
+"""Each method unit (eir.methods): presets, options, loss on fixed tensors, head init, prediction.
+
+The loss values are pinned from the worker loop before methods became units (bce_weight x BCE +
+rskd_weight x RSKD on the same tensors), so the re-expression cannot drift unnoticed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eir.config import ExperimentConfig
+from eir.methods import METHOD_NAMES, LossInputs, Method, StepShape, build_method, method_class
+from eir.metrics import predict
+from eir.model import build_model
+
+# The presets of the six methods as config.py held them before the methods became units.
+ORIGINAL_PRESETS = {
+    "finetune": ("none", False, False, 0.0, 0.0),
+    "joint": ("none", False, False, 0.0, 0.0),
+    "image_replay": ("images", False, False, 0.0, 0.0),
+    "instance_replay": ("instances", False, False, None, 0.0),
+    "eir_no_rskd": ("instances", True, True, None, 0.0),
+    "eir": ("instances", True, True, None, 5.0),
+}
+PRESET_KEYS = ("memory.kind", "pseudo.enabled", "paste.enabled", "replay.ratio", "loss.rskd_weight")
+
+# (paste, RSKD region) -> (BCE, RSKD), from the pre-unit worker loop on `fixed_batch()`.
+PINNED = {
+    (False, "new_gt"): (5.9648571, 0.1465493),
+    (False, "all"): (5.9648571, 0.6168079),
+    (False, "complement"): (5.9648571, 0.4702586),
+    (True, "new_gt"): (5.9794674, 0.1465493),
+    (True, "all"): (5.9794674, 0.6168079),
+    (True, "complement"): (5.9794674, 0.4702586),
+}
+
+
+def fixed_batch(step: int = 1, paste: bool = False) -> LossInputs:
+    """Seeded logits of a 6-channel model (step 1: heads 3+2, old model 1+3 channels), labels with ignore."""
+    g = torch.Generator().manual_seed(7)
+    batch, height, width = 2, 6, 5
+    logits = torch.randn(batch, 6, height, width, generator=g) * 2
+    old_logits = torch.randn(batch, 4, height, width, generator=g) * 2
+    label = torch.randint(0, 6, (batch, height, width), generator=g)
+    label[0, 0, :] = 255
+    paste_class = torch.full((batch, height, width), 255, dtype=torch.uint8)
+    paste_class[1, 2:4, 1:3] = 2
+    paste_weight = torch.zeros(batch, height, width)
+    paste_weight[1, 2:4, 1:3] = 0.6
+    return LossInputs(
+        logits=logits, label=label, shape=StepShape(step, (3, 2) if step else (5,)),  # six channels either way
+        paste_class=paste_class if paste else None, paste_weight=paste_weight if paste else None,
+        old_logits=old_logits,
+    )
+
+
+def options(method: str, **changes: object) -> dict:
+    flat = ExperimentConfig().flat()
+    flat.update({k: v for k, v in method_class(method).presets.items()})
+    flat.update({k.replace("__", "."): v for k, v in changes.items()})
+    return method_class(method).options_from(flat)
+
+
+def test_the_six_methods_keep_their_presets() -> None:
+    assert set(METHOD_NAMES) == set(ORIGINAL_PRESETS)
+    for name, values in ORIGINAL_PRESETS.items():
+        assert tuple(method_class(name).presets[k] for k in PRESET_KEYS) == values, name
+    assert [name for name in METHOD_NAMES if method_class(name).joint] == ["joint"]
+
+
+@pytest.mark.parametrize("method", sorted(ORIGINAL_PRESETS))
+@pytest.mark.parametrize(("paste", "region"), sorted(PINNED))
+def test_loss_matches_the_pre_unit_loop(method: str, paste: bool, region: str) -> None:
+    unit = build_method(method, options(method, loss__rskd_region=region, loss__bce_weight=1.5))
+    total, terms = unit.loss(fixed_batch(step=1, paste=paste))
+    bce, rskd = PINNED[paste, region]
+    rskd_weight = ORIGINAL_PRESETS[method][4]
+    assert terms["bce"].item() == pytest.approx(bce, abs=1e-6)
+    assert ("rskd" in terms) == (rskd_weight > 0), "RSKD is a term only where it is trained"
+    assert total.item() == pytest.approx(1.5 * bce + rskd_weight * rskd, abs=1e-5)
+    assert unit.needs_old_model(1) == (rskd_weight > 0) and not unit.needs_old_model(0)
+
+
+def test_step0_never_distils_whatever_the_weight() -> None:
+    unit = build_method("eir", options("eir"))
+    total, terms = unit.loss(fixed_batch(step=0))
+    assert set(terms) == {"bce"} and total.item() == pytest.approx(PINNED[False, "new_gt"][0], abs=1e-6)
+
+
+def test_a_distilling_method_without_old_logits_says_so() -> None:
+    inputs = fixed_batch(step=1)
+    inputs.old_logits = None
+    with pytest.raises(ValueError, match="distils at step 1 but got no old logits"):
+        build_method("eir", options("eir")).loss(inputs)
+
+
+def test_loss_gradient_reaches_the_logits() -> None:
+    inputs = fixed_batch(step=1, paste=True)
+    inputs.logits.requires_grad_(True)
+    total, _ = build_method("eir", options("eir")).loss(inputs)
+    total.backward()
+    assert inputs.logits.grad is not None and inputs.logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("init", ["random", "copy_background"])
+def test_new_head_follows_the_configured_initialisation(init: str) -> None:
+    model = build_model("mobilenet_v2", [3], weights=None)
+    build_method("finetune", options("finetune", model__new_head_init=init)).init_new_head(model, 2)
+    assert model.classes_per_step == [3, 2]
+    copied = torch.equal(model.heads[2].weight, model.heads[0].weight.expand_as(model.heads[2].weight))
+    assert copied == (init == "copy_background")
+
+
+def test_prediction_is_the_sigmoid_background_rule() -> None:
+    logits = fixed_batch().logits
+    assert torch.equal(build_method("eir", options("eir")).predict(logits), predict(logits))
+
+
+def test_unknown_method_and_missing_options_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown method 'mib'; known methods: eir, eir_no_rskd, finetune"):
+        method_class("mib")
+    with pytest.raises(ValueError, match=r"needs the options \['loss.rskd_region'"):
+        build_method("eir", {"loss.bce_weight": 1.0, "loss.rskd_weight": 5.0})
+
+
+@pytest.fixture
+def registry_restored():
+    before = dict(Method.registry)
+    yield
+    Method.registry.clear()
+    Method.registry.update(before)
+
+
+def test_a_new_method_is_one_class(registry_restored: None) -> None:
+    class NewOnly(Method):
+        """A toy method: BCE on the step's own channels only (a loss the family above cannot express)."""
+
+        name = "new_only_toy"
+
+        def loss_weights(self, step: int) -> dict[str, float]:
+            return {"new_bce": 1.0}
+
+        def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+            channels = list(inputs.shape.current_channels)
+            target = torch.zeros_like(inputs.logits[:, channels])
+            return {"new_bce": torch.nn.functional.binary_cross_entropy_with_logits(inputs.logits[:, channels], target)}
+
+    assert method_class("new_only_toy") is NewOnly
+    total, terms = NewOnly({}).loss(fixed_batch())
+    assert set(terms) == {"new_bce"} and total.item() > 0
+    with pytest.raises(TypeError, match="two methods are named 'new_only_toy'"):
+        type("Again", (Method,), {"name": "new_only_toy"})
+
+
+def test_model_returns_the_features_a_method_asks_for() -> None:
+    model = build_model("mobilenet_v2", [3], weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    logits, features = model(x, features=("decoder", "backbone"))
+    assert torch.equal(logits, model(x)) and set(features) == {"decoder", "backbone"}
+    assert features["decoder"].shape[1] == 256 and features["backbone"].shape[-1] == 4  # output stride 16
+    with pytest.raises(ValueError, match="unknown feature"):
+        model(x, features=("stage7",))
