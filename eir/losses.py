@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_LABEL = 255
-NO_PASTE = 255  # paste-class value of a pixel that received no pasted instance
+from eir.labels import IGNORE_LABEL, NO_PASTE
+
 RSKD_REGIONS = ("new_gt", "all", "complement")
 
 

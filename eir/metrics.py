@@ -20,7 +20,7 @@ from typing import overload
 import numpy as np
 import torch
 
-IGNORE_LABEL = 255
+from eir.labels import IGNORE_LABEL
 
 
 def predict(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from eir.losses import NO_PASTE, bce_loss, region_mask, rskd_loss, soft_targets
+from eir.labels import NO_PASTE
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
 
 LN = math.log
 

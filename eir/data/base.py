@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IGNORE_LABEL = 255
+from eir.labels import IGNORE_LABEL
+
 # Class ids 1..K and background 0 must stay below the ignore label in 8-bit label maps, and the
 # model's channels 0..K too: K = 255 would make class 255 indistinguishable from "ignore".
 MAX_CLASSES = IGNORE_LABEL - 1

@@ -23,7 +23,8 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 from scipy import ndimage
 
-IGNORE_LABEL = 255
+from eir.labels import IGNORE_LABEL
+
 RULES = ("single_component", "components", "instance_masks")
 # scipy's default structuring element in 2-D is the 4-neighbourhood cross; spelled out here
 # because the rule is part of the method, not an implementation detail.

@@ -26,10 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eir.labels import IGNORE_LABEL, NO_PASTE
 from eir.replay.instances import DecodedInstance
-
-IGNORE_LABEL = 255
-NO_PASTE = 255  # paste_class of a pixel that received no instance (eir.losses.NO_PASTE)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from eir.data.ade20k import ADE20K_INFO, ADE20KReader
-from eir.data.base import IGNORE_LABEL, DatasetError
+from eir.data.base import DatasetError
 from eir.data.camvid import CAMVID_INFO, CamVidReader
 from eir.data.folder import FolderReader
 from eir.data.registry import DATASETS, dataset_info, open_reader
 from eir.data.voc import VOC_INFO, VOCReader
+from eir.labels import IGNORE_LABEL
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 VOC_IDS = ["2011_000003", "2011_000006", "2011_000025"]
