@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from eir import storage
 from eir.config import ConfigError
+from eir.tracking import bound_http_retries, check_reachable, tracking_uri
 from eir.visualize import knob_figure, steps_figure
 
 log = logging.getLogger(__name__)
@@ -217,11 +220,6 @@ def _attach_to_mlflow(sweep: dict[str, Any], files: list[str]) -> None:
     ids_path = Path(sweep["path"]) / "mlflow_sweep.json"
     if not ids_path.is_file():
         return
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from eir.tracking import bound_http_retries, check_reachable, tracking_uri
-
     try:
         ids = _read_object(ids_path, "the report is not attached to MLflow")
         uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(Path(sweep["path"]).parents[1]))

@@ -30,6 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import ray
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+from ray._private.runtime_env.packaging import _get_excludes
+from ray.exceptions import AuthenticationError, RayError
+from ray.job_submission import JobSubmissionClient
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded with the job: environments, local results, prepared data, reports, MLflow stores and
 # caches (the upload limit is 100 MiB, and local results may be private). Gitignore syntax, relative to
@@ -131,8 +137,6 @@ class UploadScan:
 def scan_upload(working_dir: Path, excludes: list[str]) -> UploadScan:
     """Walk `working_dir` as Ray's packager does, with Ray's own matcher: an excluded folder is not entered
     (it counts once), symlinked folders are followed (each real folder once, so a link loop ends)."""
-    from ray._private.runtime_env.packaging import _get_excludes
-
     excluded = _get_excludes(working_dir, excludes)
     looks_secret = _get_excludes(working_dir, SECRET_EXCLUDES)
     secrets: list[str] = []
@@ -172,11 +176,6 @@ def normalize_address(address: str) -> str:
 
 def auth_headers() -> dict[str, str]:
     """The header the Job SDK adds by itself (empty unless RAY_AUTH_MODE=token), from Ray's own helper."""
-    from ray._private.authentication.http_token_authentication import (
-        get_auth_headers_if_auth_enabled,
-    )
-    from ray.exceptions import AuthenticationError
-
     try:
         return dict(get_auth_headers_if_auth_enabled({}))
     except AuthenticationError:
@@ -300,10 +299,6 @@ def run_submit(args: argparse.Namespace) -> int:
     except SubmitError as exc:
         print(f"error: {mask(str(exc), secrets)}", file=sys.stderr)
         return EXIT_USAGE
-
-    import ray
-    from ray.exceptions import RayError
-    from ray.job_submission import JobSubmissionClient
 
     for line in scan_upload(Path(runtime_env["working_dir"]), runtime_env["excludes"]).summary():
         print(line, flush=True)

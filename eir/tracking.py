@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -42,6 +43,7 @@ from mlflow.utils.mlflow_tags import (
 from eir import storage
 from eir.config import ConfigError, ExperimentConfig, inactive_keys
 from eir.storage import Location
+from eir.submit import probe_failure
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 500
@@ -123,8 +125,6 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
-    from eir.submit import probe_failure
-
     # Without user:password@ (urllib would not take it); the health check needs no credentials.
     health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment=""))
     try:
@@ -280,8 +280,6 @@ class Tracker:
         """Step `step`'s per-class IoU as rows (step, class, IoU) of the run's MLflow table `per_class_iou.json`,
         which the UI compares across runs. A step logged before (a resume, a step trained again) has its
         rows replaced, never doubled."""
-        import pandas as pd
-
         rows = pd.DataFrame({"step": [step] * len(per_class), "class": list(per_class),
                              "IoU": [math.nan if v is None else float(v) for v in per_class.values()]})
         with self._calling(f"logging {IOU_TABLE}"):
@@ -298,8 +296,6 @@ class Tracker:
 
     def _table(self, run_id: str, name: str) -> Any:
         """A table the run already has (a DataFrame), or None."""
-        import pandas as pd
-
         if name not in {a.path for a in self.client.list_artifacts(run_id)}:
             return None
         with tempfile.TemporaryDirectory(prefix="eir-table-") as folder:

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.hub
 from torchvision import models
 
 from eir.config import ConfigError
@@ -83,8 +84,6 @@ def file_name(backbone: str) -> str:
 
 def cache_dir() -> Path:
     """torchvision's download folder: `$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch/...`)."""
-    import torch.hub
-
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -140,8 +139,6 @@ def _sources(backbone: str, allow_network: bool) -> Iterator[tuple[str, object]]
 
 
 def _download(url: str, dest: Path) -> None:
-    import torch.hub
-
     with _socket_timeout(DOWNLOAD_TIMEOUT_S):
         torch.hub.download_url_to_file(url, str(dest), progress=False)
 
