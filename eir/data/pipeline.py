@@ -21,7 +21,7 @@ import torch
 from eir import storage
 from eir.data.codec import encode_png
 from eir.data.ingest import Manifest
-from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, normalize, pad_batch
+from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
 from eir.losses import NO_PASTE
 from eir.pseudo import merge_pseudo, pseudo_labels
 from eir.replay.paste import PasteConfig, index_by_channel, paste_instances
@@ -246,15 +246,15 @@ class PseudoLabeler:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows in, the same rows out in the same order with `pseudo`; one forward pass per image size."""
         images = [decode_rgb(b) for b in batch["image"]]
         labels = [self.lut[decode_map(b)] for b in batch["label"]]
-        padded_images, padded_labels = pad_batch(images, labels)
-        x = normalize(torch.from_numpy(padded_images).permute(0, 3, 1, 2).to(self.device))
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = self.model(x)
-        pseudo = pseudo_labels(logits.float(), torch.from_numpy(padded_labels).to(self.device), self.threshold).cpu().numpy()
-        encoded = [encode_png(pseudo[i, : label.shape[0], : label.shape[1]]) for i, label in enumerate(labels)]
-        return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": np.array(encoded, dtype=object)}
+        encoded = np.empty(len(images), dtype=object)
+        for rows, logits in logits_by_size(self.model, images, self.device, amp=True):
+            target = torch.from_numpy(np.stack([labels[row] for row in rows])).to(self.device)
+            for row, pseudo in zip(rows, pseudo_labels(logits, target, self.threshold).cpu().numpy()):
+                encoded[row] = encode_png(pseudo)
+        return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": encoded}
 
 
 def write_pseudo_labels(

@@ -1,4 +1,4 @@
-"""Per-sample decoding and joint augmentation, shared by the Ray Data stream and evaluation.
+"""Per-sample decoding, joint augmentation and full-image inference, shared by the Ray Data stream and evaluation.
 
 Images travel as uint8 (C x H x W) and labels as uint8 maps; normalisation to ImageNet
 statistics happens on the trainer's device (`normalize`), so the data workers never build or
@@ -6,6 +6,8 @@ ship float tensors (four times the bytes through Ray's object store).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from torchvision.transforms import v2
 
 from eir.data.codec import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, decode_map, decode_rgb  # noqa: F401 (re-exported)
 
+
 class JointAugment:
     """RandomResizedCrop + horizontal flip with the same parameters for the image and every map.
 
@@ -22,7 +25,9 @@ class JointAugment:
     nearest-neighbour and pads nothing. METHOD.md §2: scale 0.5–2.0, ratio 3/4–4/3.
     """
 
-    def __init__(self, crop_size: int, scale: tuple[float, float] = (0.5, 2.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(
+        self, crop_size: int, scale: tuple[float, float] = (0.5, 2.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ):
         self.crop_size = crop_size
         self.transform = v2.Compose(
             [
@@ -59,16 +64,28 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def pad_batch(images: list[np.ndarray], labels: list[np.ndarray], ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
-    """Stack full images of different sizes: pad to the largest, labels padded with ignore.
+def size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Row indices of the images that share one height and width, groups in order of first appearance.
 
-    Full-image evaluation then needs no resizing, and padded pixels never reach the metric.
+    Full images of different sizes cannot be stacked without padding, and padded pixels would enter
+    the convolutions and ASPP's image pooling: a picture's prediction would depend on its neighbours.
     """
-    height = max(label.shape[0] for label in labels)
-    width = max(label.shape[1] for label in labels)
-    image_batch = np.zeros((len(images), height, width, 3), dtype=np.uint8)
-    label_batch = np.full((len(labels), height, width), ignore_index, dtype=np.uint8)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        image_batch[i, : image.shape[0], : image.shape[1]] = image
-        label_batch[i, : label.shape[0], : label.shape[1]] = label
-    return image_batch, label_batch
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[:2]), []).append(row)
+    return list(groups.values())
+
+
+def logits_by_size(
+    model: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device, *, amp: bool = False
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Full-image logits, one forward pass per image size: (rows, float32 len(rows) x C x H x W) per group.
+
+    images are H x W x 3 uint8; `amp` autocasts on CUDA only. The caller puts each group's results
+    back at its rows, so a batch's order survives the grouping.
+    """
+    for rows in size_groups(images):
+        stacked = torch.from_numpy(np.stack([images[row] for row in rows])).permute(0, 3, 1, 2)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            logits = model(normalize(stacked.to(device)))
+        yield rows, logits.float()

@@ -6,14 +6,15 @@ workers) and by `launch.py evaluate` (one process, any dataset split).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from eir.progress import progress as progress_bar
 
-from eir.data.transforms import normalize, pad_batch
-from eir.metrics import ConfusionMatrix, predict
+from eir import metrics
+from eir.data.transforms import logits_by_size
+from eir.metrics import ConfusionMatrix
+from eir.progress import progress as progress_bar
 
 
 @torch.no_grad()
@@ -28,20 +29,20 @@ def confusion_on_batches(
     amp: bool = False,
     progress: bool = False,
     total: int | None = None,
+    predict: Callable[[torch.Tensor], torch.Tensor] = metrics.predict,
 ) -> np.ndarray:
     """Accumulate the confusion matrix over the batches this rank owns (every world_size-th).
 
-    Batches hold object arrays of full-size images/labels (sizes may differ); they are padded
-    per batch with ignore labels, so padding never reaches the metric.
+    Batches hold full-size images/labels whose sizes may differ; each batch runs as one forward
+    pass per image size (never padded), so an image's score does not depend on its batch.
+    `predict` turns float logits B x C x H x W into the class map B x H x W (the method's rule).
     """
     model.eval()
     matrix = ConfusionMatrix(num_channels)
     for index, batch in enumerate(progress_bar(batches, "evaluate", total=total, enabled=progress, unit="batch")):
         if index % world_size != rank:
             continue
-        images, labels = pad_batch(list(batch["image"]), list(batch["label"]))
-        x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2).to(device))
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            logits = model(x)
-        matrix.accumulate(predict(logits.float()).cpu(), torch.from_numpy(labels))
+        labels = batch["label"]
+        for rows, logits in logits_by_size(model, batch["image"], device, amp=amp):
+            matrix.accumulate(predict(logits).cpu(), torch.from_numpy(np.stack([labels[row] for row in rows])))
     return matrix.matrix
