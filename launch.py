@@ -20,7 +20,7 @@ from eir.config import ConfigError
 from eir.data.base import DatasetError
 from eir.data.registry import DATASETS
 from eir.model import CheckpointError
-from eir.raysession import RayStartError
+from eir.raysession import VERBOSE_ENV, RayStartError
 from eir.tasks import TaskError
 from eir.train.experiment import RunDirError
 
@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
             """
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="debug logging, and Ray's own logs on the console (also EIR_VERBOSE=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = sub.add_parser(
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read where Ray starts, inherited by the workers a local instance starts
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
