@@ -4,13 +4,14 @@ Layout: `backbone` (torchvision ResNet or MobileNetV2 features, dilated to the o
 stride) -> `decoder` (ASPP with image pooling, then a 3x3 conv, 256 channels) -> `heads`.
 `heads[0]` is a 1-channel background classifier reading *detached* decoder features, so
 the background channel never shapes the shared features; `heads[1 + t]` scores the classes
-C_t of step t. The heads' outputs are concatenated, so channel i is class id i: the caller
-must number classes contiguously in step order (0 = background, then C_0, C_1, ...), which
-is how the task module's look-up tables map dataset ids.
+C_t of step t. The heads' outputs are concatenated, so channels follow step order
+(0 = background, then C_0, C_1, ...); `eir.channels.ChannelSpace` maps dataset class ids to
+them. The loading functions at the end read a step's published `model.pt` (any storage).
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models
 
+from eir import storage
 from eir.weights import IMAGENET_WEIGHTS, imagenet_file
 
 BACKBONES = ("resnet101", "resnet50", "mobilenet_v2")
@@ -346,3 +348,29 @@ def _head_index(key: str) -> int:
 def _short_list(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_torch(uri: str) -> dict:
+    """A torch file from a local path or a URI (weights only: plain tensors and containers)."""
+    return torch.load(io.BytesIO(storage.read_bytes(storage.resolve(uri))), map_location="cpu", weights_only=True)
+
+
+def check_head_sizes(state: dict, expected: Sequence[int], uri: str, what: str) -> None:
+    """A checkpoint of another task (or class order) has other heads: say so before loading it."""
+    if list(state.get("head_sizes", [])) != list(expected):
+        raise CheckpointError(
+            f"checkpoint {uri} has heads {state.get('head_sizes')} but {what} of this run's task has heads "
+            f"{list(expected)}: it comes from a different task or class order"
+        )
+
+
+def load_step_model(
+    model_uri: str, backbone: str, output_stride: int, expected_heads: Sequence[int] | None = None
+) -> IncrementalDeepLabV3:
+    """A step's published model in eval mode; with `expected_heads`, refuse a checkpoint of another task."""
+    state = load_torch(model_uri)
+    if expected_heads is not None:
+        check_head_sizes(state, expected_heads, model_uri, "the step evaluated")
+    model = build_model(backbone, state["head_sizes"], output_stride=output_stride, weights=None)
+    model.load_state_dict(state["model"])
+    return model.eval()

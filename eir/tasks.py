@@ -11,8 +11,9 @@ and is testable in milliseconds:
   (the background shift: everything but C_t becomes 0) or test label (future classes become
   0 or ignore). A LUT is one `lut[label]` numpy gather — no per-pixel Python.
 
-Class ids are label ids and model channel ids in every task, including class-order
-permutations: a permutation only changes which step a class belongs to.
+Class ids here are dataset label ids. The model's channels follow step order instead, so with a
+class-order permutation a class id is not its channel: `eir.channels.ChannelSpace` maps one to
+the other (a permutation only changes which step a class belongs to).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from eir.labels import IGNORE_LABEL
+
 Setting = Literal["overlapped", "disjoint"]
 SETTINGS: tuple[str, ...] = get_args(Setting)
-IGNORE_LABEL = 255
 
 DATASET_NUM_CLASSES: dict[str, int] = {"voc": 20, "ade20k": 150, "camvid": 11, "synthetic": 20}
 # What unseen classes become in test labels: ADE20K ignores them, the others call them background.

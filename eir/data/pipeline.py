@@ -9,7 +9,6 @@ trainer is uint8 crops and uint8 label maps (normalisation happens on the traine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +20,12 @@ import torch
 from eir import storage
 from eir.data.codec import encode_png
 from eir.data.ingest import Manifest
+from eir.data.stream_spec import StreamSpec
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
-from eir.losses import NO_PASTE
+from eir.labels import NO_PASTE
+from eir.model import load_step_model
 from eir.pseudo import merge_pseudo, pseudo_labels
-from eir.replay.paste import PasteConfig, index_by_channel, paste_instances
+from eir.replay.paste import index_by_channel, paste_instances
 from eir.replay.replay_sample import replay_canvas
 from eir.replay.store import InstanceStore
 from eir.storage import Location
@@ -42,11 +43,13 @@ def _read_files(locations: list[Location], fs) -> ray.data.Dataset:
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False  # one bar per operator floods driver logs; eir prints its own progress
     return ray.data.read_parquet(
-        [loc.path if loc.is_local else loc.uri for loc in locations], filesystem=fs, override_num_blocks=max(1, len(locations))
+        [loc.path if loc.is_local else loc.uri for loc in locations],
+        filesystem=fs,
+        override_num_blocks=max(1, len(locations)),
     )
 
 
-def _read_rows(manifest: Manifest, ids: list[str]) -> ray.data.Dataset:
+def read_manifest_rows(manifest: Manifest, ids: list[str]) -> ray.data.Dataset:
     """The chosen rows of a prepared dataset (filtered by id inside the read tasks)."""
     ds = _read_files(manifest.shard_locations, manifest.location.fs).select_columns(ROW_COLUMNS)
     wanted = pa.array(sorted(set(ids)), type=pa.string())
@@ -55,29 +58,6 @@ def _read_rows(manifest: Manifest, ids: list[str]) -> ray.data.Dataset:
         return table.filter(pc.is_in(table["id"], value_set=wanted))
 
     return ds.map_batches(keep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """What one step's per-epoch map does to each row; picklable, shipped with the map task.
-
-    `store` is an ObjectRef to the instance store's Parquet bytes (put once per step, decoded
-    once per worker process), so the store never travels with each batch.
-    """
-
-    lut: np.ndarray  # train LUT in channel space (background shift)
-    crop_size: int
-    scale: tuple[float, float] = (0.5, 2.0)
-    pseudo: bool = False  # rows carry a `pseudo` column: crop it with the image, fill background with it
-    paste: PasteConfig | None = None
-    old_channels: tuple[int, ...] = ()
-    class_to_channel: np.ndarray | None = None  # stored class ids → channels
-    replay_per_row: float = 0.0  # expected instance-replay samples emitted per input row
-    store: Any = None  # ObjectRef[bytes] of the InstanceStore
-
-    @property
-    def emits_paste_maps(self) -> bool:
-        return self.paste is not None or self.replay_per_row > 0
 
 
 _STORES: dict[str, tuple[list, dict[int, np.ndarray], dict]] = {}
@@ -149,7 +129,8 @@ class SampleMaker:
         if self.arrays and spec.replay_per_row > 0:
             for _ in range(int(spec.replay_per_row + self.rng.random())):
                 class_id, crop, mask = self.arrays[int(self.rng.integers(len(self.arrays)))]
-                canvas, canvas_label = replay_canvas(crop, mask, int(spec.class_to_channel[class_id]), spec.crop_size, self.rng)
+                channel = int(spec.class_to_channel[class_id])
+                canvas, canvas_label = replay_canvas(crop, mask, channel, spec.crop_size, self.rng)
                 image_r, label_r = self.augment(canvas, canvas_label)
                 samples.append(Sample(image_r, label_r, self.no_paste, self.no_weight))
         return samples
@@ -190,7 +171,7 @@ def train_stream(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    source = (rows if rows is not None else _read_rows(manifest, ids)).materialize()
+    source = (rows if rows is not None else read_manifest_rows(manifest, ids)).materialize()
     orders = [source.randomize_block_order() for _ in range(epochs)]
     chained = orders[0].union(*orders[1:]) if epochs > 1 else orders[0]
     return chained.map_batches(
@@ -218,9 +199,11 @@ def eval_batch(batch: dict[str, np.ndarray], lut: np.ndarray, protocol: str, cro
     return {"image": image_column, "label": label_column}
 
 
-def eval_stream(manifest: Manifest, ids: list[str], lut: np.ndarray, *, protocol: str, crop_size: int) -> ray.data.Dataset:
+def eval_stream(
+    manifest: Manifest, ids: list[str], lut: np.ndarray, *, protocol: str, crop_size: int
+) -> ray.data.Dataset:
     """Decode → test LUT (future classes → 0 or 255) → optional centre crop; no randomness."""
-    return _read_rows(manifest, ids).map_batches(
+    return read_manifest_rows(manifest, ids).map_batches(
         eval_batch,
         fn_kwargs={"lut": lut, "protocol": protocol, "crop_size": crop_size},
         batch_size=8,
@@ -236,8 +219,6 @@ class PseudoLabeler:
     """
 
     def __init__(self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, threshold: float, use_gpu: bool):
-        from eir.train.artifacts import load_step_model
-
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_step_model(model_uri, backbone, output_stride).to(self.device)
@@ -278,7 +259,7 @@ def write_pseudo_labels(
     """
     tmp = out.parent.join(f".{out.name}.tmp")
     storage.delete_dir(tmp)
-    labelled = _read_rows(manifest, ids).map_batches(
+    labelled = read_manifest_rows(manifest, ids).map_batches(
         PseudoLabeler,
         fn_constructor_kwargs={
             "model_uri": model_uri,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,45 +14,45 @@ import torch
 from eir import storage
 from eir.data.ingest import read_rows
 from eir.data.transforms import decode_map, decode_rgb, normalize
-from eir.metrics import predict
+from eir.model import load_step_model
 from eir.storage import Location
+from eir.tracking import Tracker
+from eir.train.memory import load_memory, memory_file
+from eir.train.planner import run_method
+from eir.train.preview import HEADERS, preview_panels
+from eir.train.resolved import Experiment
 from eir.visualize import bar_chart, colorize, confusion_figure, image_grid
 
 PREVIEW_IMAGES = 6
 
 
-def load_step_model(model_uri: str, backbone: str, output_stride: int, expected_heads: Sequence[int] | None = None) -> torch.nn.Module:
-    """A step's published model; with `expected_heads`, refuse a checkpoint of another task."""
-    from eir.model import build_model
-    from eir.train.worker import check_head_sizes, load_torch
+def prediction_panels(
+    exp: Experiment,
+    step: int,
+    model: torch.nn.Module,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    count: int = PREVIEW_IMAGES,
+) -> list[list[np.ndarray]]:
+    """(image, ground truth, prediction) for the first test images of the step, in channel space.
 
-    state = load_torch(model_uri)
-    if expected_heads is not None:
-        check_head_sizes(state, expected_heads, model_uri, "the step evaluated")
-    model = build_model(backbone, state["head_sizes"], output_stride=output_stride, weights=None)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def prediction_panels(exp: Any, step: int, model: torch.nn.Module, count: int = PREVIEW_IMAGES) -> list[list[np.ndarray]]:
-    """(image, ground truth, prediction) for the first test images of the step, in channel space."""
-    eval_step = exp.eval_step(step)
-    ids = list(exp.test_splits.ids[eval_step])[:count]
+    `predict` is the run's method's rule (logits → class map), the one its scores use.
+    """
+    ids = exp.test_splits.step_ids(exp.eval_step(step))[:count]
     if not ids:
         return []
     table = read_rows(exp.test_manifest, ids)
-    lut = exp.channels.map_lut(exp.task.test_lut(eval_step))
+    lut = exp.layout.test_lut(step)
     panels = []
     with torch.no_grad():
         for image_bytes, label_bytes in zip(table.column("image").to_pylist(), table.column("label").to_pylist()):
             image, label = decode_rgb(image_bytes), lut[decode_map(label_bytes)]
             logits = model(normalize(torch.from_numpy(image.copy()).permute(2, 0, 1)[None]))
-            pred = predict(logits)[0].numpy().astype(np.uint8)
+            pred = predict(logits.float())[0].numpy().astype(np.uint8)
             panels.append([image, colorize(label), colorize(pred)])
     return panels
 
 
-def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, run_id: str) -> None:
+def log_step_artifacts(exp: Experiment, step: int, step_dir: Location, tracker: Tracker, run_id: str) -> None:
     """Log step `step`'s tables and pictures to its MLflow run `run_id`, and keep a copy of each in `step_dir`.
 
     The per-class IoU goes in as an MLflow table (`per_class_iou.json`: step, class, IoU), which the UI
@@ -76,27 +75,24 @@ def log_step_artifacts(exp: Any, step: int, step_dir: Location, tracker: Any, ru
             for name, iou in row["per_class_IoU"].items():
                 writer.writerow([name, "" if iou is None else iou])
         figure = os.path.join(folder, "confusion.png")
-        confusion_figure(confusion, channel_names[: confusion.shape[0]], figure, f"step {step}: confusion (row-normalised)")
+        title = f"step {step}: confusion (row-normalised)"
+        confusion_figure(confusion, channel_names[: confusion.shape[0]], figure, title)
         model = load_step_model(step_dir.join("model.pt").uri, cfg.model.backbone, cfg.model.output_stride)
-        panels = prediction_panels(exp, step, model)
+        panels = prediction_panels(exp, step, model, run_method(cfg).predict)
         paths = [table, figure]
         if panels:
             grid = os.path.join(folder, "predictions.png")
             image_grid(panels, ["image", "ground truth", "prediction"], grid)
             paths.append(grid)
         if cfg.memory.kind == "instances" and step > 0 and cfg.paste.enabled:
-            from eir.train.preview import HEADERS, preview_panels
-
             pasted = os.path.join(folder, "pasted_samples.png")
             image_grid(preview_panels(exp, step, count=6), HEADERS, pasted)
             paths.append(pasted)
-        memory = step_dir.join("instances.parquet" if cfg.memory.kind == "instances" else "images.parquet")
-        if cfg.memory.kind != "none" and storage.exists(memory):
-            from eir.train.memory import load_memory
-
+        if cfg.memory.kind != "none" and storage.exists(memory_file(step_dir, cfg.memory.kind)):
             histogram = load_memory(step_dir, cfg.memory.kind).class_histogram()
             bars = os.path.join(folder, "memory_histogram.png")
-            bar_chart({names[c]: n for c, n in sorted(histogram.items())}, bars, f"step {step}: stored {cfg.memory.kind} per class")
+            title = f"step {step}: stored {cfg.memory.kind} per class"
+            bar_chart({names[c]: n for c, n in sorted(histogram.items())}, bars, title)
             paths.append(bars)
         for path in paths:
             tracker.artifact(run_id, path)

@@ -22,15 +22,12 @@ from eir.data.prepare import ensure_prepared, find_prepared, synthetic_root
 from eir.data.registry import dataset_info
 from eir.data.splits import select_ids
 from eir.metrics import reduce_scores
-from eir.train.artifacts import load_step_model
+from eir.model import load_step_model
+from eir.tasks import get_task
 from eir.train.evaluate import confusion_on_batches
-from eir.train.experiment import (
-    ChannelSpace,
-    RunDirError,
-    read_run_config,
-    results_document,
-    step_row,
-)
+from eir.train.planner import RunLayout, run_method
+from eir.train.results import results_document, step_row
+from eir.train.rundir import RunDirError, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +63,10 @@ def evaluate_run(
     run = storage.resolve(run_dir)
     config = read_run_config(run)
     if dataset != config.dataset.name:
-        raise RunDirError(f"run {run.uri} was trained on {config.dataset.name!r}; --dataset {dataset!r} has another label space")
-    finished = [name for name in storage.list_dir(run) if name.startswith("step_") and storage.is_complete(run.join(name))]
+        raise RunDirError(f"run {run.uri} was trained on {config.dataset.name!r}; --dataset {dataset!r} has another "
+                          "label space")
+    finished = [name for name in storage.list_dir(run)
+                if name.startswith("step_") and storage.is_complete(run.join(name))]
     if not finished:
         raise RunDirError(f"run {run.uri} has no finished step to evaluate")
     steps = sorted(int(name.split("_")[1]) for name in finished)
@@ -77,29 +76,24 @@ def evaluate_run(
     if protocol:
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, protocol=protocol))
 
-    from eir.tasks import get_task
-
     output_root = storage.resolve(config.run.output_dir)
     manifest = ensure_prepared(dataset, root, split, output_root, image_scale=config.dataset.image_scale)
     info = manifest.info
     check_label_space(run, config, info.class_names, f"{dataset}/{split} at {root}")
     task = get_task(dataset, config.task.name, config.task.setting, num_classes=info.num_classes,
                     class_order=config.task.class_order, future_label=info.future_label)
-    joint = config.method.name == "joint"
-    eval_step = task.num_steps - 1 if joint else step
+    layout = RunLayout.of(config, task)
+    eval_step = layout.eval_step(step)
     ids = select_ids(task, manifest, purpose="test")[eval_step]
-    channels = ChannelSpace.of(task)
-    schedule = task.joint() if joint else task
     model = load_step_model(run.join(f"step_{step}", "model.pt").uri, config.model.backbone, config.model.output_stride,
-                            expected_heads=[len(classes) for classes in schedule.steps[: step + 1]])
-    lut = channels.map_lut(task.test_lut(eval_step))
-    n_old = len(task.steps[0])
-    n_seen = len(task.classes_seen(eval_step))
-    batches = _batches(manifest, set(ids), lut, config.eval.protocol, config.eval.crop_size, config.eval.batch_size)
-    matrix = confusion_on_batches(model, batches, 1 + n_seen, torch.device("cpu"), progress=True,
-                                  total=-(-len(ids) // config.eval.batch_size))
-    scores = reduce_scores(matrix, range(1, n_old + 1), range(n_old + 1, n_seen + 1), background_is_class=info.background_is_class)
-    row = step_row(step, scores, class_names=info.class_names, channels=channels,
+                            expected_heads=layout.head_sizes(step))
+    old, new = layout.groups(step)
+    batches = _batches(manifest, set(ids), layout.test_lut(step), config.eval.protocol, config.eval.crop_size,
+                       config.eval.batch_size)
+    matrix = confusion_on_batches(model, batches, 1 + len(old) + len(new), torch.device("cpu"), progress=True,
+                                  total=-(-len(ids) // config.eval.batch_size), predict=run_method(config).predict)
+    scores = reduce_scores(matrix, old, new, background_is_class=info.background_is_class)
+    row = step_row(step, scores, class_names=info.class_names, channels=layout.channels,
                    seen_classes=task.classes_seen(eval_step), train_images=0, source=f"evaluate {dataset}/{split}")
     document = results_document(config, [row], "finished", {"test_split_checksum": manifest.checksum})
     document.update({"evaluated_dataset": dataset, "evaluated_split": split, "test_images": len(ids)})

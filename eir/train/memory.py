@@ -13,10 +13,11 @@ import warnings
 from typing import Any
 
 from eir import storage
-from eir.data.ingest import read_rows
+from eir.data.ingest import Manifest, read_rows
 from eir.replay.image_store import ImageStore, build_image_store
 from eir.replay.store import InstanceStore, build_store
 from eir.storage import Location
+from eir.train.planner import MemorySpec
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +38,31 @@ def load_memory(step_dir: Location, kind: str) -> InstanceStore | ImageStore | N
     return (InstanceStore if kind == "instances" else ImageStore).read(loc)
 
 
-def build_memory(exp: Any, step: int, step_dir: Location, previous: InstanceStore | ImageStore | None) -> dict[str, Any]:
-    """Extract and select step `step`'s memory, write it, and return a summary for logs/MLflow."""
-    cfg = exp.config
-    kind = cfg.memory.kind
-    table = read_rows(exp.train_manifest, exp.train_splits.step_ids(step))
-    rows = table.to_pylist()
-    classes = exp.schedule.classes_learned(step)
+def build_memory(
+    manifest: Manifest,
+    ids: list[str],
+    spec: MemorySpec,
+    previous: InstanceStore | ImageStore | None,
+    step_dir: Location,
+) -> dict[str, Any]:
+    """Extract and select the step's memory from its rows `ids`, write it, and return a summary for logs/MLflow."""
+    rows = read_rows(manifest, ids).to_pylist()
+    step = spec.step
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if kind == "instances":
-            store, report = build_store(
-                rows,
-                classes,
-                rule=cfg.memory.instance_rule,
-                min_area=cfg.memory.min_area,
-                step=step,
-                budget=cfg.memory.size,
-                previous=previous,
-                seed=cfg.seed * 1000 + step,
-            )
+        if spec.kind == "instances":
+            store, report = build_store(rows, spec.classes, rule=spec.instance_rule, min_area=spec.min_area,
+                                        step=step, budget=spec.size, previous=previous, seed=spec.seed)
             summary = {"stored": len(store), "candidates_per_class": report.candidates_per_class}
         else:
-            store = build_image_store(rows, classes, cfg.memory.size, previous, seed=cfg.seed * 1000 + step)
+            store = build_image_store(rows, spec.classes, spec.size, previous, seed=spec.seed)
             summary = {"stored": len(store)}
     for warning in caught:
         log.warning("step %d memory: %s", step, warning.message)
     summary["notes"] = [str(w.message) for w in caught]
     summary["histogram"] = store.class_histogram()
     summary["bytes"] = store.nbytes
-    store.write(memory_file(step_dir, kind))
-    log.info("step %d: stored %d %s (budget %d), per class %s", step, len(store), kind, cfg.memory.size, summary["histogram"])
+    store.write(memory_file(step_dir, spec.kind))
+    log.info("step %d: stored %d %s (budget %d), per class %s", step, len(store), spec.kind, spec.size,
+             summary["histogram"])
     return summary

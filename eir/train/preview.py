@@ -13,15 +13,13 @@ from eir import storage
 from eir.config import ConfigError
 from eir.data.ingest import read_rows
 from eir.data.pipeline import PseudoLabeler, SampleMaker
+from eir.labels import NO_PASTE
 from eir.replay.paste import index_by_channel
 from eir.replay.store import InstanceStore
-from eir.train.experiment import (
-    Experiment,
-    RunDirError,
-    read_run_config,
-    resolve,
-    stream_spec,
-)
+from eir.train.memory import memory_file
+from eir.train.planner import PreviousStep
+from eir.train.resolved import Experiment, resolve
+from eir.train.rundir import RunDirError, read_run_config
 from eir.visualize import colorize, image_grid
 
 HEADERS = ["training image", "target (blended)", "pseudo-label"]
@@ -30,43 +28,54 @@ HEADERS = ["training image", "target (blended)", "pseudo-label"]
 def blended_target(label: np.ndarray, paste_class: np.ndarray, paste_weight: np.ndarray) -> np.ndarray:
     """Colours of the soft target: (1 − λ)·colour(label) + λ·colour(pasted class)."""
     weight = paste_weight.astype(np.float32)[..., None]
-    pasted = np.where(paste_class == 255, 0, paste_class).astype(np.uint8)
+    pasted = np.where(paste_class == NO_PASTE, 0, paste_class).astype(np.uint8)
     mixed = (1 - weight) * colorize(label) + weight * colorize(pasted)
     return mixed.round().astype(np.uint8)
 
 
 def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) -> list[list[np.ndarray]]:
+    """(training image, blended target, pseudo-label) of step `step`'s first `count` rows, as the trainer gets them."""
     cfg = exp.config
     if step < 1 or step >= exp.schedule.num_steps:
         raise RunDirError(f"preview needs an incremental step 1..{exp.schedule.num_steps - 1}, got {step}")
     if cfg.memory.kind != "instances":
-        raise RunDirError(f"method {cfg.method.name!r} keeps no instance store (memory.kind={cfg.memory.kind!r}): nothing is pasted")
-    previous = exp.run_dir.join(f"step_{step - 1}")
-    model_loc, store_loc = previous.join("model.pt"), previous.join("instances.parquet")
+        raise RunDirError(f"method {cfg.method.name!r} keeps no instance store (memory.kind={cfg.memory.kind!r}): "
+                          "nothing is pasted")
+    previous = exp.step_dir(step - 1)
+    model_loc, store_loc = previous.join("model.pt"), memory_file(previous, "instances")
     for loc, what in ((model_loc, "model"), (store_loc, "instance store")):
         if not storage.exists(loc):
-            raise RunDirError(f"preview of step {step} needs the step {step - 1} {what} {loc.uri}: run (or resume) step {step - 1} first")
+            raise RunDirError(f"preview of step {step} needs the step {step - 1} {what} {loc.uri}: "
+                              f"run (or resume) step {step - 1} first")
     store = InstanceStore.read(store_loc)
-    spec = stream_spec(exp, step, store, store_ref=None)
+    design = exp.design(step, PreviousStep(model_loc.uri, len(store)))
+    spec = design.stream
     rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(step)[:count])
     pseudo = None
-    if spec.pseudo:
-        labeler = PseudoLabeler(model_loc.uri, cfg.model.backbone, cfg.model.output_stride, spec.lut, cfg.pseudo.threshold, use_gpu=False)
+    if design.pseudo:
+        plan = design.plan
+        labeler = PseudoLabeler(model_loc.uri, plan.backbone, plan.output_stride, spec.lut, cfg.pseudo.threshold,
+                                use_gpu=False)
         pseudo = labeler({"id": rows.column("id").to_pylist(), "image": rows.column("image").to_pylist(),
                           "label": rows.column("label").to_pylist()})["pseudo"]
-    make = SampleMaker(spec, store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel), np.random.default_rng(seed))
+    by_channel = index_by_channel(store.class_ids(), spec.class_to_channel)
+    make = SampleMaker(spec, store.decoded(), by_channel, np.random.default_rng(seed))
     panels = []
-    for i, (image_bytes, label_bytes) in enumerate(zip(rows.column("image").to_pylist(), rows.column("label").to_pylist())):
+    images, labels = rows.column("image").to_pylist(), rows.column("label").to_pylist()
+    for i, (image_bytes, label_bytes) in enumerate(zip(images, labels)):
         sample = make(image_bytes, label_bytes, pseudo[i] if pseudo is not None else None)[0]
         pseudo_map = sample.pseudo if sample.pseudo is not None else np.zeros_like(sample.label)
-        panels.append([sample.image.transpose(1, 2, 0), blended_target(sample.label, sample.paste_class, sample.paste_weight), colorize(pseudo_map)])
+        target = blended_target(sample.label, sample.paste_class, sample.paste_weight)
+        panels.append([sample.image.transpose(1, 2, 0), target, colorize(pseudo_map)])
     return panels
 
 
 def write_preview(run_dir: str, step: int, out: str, count: int = 8) -> str:
     """Draw step `step`'s samples of a run to `out`; bad arguments fail before the run is opened."""
     if step < 1:
-        raise ConfigError(f"bad value {step} for --step: expected an incremental step (1 or more; step 0 pastes nothing)")
+        raise ConfigError(
+            f"bad value {step} for --step: expected an incremental step (1 or more; step 0 pastes nothing)"
+        )
     if count < 1:
         raise ConfigError(f"bad value {count} for --count: expected a number of samples >= 1")
     run = storage.resolve(run_dir)

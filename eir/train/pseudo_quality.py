@@ -18,7 +18,8 @@ from eir.data.codec import decode_map
 from eir.metrics import ConfusionMatrix
 from eir.progress import progress as progress_bar
 from eir.pseudo import pseudo_label_quality
-from eir.train.experiment import Experiment, RunDirError, pseudo_label_dir, read_run_config, resolve
+from eir.train.resolved import Experiment, pseudo_label_dir, resolve
+from eir.train.rundir import RunDirError, read_run_config
 
 
 def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -30,7 +31,8 @@ def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool 
     if not steps:
         raise RunDirError(
             f"{run.uri} has no finished pseudo-labels (step_<t>/pseudo/ with its completion marker): only "
-            f"pseudo-labelling methods (eir, eir_no_rskd with pseudo.enabled=true) write them; this run is {config.method.name!r}"
+            "pseudo-labelling methods (eir, eir_no_rskd with pseudo.enabled=true) write them; "
+            f"this run is {config.method.name!r}"
         )
     document = {
         "run": run.uri,
@@ -76,6 +78,8 @@ def quality_table(document: dict[str, Any]) -> str:
 
     lines = [f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  per class: recall (precision)"]
     for step in document["steps"]:
-        classes = ", ".join(f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})" for name, s in step["per_class"].items())
-        lines.append(f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  {fmt(step['precision_old']):>13}  {classes}")
+        classes = ", ".join(f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})"
+                            for name, s in step["per_class"].items())
+        lines.append(f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  "
+                     f"{fmt(step['precision_old']):>13}  {classes}")
     return "\n".join(lines)

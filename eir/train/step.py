@@ -89,7 +89,9 @@ def run_train_step(
         state = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
     model_loc = step_dir.join("model.pt")
     _write_model(model_loc, {"model": state["model"], "head_sizes": state["head_sizes"]})
-    return StepOutcome(confusion=confusion, epochs=state["history"], model_uri=model_loc.uri, restarts=len(state["resumed_at"]))
+    return StepOutcome(
+        confusion=confusion, epochs=state["history"], model_uri=model_loc.uri, restarts=len(state["resumed_at"])
+    )
 
 
 class _InterruptibleTrainer(TorchTrainer):

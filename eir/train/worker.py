@@ -8,14 +8,12 @@ and after the last epoch the step's confusion matrix on the test stream, summed 
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
 
 import ray.train
 import ray.train.torch
@@ -25,26 +23,12 @@ import torch.distributed as dist
 from eir import storage
 from eir.data.transforms import normalize
 from eir.methods import LossInputs, Method, build_method
-from eir.model import CheckpointError, build_model
+from eir.model import build_model, check_head_sizes, load_torch
 from eir.train.evaluate import confusion_on_batches
 from eir.train.plan import StepPlan, iterations_per_epoch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def load_torch(uri: str) -> dict:
-    """A torch file from a local path or a URI (weights only: plain tensors and containers)."""
-    return torch.load(io.BytesIO(storage.read_bytes(storage.resolve(uri))), map_location="cpu", weights_only=True)
-
-
-def check_head_sizes(state: dict, expected: Sequence[int], uri: str, what: str) -> None:
-    """A checkpoint of another task (or class order) has other heads: say so before loading it."""
-    if list(state.get("head_sizes", [])) != list(expected):
-        raise CheckpointError(
-            f"checkpoint {uri} has heads {state.get('head_sizes')} but {what} of this run's task has heads "
-            f"{list(expected)}: it comes from a different task or class order"
-        )
 
 
 def build_old_model(plan: StepPlan) -> torch.nn.Module:

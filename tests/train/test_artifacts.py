@@ -31,7 +31,7 @@ from eir.metrics import reduce_scores
 from eir.model import build_model
 from eir.tracking import IOU_TABLE, Tracker, step_run_name
 from eir.train.artifacts import log_step_artifacts
-from eir.train.experiment import Experiment, make_plan, resolve
+from eir.train.resolved import Experiment, resolve
 
 BUCKET = "eir-artifacts"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,10 +57,10 @@ def exp(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
 
 def write_step(exp: Experiment, step: int, step_dir: storage.Location) -> dict[str, Any]:
     """What `_run_step` leaves in a finished step folder: model.pt, confusion.json, metrics.json (its row)."""
-    plan = make_plan(exp, step, None)
-    model = build_model(exp.config.model.backbone, plan.head_sizes, output_stride=exp.config.model.output_stride, weights=None)
+    head_sizes = exp.layout.head_sizes(step)
+    model = build_model(exp.config.model.backbone, head_sizes, output_stride=exp.config.model.output_stride, weights=None)
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "head_sizes": list(plan.head_sizes)}, buffer)
+    torch.save({"model": model.state_dict(), "head_sizes": list(head_sizes)}, buffer)
     storage.write_bytes_atomic(step_dir.join("model.pt"), buffer.getvalue())
     old, new = exp.groups(step)
     channels = 1 + len(old) + len(new)

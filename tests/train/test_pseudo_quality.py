@@ -18,7 +18,7 @@ from eir import storage
 from eir.config import dump_yaml, load_config
 from eir.data.codec import decode_map, encode_png
 from eir.data.ingest import read_rows
-from eir.train.experiment import resolve
+from eir.train.resolved import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 # A reversed class order: pseudo maps hold channels, labels hold class ids, so the ids must be mapped.

@@ -1,0 +1,34 @@
+"""What one step's training stream does to each row, as a plain value (no Ray: the planner builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from eir.replay.paste import PasteConfig
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one step's per-epoch map does to each row; picklable, shipped with the map task.
+
+    `store` is an ObjectRef to the instance store's Parquet bytes (put once per step, decoded
+    once per worker process), so the store never travels with each batch; the planner leaves it
+    None and the driver fills it in (`eir.train.step_data`).
+    """
+
+    lut: np.ndarray  # train LUT in channel space (background shift)
+    crop_size: int
+    scale: tuple[float, float] = (0.5, 2.0)
+    pseudo: bool = False  # rows carry a `pseudo` column: crop it with the image, fill background with it
+    paste: PasteConfig | None = None
+    old_channels: tuple[int, ...] = ()
+    class_to_channel: np.ndarray | None = None  # stored class ids → channels
+    replay_per_row: float = 0.0  # expected instance-replay samples emitted per input row
+    store: Any = None  # ObjectRef[bytes] of the InstanceStore
+
+    @property
+    def emits_paste_maps(self) -> bool:
+        return self.paste is not None or self.replay_per_row > 0

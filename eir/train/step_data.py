@@ -1,0 +1,69 @@
+"""A step's data streams, assembled on the driver from its `StepDesign`.
+
+Training rows are the step's images, pseudo-labelled once by step t−1's model (stored in
+`step_<t>/pseudo/`, reused every epoch and on resume), plus step t−1's stored images for image
+replay; the instance store reaches the data workers through Ray's object store, once per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import ray
+import ray.data
+
+from eir import storage
+from eir.data.pipeline import (
+    ROW_COLUMNS,
+    eval_stream,
+    read_manifest_rows,
+    read_prepared_rows,
+    train_stream,
+    write_pseudo_labels,
+)
+from eir.replay.image_store import ImageStore
+from eir.replay.store import InstanceStore
+from eir.train.planner import StepDesign
+from eir.train.resolved import Experiment, pseudo_label_dir
+
+log = logging.getLogger(__name__)
+
+
+def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore | ImageStore | None) -> ray.data.Dataset:
+    """The step's training stream over all its epochs; `memory` is step t−1's (None when it keeps none)."""
+    plan, cfg = design.plan, exp.config
+    ids = exp.train_splits.step_ids(plan.step)
+    rows = pseudo_labelled_rows(exp, design, ids) if design.pseudo else None
+    spec = design.stream
+    if design.replay == "images":
+        # DKD-M: the stored images join the stream and are relabelled with this step's LUT,
+        # so the old objects in them are background.
+        replayed = ray.data.from_arrow(memory.table.select(ROW_COLUMNS))
+        rows = (rows if rows is not None else read_manifest_rows(exp.train_manifest, ids)).union(replayed)
+    elif design.replay == "instances":
+        spec = dataclasses.replace(spec, store=ray.put(memory.to_bytes()))
+    return train_stream(exp.train_manifest, ids, spec, batch_size=plan.per_worker_batch,
+                        num_cpus=cfg.data.num_cpus_per_worker, rows=rows, epochs=plan.epochs)
+
+
+def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) -> ray.data.Dataset:
+    """The step's rows with step t−1's pseudo-labels, labelled now unless an earlier attempt finished them."""
+    plan, cfg = design.plan, exp.config
+    folder = pseudo_label_dir(exp, plan.step)
+    if storage.reusable(folder, f"step {plan.step}'s pseudo-labels"):
+        log.info("step %d: reusing the pseudo-labels in %s", plan.step, folder.uri)
+    else:
+        log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))",
+                 plan.step, len(ids), plan.step - 1, cfg.data.pseudo_actors)
+        write_pseudo_labels(exp.train_manifest, ids, folder, model_uri=plan.previous_model, backbone=plan.backbone,
+                            output_stride=plan.output_stride, lut=design.stream.lut, threshold=cfg.pseudo.threshold,
+                            actors=cfg.data.pseudo_actors, use_gpu=cfg.scaling.use_gpu)
+    return read_prepared_rows(folder).select_columns([*ROW_COLUMNS, "pseudo"])
+
+
+def scoring_stream(exp: Experiment, design: StepDesign) -> ray.data.Dataset:
+    """The test images that score the step, with the test LUT of its evaluated step."""
+    cfg = exp.config
+    return eval_stream(exp.test_manifest, exp.test_splits.step_ids(design.eval_step), design.eval_lut,
+                       protocol=cfg.eval.protocol, crop_size=cfg.eval.crop_size)
