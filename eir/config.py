@@ -1,16 +1,20 @@
 """The typed experiment configuration: YAML files under `experiments/` plus `key=value` overrides.
 
-Every setting of an experiment lives here, in one tree of dataclasses, so there is exactly one
-place that knows the valid keys, their types and their allowed values. A YAML file may name an
-`inherit:` file (relative to itself) whose values it overrides, so CamVid 5-3 and 6-1 share one
-base. Unknown keys and bad values fail before anything starts, with a message naming the key,
-the closest valid keys and the allowed values.
+Every setting of an experiment lives here, in one tree of dataclasses whose fields are declared
+with `knob(default, check, doc, step0=..., active=...)`: a key's type, default, allowed values,
+documentation, whether step 0 depends on it (the step-0 cache key) and when it is inactive (the
+`--resume` diff, MLflow params) are written once, together, so no key can be added without its
+check. The few rules that span several keys are the named functions of `RULES`. A YAML file may
+name an `inherit:` file (relative to itself) whose values it overrides, so CamVid 5-3 and 6-1
+share one base. Unknown keys and bad values fail before anything starts, with a message naming
+the key, the closest valid keys and the allowed values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +28,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from eir.methods import METHOD_NAMES, method_class
+from eir.methods import METHOD_NAMES, METHODS, method_class
+from eir.replay.paste import PasteConfig as PasteSettings
 from eir.storage import is_uri, local_path
 from eir.tasks import DATASET_NUM_CLASSES, TaskError, get_task, parse_task_name
 
@@ -112,123 +117,279 @@ def read_yaml_file(path: Path, what: str) -> Any:
     return parse_yaml(data, what)
 
 
-DatasetName = Literal["synthetic", "voc", "ade20k", "camvid", "folder"]
-MethodName = Literal[METHOD_NAMES]  # one per module of eir/methods
-Backbone = Literal["mobilenet_v2", "resnet50", "resnet101"]
-EvalProtocol = Literal["full", "center_crop"]
+# ---------------------------------------------------------------- what a single setting must be
+
+
+SEED_LIMIT = 2**32  # numpy's SeedSequence refuses negatives; torch seeds with seed * 1000 + step * 10 + rank
+
+
+@dataclass(frozen=True)
+class Check:
+    """What one setting's value must be beyond its type; declared with the key (`knob`).
+
+    A value outside it fails with `bad value V for KEY: [<explain(V)>; ]expected <expected>`.
+    `invalid` holds values of the right type that the check refuses: the schema test sets every
+    key to each of them (and to a value of the wrong type) and expects that one-line error.
+    """
+
+    expected: str
+    ok: Callable[[Any], bool]
+    invalid: tuple[Any, ...] = ()
+    explain: Callable[[Any], str | None] | None = None  # why a value fails, when `expected` alone would not say
+
+    def enforce(self, value: Any, key: str) -> None:
+        if not self.ok(value):
+            reason = f"{self.explain(value)}; " if self.explain else ""
+            raise ConfigError(f"bad value {value!r} for {key}: {reason}expected {self.expected}")
+
+
+def _name_problem(value: str) -> str | None:
+    """Why `value` is not a single, typeable folder name (None: it is one)."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes of a command line, carried as surrogates
+        return "it is not valid UTF-8 text"
+    if value in ("", ".", ".."):
+        return "it would not name a folder of its own"
+    if "/" in value or "\\" in value:
+        return "it contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "it contains a control character"
+    if value != value.strip():
+        return "it starts or ends with whitespace"
+    if size > 200:
+        return "it is longer than 200 bytes"
+    return None
+
+
+def _class_order_ok(order: list[int] | None) -> bool:
+    return order is None or (bool(order) and len(set(order)) == len(order) and min(order) >= 1)
+
+
+# The reusable checks. CHOICE: a Literal or bool, whose type admits only valid values.
+CHOICE = Check("one of the values its type lists", lambda _: True)
+POSITIVE_INT = Check("a positive integer", lambda v: v >= 1, (0, -2))
+COUNT = Check("0 or more", lambda v: v >= 0, (-1,))
+NON_NEGATIVE = Check("a number >= 0", lambda v: v >= 0, (-1.0,))
+POSITIVE = Check("a number > 0", lambda v: v > 0, (0.0, -1.0))
+LEARNING_RATE = Check("a learning rate > 0", lambda v: v > 0, (0.0, -0.01))
+SHARE = Check("a share in [0, 1)", lambda v: 0 <= v < 1, (1.0, -0.1))
+CPUS = Check("a CPU count > 0 (fractions allowed)", lambda v: v > 0, (0.0, -1.0))
+SEED = Check("a seed in [0, 2**32)", lambda v: 0 <= v < SEED_LIMIT, (-1, SEED_LIMIT))
+NON_EMPTY = Check("a non-empty string", lambda v: v != "", ("",))
+ANY_TEXT = Check("any text", lambda _: True)  # free text whose meaning a cross-field rule checks
+FOLDER_NAME = Check(
+    "one folder name (not '', '.' or '..'; no '/', '\\', control characters or leading/trailing spaces; "
+    "at most 200 bytes)",
+    lambda v: _name_problem(v) is None,
+    ("..", "a/b", " a"),
+    explain=_name_problem,
+)
+SPLIT_NAME = Check(
+    "a split name: not empty, no path separators",
+    lambda v: v not in ("", ".", "..") and "/" not in v and "\\" not in v,
+    ("", "../val"),
+)
+# eir.replay.paste fills the potential classes up to `max_instances` when fewer than `min_classes`
+# were found, and gives each instance its own cell of a grid x grid split of the crop.
+_PASTE_MIN, _PASTE_MAX = PasteSettings.min_classes, PasteSettings.grid**2
+PASTE_INSTANCES = Check(
+    f"{_PASTE_MIN}..{_PASTE_MAX} (at least the {_PASTE_MIN} classes pasting fills up to, at most one instance per cell "
+    f"of the {PasteSettings.grid}x{PasteSettings.grid} grid)",
+    lambda v: _PASTE_MIN <= v <= _PASTE_MAX,
+    (_PASTE_MIN - 1, _PASTE_MAX + 1),
+)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A config key's check and documentation, kept in its dataclass field's metadata."""
+
+    check: Check
+    doc: str
+    step0: bool  # step 0's result depends on it: part of the step-0 cache key (eir.train.cache)
+    active: Callable[[ExperimentConfig], bool] | None  # whether it can change the results (None: always)
+
+
+def knob(
+    default: Any,
+    check: Check,
+    doc: str,
+    *,
+    step0: bool = False,
+    active: Callable[[ExperimentConfig], bool] | None = None,
+) -> Any:
+    """A config field declared with its default, its check and its documentation in one place.
+
+    `active`: a key it returns False for cannot change this config's results (a paste setting of a
+    method that never pastes): `--resume` ignores differences in it and MLflow does not log it.
+    """
+    return field(default=default, metadata={"knob": Knob(check, doc, step0, active)})
+
+
+def _keeps_memory(config: ExperimentConfig) -> bool:
+    return config.memory.kind != "none"
+
+
+def _stores_instances(config: ExperimentConfig) -> bool:
+    return config.memory.kind == "instances"
+
+
+def _pseudo_labels(config: ExperimentConfig) -> bool:
+    return config.pseudo.enabled
+
+
+def _pastes(config: ExperimentConfig) -> bool:
+    return config.paste.enabled
+
+
+def _distils(config: ExperimentConfig) -> bool:
+    return config.loss.rskd_weight != 0
+
+
+# ---------------------------------------------------------------- the schema
 
 
 @dataclass
 class DatasetConfig:
-    name: DatasetName = "synthetic"
-    root: str = ""  # raw dataset root; "" for synthetic = generated under run.output_dir
-    train_split: str = "train"
-    test_split: str = "val"
-    image_scale: float = 1.0  # resize at ingest (0.5 = half size); part of the ingest cache key
-    synthetic_num_images: int = 600
-    synthetic_image_size: int = 112
-    synthetic_seed: int = 0
+    name: Literal["synthetic", "voc", "ade20k", "camvid", "folder"] = knob(
+        "synthetic", CHOICE, "the dataset; synthetic is generated under run.output_dir")
+    root: str = knob("", ANY_TEXT, "the raw dataset folder (required unless dataset.name=synthetic)")
+    train_split: str = knob("train", SPLIT_NAME, "the split trained on")
+    test_split: str = knob("val", SPLIT_NAME, "the split scored")
+    image_scale: float = knob(
+        1.0, Check("0 < scale <= 1", lambda v: 0 < v <= 1, (0.0, 1.5)),
+        "resize at ingest (0.5 = half size); part of the ingest cache key")
+    synthetic_num_images: int = knob(
+        600, Check("at least 2 (a training and a validation image)", lambda v: v >= 2, (1,)),
+        "images the synthetic generator makes")
+    synthetic_image_size: int = knob(
+        112, Check("at least 32 pixels (the generator's textures need room)", lambda v: v >= 32, (31,)),
+        "side of the synthetic images")
+    synthetic_seed: int = knob(0, SEED, "seed of the synthetic generator")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "15-1"
-    setting: Literal["overlapped", "disjoint"] = "overlapped"
-    class_order: list[int] | None = None
+    name: str = knob("15-1", NON_EMPTY, "the task 'B-I': B base classes, then I per step (checked against the dataset)")
+    setting: Literal["overlapped", "disjoint"] = knob("overlapped", CHOICE, "which images a step trains on")
+    class_order: list[int] | None = knob(  # noqa: RUF009 - the default is None, not a shared list
+        None, Check("null or a list of distinct class ids >= 1 (a permutation of the dataset's classes)",
+                    _class_order_ok, ([], [1, 1], [0, 1])),
+        "the order in which steps take the classes; null = 1..K")
 
 
 @dataclass
 class MethodConfig:
-    name: MethodName = "finetune"
+    name: Literal[METHOD_NAMES] = knob(  # one name per method module of eir/methods
+        "finetune", CHOICE, "the method (eir/methods); it presets the memory and stream keys")
 
 
 @dataclass
 class MemoryConfig:
-    kind: Literal["none", "instances", "images"] = "none"  # set by method.name
-    size: int = 100  # budget M: stored instances (or images, for image_replay) over all old classes
-    instance_rule: Literal["single_component", "components", "instance_masks"] = "single_component"
-    min_area: float = 0.0  # fraction of the image below which an instance is not stored
+    kind: Literal["none", "instances", "images"] = knob("none", CHOICE, "what the memory stores")
+    size: int = knob(100, COUNT, "budget M: stored instances (or images) over all old classes", active=_keeps_memory)
+    instance_rule: Literal["single_component", "components", "instance_masks"] = knob(
+        "single_component", CHOICE, "how a label map is cut into instances", active=_stores_instances)
+    min_area: float = knob(
+        0.0, Check("a fraction in [0, 1)", lambda v: 0 <= v < 1, (1.0, -0.1)),
+        "share of the image below which an instance is not stored", active=_stores_instances)
 
 
 @dataclass
 class PseudoConfig:
-    enabled: bool = False  # set by method.name
-    threshold: float = 0.7
+    enabled: bool = knob(False, CHOICE, "label old classes with the step t-1 model's predictions")
+    threshold: float = knob(
+        0.7, Check("a sigmoid score in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
+        "sigmoid score a pseudo-label needs", active=_pseudo_labels)
 
 
 @dataclass
 class PasteConfig:
-    enabled: bool = False  # set by method.name
-    probability: float = 1.0
-    hard: bool = False  # lambda = 1 instead of U(0, 1)
-    max_instances: int = 3
+    enabled: bool = knob(False, CHOICE, "paste stored old-class instances into new images")
+    probability: float = knob(
+        1.0, Check("0..1", lambda v: 0 <= v <= 1, (1.5, -0.1)), "chance that an image gets pasted", active=_pastes)
+    hard: bool = knob(False, CHOICE, "lambda = 1 instead of U(0, 1)", active=_pastes)
+    max_instances: int = knob(3, PASTE_INSTANCES, "potential classes pasted per image", active=_pastes)
 
 
 @dataclass
 class ReplayConfig:
-    # Share of stored-instance samples in the step's stream; null = every stored instance once per
-    # epoch (M / (N + M)); 0 = none. Set by method.name.
-    ratio: float | None = 0.0
+    ratio: float | None = knob(
+        0.0, Check("null or a share in [0, 1)", lambda v: v is None or 0 <= v < 1, (1.0, -0.5)),
+        "share of stored-instance samples in the stream; null = every stored instance once per epoch (M / (N + M))")
 
 
 @dataclass
 class LossConfig:
-    bce_weight: float = 1.0
-    rskd_weight: float = 0.0  # set by method.name (eir: 5)
-    rskd_region: Literal["new_gt", "all", "complement"] = "new_gt"
+    bce_weight: float = knob(1.0, NON_NEGATIVE, "weight of the BCE term (step 0's whole loss)", step0=True)
+    rskd_weight: float = knob(0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)")
+    rskd_region: Literal["new_gt", "all", "complement"] = knob(
+        "new_gt", CHOICE, "pixels RSKD distils on", active=_distils)
 
 
 @dataclass
 class DataConfig:
-    num_cpus_per_worker: float = 1.0  # CPUs of each Ray Data decode/augment/paste task
-    pseudo_actors: int = 1  # actor-pool size of the pseudo-label batch inference
+    num_cpus_per_worker: float = knob(1.0, CPUS, "CPUs of each Ray Data decode/augment/paste task")
+    pseudo_actors: int = knob(1, POSITIVE_INT, "actor-pool size of the pseudo-label inference", active=_pseudo_labels)
 
 
 @dataclass
 class ModelConfig:
-    backbone: Backbone = "mobilenet_v2"
-    weights: str | None = "imagenet"  # "imagenet" (torchvision API), a local .pth path, or null
-    output_stride: Literal[8, 16] = 16
-    new_head_init: Literal["random", "copy_background"] = "random"
+    backbone: Literal["mobilenet_v2", "resnet50", "resnet101"] = knob(
+        "mobilenet_v2", CHOICE, "the DeepLabV3 backbone", step0=True)
+    weights: str | None = knob(
+        "imagenet",
+        Check("'imagenet', null, or the path of a local backbone weights file (.pth)", lambda v: v != "", ("",)),
+        "backbone initialisation: 'imagenet' (torchvision), a local .pth file, or null (random)", step0=True)
+    output_stride: Literal[8, 16] = knob(16, CHOICE, "the backbone's output stride", step0=True)
+    new_head_init: Literal["random", "copy_background"] = knob("random", CHOICE, "how a step's new head starts")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # step 0 and joint
-    epochs_incremental: int = 30
-    batch_size: int = 16  # global: divided across the Train workers
-    crop_size: int = 96
-    lr: float = 0.01
-    lr_incremental: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    scale_min: float = 0.5  # RandomResizedCrop scale range (METHOD.md §2)
-    scale_max: float = 2.0
-    amp: bool = True  # only takes effect on GPU
-    warmup_fraction: float = 0.0  # share of a step's iterations with a linear LR warm-up (METHOD.md §2: 0.2 on ADE)
-    checkpoints_to_keep: int = 2
-    max_failures: int = 0
+    epochs: int = knob(30, POSITIVE_INT, "epochs of step 0 (and of joint)", step0=True)
+    epochs_incremental: int = knob(30, POSITIVE_INT, "epochs of each incremental step")
+    batch_size: int = knob(16, POSITIVE_INT, "global batch, divided across the Train workers", step0=True)
+    crop_size: int = knob(96, POSITIVE_INT, "side of the square training crop", step0=True)
+    lr: float = knob(0.01, LEARNING_RATE, "SGD learning rate of step 0 (and of joint)", step0=True)
+    lr_incremental: float = knob(0.001, LEARNING_RATE, "SGD learning rate of the incremental steps")
+    momentum: float = knob(
+        0.9, Check("0 < momentum < 1 (Nesterov SGD)", lambda v: 0 < v < 1, (0.0, 1.0, -0.9)),
+        "SGD momentum (Nesterov)", step0=True)
+    weight_decay: float = knob(1e-4, NON_NEGATIVE, "SGD weight decay", step0=True)
+    scale_min: float = knob(0.5, POSITIVE, "RandomResizedCrop scale range, low end (METHOD.md §2)", step0=True)
+    scale_max: float = knob(2.0, POSITIVE, "RandomResizedCrop scale range, high end", step0=True)
+    amp: bool = knob(True, CHOICE, "mixed precision (takes effect on GPU only)", step0=True)
+    warmup_fraction: float = knob(
+        0.0, SHARE, "share of a step's iterations with a linear LR warm-up (METHOD.md §2: 0.2 on ADE)", step0=True)
+    checkpoints_to_keep: int = knob(2, POSITIVE_INT, "epoch checkpoints Ray Train keeps")
+    max_failures: int = knob(0, COUNT, "worker-group restarts Ray Train may make in a step")
 
 
 @dataclass
 class EvalConfig:
-    protocol: EvalProtocol = "full"
-    crop_size: int = 512  # center_crop protocol: shorter side resized to this, then a square centre crop
-    batch_size: int = 8
+    protocol: Literal["full", "center_crop"] = knob(
+        "full", CHOICE, "score whole images, or a resized centre crop", step0=True)
+    crop_size: int = knob(
+        512, POSITIVE_INT, "center_crop: the shorter side is resized to this, then cropped square", step0=True)
+    batch_size: int = knob(8, POSITIVE_INT, "images per evaluation batch")
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    num_workers: int = knob(1, POSITIVE_INT, "Ray Train workers of each step")
+    use_gpu: bool = knob(False, CHOICE, "one GPU per Train worker")
+    cpus_per_worker: float = knob(1.0, CPUS, "CPUs reserved per Train worker")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "outputs"
-    name: str = "run"
-    step0_cache: bool = True  # reuse (and fill) <output_dir>/cache/step0/
+    output_dir: str = knob(
+        "outputs", Check("a folder path or URI ('.' for the working directory)", lambda v: v != "", ("",)),
+        "holds the run folders, datasets, the step-0 cache and MLflow's store")
+    name: str = knob("run", FOLDER_NAME, "the run's folder under run.output_dir")
+    step0_cache: bool = knob(True, CHOICE, "reuse (and fill) <output_dir>/cache/step0/")
 
 
 @dataclass
@@ -247,7 +408,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    seed: int = 0
+    seed: int = knob(0, SEED, "seed of the run (sampling, initialisation, augmentation)", step0=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,31 +435,49 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class SchemaKey:
+    """One key of the schema: its flat name, type annotation, default and `Knob`."""
+
+    key: str
+    annotation: Any
+    default: Any
+    knob: Knob
+
+
+@functools.cache
+def schema() -> tuple[SchemaKey, ...]:
+    """Every config key in declaration order (sections, then their keys); the one list the rest derive from."""
+    keys = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                keys.append(SchemaKey(f"{prefix}{f.name}", hints[f.name], f.default, f.metadata["knob"]))
+
+    walk(ExperimentConfig, "")
+    return tuple(keys)
+
+
+def valid_keys() -> list[str]:
+    return sorted(entry.key for entry in schema())
+
+
+def step0_keys() -> tuple[str, ...]:
+    """The keys step 0's result depends on (method, memory and incremental settings deliberately absent)."""
+    return tuple(entry.key for entry in schema() if entry.knob.step0)
+
+
 def inactive_keys(config: ExperimentConfig) -> set[str]:
     """Keys that cannot change this config's results (e.g. paste settings of a method that never pastes).
 
     `--resume` ignores differences in them, so adding a knob's value to a shared base file does
     not lock out runs of methods that never read it.
     """
-    flat = config.flat()
-    inactive: set[str] = set()
-    if config.memory.kind == "none":
-        inactive |= {k for k in flat if k.startswith("memory.") and k != "memory.kind"}
-    if config.memory.kind != "instances":
-        inactive |= {"memory.instance_rule", "memory.min_area"}
-    if not config.pseudo.enabled:
-        inactive.add("pseudo.threshold")
-    if not config.paste.enabled:
-        inactive |= {k for k in flat if k.startswith("paste.") and k != "paste.enabled"}
-    if config.loss.rskd_weight == 0:
-        inactive.add("loss.rskd_region")
-    if not config.pseudo.enabled:
-        inactive.add("data.pseudo_actors")
-    return inactive
-
-
-def valid_keys() -> list[str]:
-    return sorted(ExperimentConfig().flat())
+    return {entry.key for entry in schema() if entry.knob.active is not None and not entry.knob.active(config)}
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
@@ -370,8 +549,6 @@ def _apply(obj: Any, flat_updates: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(getattr(target, leaf)):
             raise ConfigError(f"{dotted} is a section; set its keys ({dotted}.<key>) instead")
         setattr(target, leaf, _coerce(value, hints[leaf], dotted))
-
-
 def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's settings as flat `section.key -> value`, its `inherit:` chain merged in.
 
@@ -391,7 +568,8 @@ def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is None:
         return flat
     if not isinstance(parent, str) or not parent:
-        raise ConfigError(f"bad value {parent!r} for inherit in {path}: expected the path of a YAML file (relative to {path})")
+        raise ConfigError(
+            f"bad value {parent!r} for inherit in {path}: expected the path of a YAML file (relative to {path})")
     merged = read_config_tree((path.parent / parent), (*seen, path.resolve()))
     merged.update(flat)
     return merged
@@ -448,7 +626,8 @@ def check_weights_file(config: ExperimentConfig) -> None:
         return
     expected = "expected 'imagenet', null, or the path of a local backbone weights file (.pth)"
     if is_uri(weights):
-        raise ConfigError(f"bad value {weights!r} for model.weights: {expected}; URIs are not read, copy the file to a local path")
+        raise ConfigError(
+            f"bad value {weights!r} for model.weights: {expected}; URIs are not read, copy the file to a local path")
     path = Path(weights)
     if path.is_dir():
         raise ConfigError(f"bad value {weights!r} for model.weights: {path.absolute()} is a folder; {expected}")
@@ -490,119 +669,44 @@ def config_from_yaml(data: bytes, where: str) -> ExperimentConfig:
     return config_from_dict(parse_yaml(data, f"config {where}"), where)
 
 
-SEED_LIMIT = 2**32  # numpy's SeedSequence refuses negatives; torch seeds with seed * 1000 + step * 10 + rank
-
-
-def _name_problem(value: str) -> str | None:
-    """Why `value` is not a single, typeable folder name (None: it is one)."""
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # undecodable bytes of a command line, carried as surrogates
-        return "it is not valid UTF-8 text"
-    if value in ("", ".", ".."):
-        return "it would not name a folder of its own"
-    if "/" in value or "\\" in value:
-        return "it contains a path separator"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return "it contains a control character"
-    if value != value.strip():
-        return "it starts or ends with whitespace"
-    if size > 200:
-        return "it is longer than 200 bytes"
-    return None
-
-
 def check_name(value: str, key: str) -> None:
     """A run or sweep name becomes one folder under the output dir: it must be a single path component.
 
     `..`, a separator or a NUL would place files outside the output dir (or fail deep inside the
     file system); control characters and edge spaces make names that cannot be typed back.
     """
-    problem = _name_problem(value)
-    if problem:
-        raise ConfigError(f"bad value {value!r} for {key}: {problem}; expected one folder name (not '', '.' or '..'; "
-                          "no '/', '\\', control characters or leading/trailing spaces; at most 200 bytes)")
+    FOLDER_NAME.enforce(value, key)
 
 
-def _check_each(values: dict[str, Any], ok: Callable[[Any], bool], expected: str) -> None:
-    """One range rule over several keys, failing on the first value outside it."""
-    for key, value in values.items():
-        if not ok(value):
-            raise ConfigError(f"bad value {value!r} for {key}: expected {expected}")
+# ---------------------------------------------------------------- rules over several keys
 
 
-def validate(config: ExperimentConfig) -> None:
-    """Cross-field and range checks that types alone cannot express (non-finite floats fail in `_coerce`)."""
-    positive = {
-        "train.epochs": config.train.epochs,
-        "train.epochs_incremental": config.train.epochs_incremental,
-        "train.batch_size": config.train.batch_size,
-        "train.crop_size": config.train.crop_size,
-        "train.checkpoints_to_keep": config.train.checkpoints_to_keep,
-        "eval.batch_size": config.eval.batch_size,
-        "eval.crop_size": config.eval.crop_size,
-        "scaling.num_workers": config.scaling.num_workers,
-        "dataset.synthetic_num_images": config.dataset.synthetic_num_images,
-        "dataset.synthetic_image_size": config.dataset.synthetic_image_size,
-        "paste.max_instances": config.paste.max_instances,
-        "data.pseudo_actors": config.data.pseudo_actors,
-    }
-    _check_each(positive, lambda v: v >= 1, "a positive integer")
-    _check_each({"train.max_failures": config.train.max_failures, "memory.size": config.memory.size},
-                lambda v: v >= 0, "0 or more")
-    _check_each({"seed": config.seed, "dataset.synthetic_seed": config.dataset.synthetic_seed},
-                lambda v: 0 <= v < SEED_LIMIT, "a seed in [0, 2**32)")
-    _check_each({"train.lr": config.train.lr, "train.lr_incremental": config.train.lr_incremental},
-                lambda v: v > 0, "a learning rate > 0")
-    # SGD runs with Nesterov momentum, which torch refuses for momentum 0.
-    if not 0 < config.train.momentum < 1:
-        raise ConfigError(f"bad value {config.train.momentum!r} for train.momentum: expected 0 < momentum < 1 (Nesterov SGD)")
-    at_least_zero = {
-        "train.weight_decay": config.train.weight_decay,
-        "loss.bce_weight": config.loss.bce_weight,
-        "loss.rskd_weight": config.loss.rskd_weight,
-    }
-    _check_each(at_least_zero, lambda v: v >= 0, "a number >= 0")
-    _check_each({"scaling.cpus_per_worker": config.scaling.cpus_per_worker, "data.num_cpus_per_worker": config.data.num_cpus_per_worker},
-                lambda v: v > 0, "a CPU count > 0 (fractions allowed)")
-    if not 0 < config.dataset.image_scale <= 1:
-        raise ConfigError(f"bad value {config.dataset.image_scale!r} for dataset.image_scale: expected 0 < scale <= 1")
-    if not 0 <= config.train.warmup_fraction < 1:
-        raise ConfigError(f"bad value {config.train.warmup_fraction!r} for train.warmup_fraction: expected a share in [0, 1)")
-    if not 0 < config.train.scale_min <= config.train.scale_max:
-        raise ConfigError(f"bad values train.scale_min={config.train.scale_min!r}, train.scale_max={config.train.scale_max!r}: "
-                          "expected 0 < scale_min <= scale_max")
-    if config.train.batch_size % config.scaling.num_workers:
+def _batch_fits_the_workers(config: ExperimentConfig) -> None:
+    """The global batch splits evenly across the Train workers, and BatchNorm sees two images or more.
+
+    Step 0 trains BatchNorm, and ASPP's image-pooling branch has one value per image and channel:
+    torch refuses a training batch of one there. SyncBatchNorm (several GPU workers) pools the
+    workers' images; otherwise each worker's share of the batch must hold two.
+    """
+    batch, workers = config.train.batch_size, config.scaling.num_workers
+    if batch % workers:
+        raise ConfigError(f"train.batch_size={batch} does not divide across scaling.num_workers={workers}: "
+                          "the global batch must be a multiple of the worker count")
+    synced = config.scaling.use_gpu and workers > 1
+    if (batch if synced else batch // workers) < 2:
+        raise ConfigError(f"train.batch_size={batch} gives each of the scaling.num_workers={workers} Train worker(s) "
+                          f"{batch // workers} image per batch: step 0 trains BatchNorm, whose image-pooling branch "
+                          f"needs at least 2 (expected train.batch_size >= {2 * workers})")
+
+
+def _scale_range_is_ordered(config: ExperimentConfig) -> None:
+    low, high = config.train.scale_min, config.train.scale_max
+    if low > high:
         raise ConfigError(
-            f"train.batch_size={config.train.batch_size} does not divide across "
-            f"scaling.num_workers={config.scaling.num_workers}: the global batch must be a multiple of the worker count"
-        )
-    _validate_task(config)
-    if config.dataset.name != "synthetic" and not config.dataset.root:
-        raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
-    if config.memory.size == 0 and config.memory.kind != "none":
-        # Allowed (a sweep may include M = 0 as its no-memory point), but never silently.
-        warnings.warn(
-            f"memory.size=0 with method {config.method.name!r}: nothing is stored, so replay and pasting have "
-            "nothing to draw from; the run is this method without a memory",
-            stacklevel=2,
-        )
-    if not 0 <= config.memory.min_area < 1:
-        raise ConfigError(f"bad value {config.memory.min_area!r} for memory.min_area: expected a fraction in [0, 1)")
-    if not 0 < config.pseudo.threshold < 1:
-        raise ConfigError(f"bad value {config.pseudo.threshold!r} for pseudo.threshold: expected a sigmoid score in (0, 1)")
-    if not 0 <= config.paste.probability <= 1:
-        raise ConfigError(f"bad value {config.paste.probability!r} for paste.probability: expected 0..1")
-    if config.replay.ratio is not None and not 0 <= config.replay.ratio < 1:
-        raise ConfigError(f"bad value {config.replay.ratio!r} for replay.ratio: expected null or a share in [0, 1)")
-    needs_instances = {"paste.enabled": config.paste.enabled, "replay.ratio": config.replay.ratio != 0}
-    for key, used in needs_instances.items():
-        if used and config.memory.kind != "instances":
-            raise ConfigError(f"{key} needs the instance store, but memory.kind={config.memory.kind!r} (method {config.method.name!r})")
-    check_name(config.run.name, "run.name")
+            f"bad values train.scale_min={low!r}, train.scale_max={high!r}: expected 0 < scale_min <= scale_max")
 
 
-def _validate_task(config: ExperimentConfig) -> None:
+def _task_is_valid(config: ExperimentConfig) -> None:
     """Build the task now, so a bad `task.*` value fails before any dataset is ingested.
 
     Datasets of known size get the whole check (B < K, steps that divide, a valid class order);
@@ -619,22 +723,69 @@ def _validate_task(config: ExperimentConfig) -> None:
         raise ConfigError(f"bad task (task.name={task.name!r}, task.setting={task.setting!r}): {exc}") from exc
 
 
+def _dataset_root_is_given(config: ExperimentConfig) -> None:
+    if config.dataset.name != "synthetic" and not config.dataset.root:
+        raise ConfigError(f"dataset.root is required for dataset.name={config.dataset.name!r} (the raw dataset folder)")
+
+
+def _extras_have_the_instance_store(config: ExperimentConfig) -> None:
+    """Pasting and instance replay draw from the instance store; another memory kind has none."""
+    needs_instances = {"paste.enabled": config.paste.enabled, "replay.ratio": config.replay.ratio != 0}
+    for key, used in needs_instances.items():
+        if used and config.memory.kind != "instances":
+            raise ConfigError(f"{key} needs the instance store, but memory.kind={config.memory.kind!r} "
+                              f"(method {config.method.name!r})")
+
+
+def _warn_of_an_empty_memory(config: ExperimentConfig) -> None:
+    """memory.size=0 is allowed (a sweep may include M = 0 as its no-memory point), but never silently."""
+    if config.memory.size == 0 and config.memory.kind != "none":
+        warnings.warn(
+            f"memory.size=0 with method {config.method.name!r}: nothing is stored, so replay and pasting have "
+            "nothing to draw from; the run is this method without a memory",
+            stacklevel=3,
+        )
+
+
+RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
+    _batch_fits_the_workers,
+    _scale_range_is_ordered,
+    _task_is_valid,
+    _dataset_root_is_given,
+    _extras_have_the_instance_store,
+    _warn_of_an_empty_memory,
+)
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Every key's own check (its `Knob`), then the rules over several keys; the first failure is a ConfigError.
+
+    Types and finiteness were checked as the values were read (`_coerce`).
+    """
+    flat = config.flat()
+    for entry in schema():
+        entry.knob.check.enforce(flat[entry.key], entry.key)
+    for rule in RULES:
+        rule(config)
+
+
 def describe_keys() -> str:
-    """All keys with their defaults and allowed values, for `--help`."""
+    """Every key with its default, allowed values or range, and what it does, for `run --help`."""
+    preset = {key for cls in METHODS.values() for key in cls.presets}
     lines = []
-    defaults = ExperimentConfig()
-    for section in fields(defaults):
-        value = getattr(defaults, section.name)
-        if not dataclasses.is_dataclass(value):
-            lines.append(f"  {section.name} = {value!r}")
-            continue
-        hints = get_type_hints(type(value))
-        for f in fields(value):
+    for entry in schema():
+        annotation = entry.annotation
+        if get_origin(annotation) is Literal:
+            allowed = " | ".join(map(str, get_args(annotation)))
+        elif entry.knob.check in (CHOICE, ANY_TEXT):
             allowed = ""
-            ann = hints[f.name]
-            if get_origin(ann) is Literal:
-                allowed = f"  [{' | '.join(map(str, get_args(ann)))}]"
-            lines.append(f"  {section.name}.{f.name} = {getattr(value, f.name)!r}{allowed}")
+        else:
+            allowed = entry.knob.check.expected
+        notes = [entry.knob.doc]
+        notes += ["part of the step-0 cache key"] if entry.knob.step0 else []
+        notes += ["set by method.name unless given"] if entry.key in preset else []
+        lines.append(f"  {entry.key} = {entry.default!r}" + (f"  [{allowed}]" if allowed else ""))
+        lines.append(f"      {'; '.join(notes)}")
     return "\n".join(lines)
 
 
@@ -643,8 +794,11 @@ def dump_yaml(config: ExperimentConfig) -> str:
 
 
 __all__ = [
+    "RULES",
+    "Check",
     "ConfigError",
     "ExperimentConfig",
+    "Knob",
     "anchored_paths",
     "check_name",
     "config_from_dict",
@@ -656,5 +810,8 @@ __all__ = [
     "parse_yaml",
     "read_config_tree",
     "read_yaml_file",
+    "schema",
+    "step0_keys",
     "valid_keys",
+    "validate",
 ]

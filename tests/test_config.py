@@ -307,7 +307,7 @@ def test_non_finite_number_in_a_file_is_refused(tmp_path: Path) -> None:
         ("data.pseudo_actors=0", "bad value 0 for data.pseudo_actors: expected a positive integer"),
         ("loss.bce_weight=-1", "bad value -1.0 for loss.bce_weight: expected a number >= 0"),
         ("loss.rskd_weight=-1", "bad value -1.0 for loss.rskd_weight: expected a number >= 0"),
-        ("paste.max_instances=0", "bad value 0 for paste.max_instances: expected a positive integer"),
+        ("paste.max_instances=0", r"bad value 0 for paste.max_instances: expected 2\.\.4 \(at least the 2 classes"),
         ("eval.batch_size=0", "bad value 0 for eval.batch_size: expected a positive integer"),
         ("eval.crop_size=-8", "bad value -8 for eval.crop_size: expected a positive integer"),
         ("memory.size=-1", "bad value -1 for memory.size: expected 0 or more"),

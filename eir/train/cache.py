@@ -17,30 +17,14 @@ from typing import Any
 
 import eir
 from eir import storage
+from eir.config import step0_keys
 from eir.storage import Location
 
 log = logging.getLogger(__name__)
 
-# Config keys step 0 depends on (method, memory, incremental settings deliberately absent).
-STEP0_KEYS = (
-    "model.backbone",
-    "model.weights",
-    "model.output_stride",
-    "train.epochs",
-    "train.batch_size",
-    "train.crop_size",
-    "train.lr",
-    "train.momentum",
-    "train.weight_decay",
-    "train.scale_min",
-    "train.scale_max",
-    "train.amp",
-    "train.warmup_fraction",
-    "loss.bce_weight",  # step 0's loss is bce_weight x BCE
-    "eval.protocol",
-    "eval.crop_size",
-    "seed",
-)
+# Config keys step 0 depends on: those declared with `step0=True` in eir.config (method, memory and
+# incremental settings deliberately absent). `entry` hashes the key with sorted keys, so only the set counts.
+STEP0_KEYS = step0_keys()
 
 
 # Bump when a change alters what step 0 trains or how it is scored (model, loss, augmentation,

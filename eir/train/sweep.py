@@ -15,6 +15,8 @@ dir holds the parent's id and the tracking URI.
 
 Everything a sweep file sets is checked before Ray starts: its keys and distributions, and the
 config of every combination of grid and choice values and range bounds (`check_trial_configs`).
+The driver builds each of those configs once and derives everything else from them; a trial
+builds its own config once, from the spec it was shipped.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from eir import storage
 from eir.config import (
     ConfigError,
@@ -43,10 +49,19 @@ from eir.config import (
     read_yaml_file,
     valid_keys,
 )
+from eir.methods import method_class
+from eir.raysession import ensure_ray, started_locally
+from eir.runlock import hold
+from eir.tasks import TaskError, get_task
+from eir.tracking import FAILED, FINISHED, KILLED, Tracker, uri_without_credentials
+from eir.train.experiment import run_experiment
+from eir.weights import imagenet_file
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"name", "base", "overrides", "space", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials"}
+SWEEP_KEYS = {
+    "name", "base", "overrides", "space", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials",
+}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("hIoU", "mIoU_all")
 # The sweep places and names each trial's run itself: sweeping these would be overwritten or scatter the shared cache.
@@ -63,6 +78,7 @@ class SweepSpec:
     base: Path
     base_tree: dict[str, Any] = field(default_factory=dict)  # the base file's settings, read once
     overrides: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the command line's key=value overrides, parsed once
     space: dict[str, dict[str, list]] = field(default_factory=dict)
     num_samples: int = 1
     metric: str = "hIoU"
@@ -70,12 +86,9 @@ class SweepSpec:
     scheduler: str = "fifo"
     max_concurrent_trials: int | None = None
 
-    def config(self, params: dict[str, Any] | None = None, extra: list[str] | None = None) -> ExperimentConfig:
+    def config(self, params: dict[str, Any] | None = None) -> ExperimentConfig:
         """The experiment config of one trial: base ← sweep overrides ← command line ← sampled params."""
-        updates = dict(self.overrides)
-        updates.update(parse_overrides(extra or []))
-        updates.update(params or {})
-        return load_config(self.base, updates, file_tree=self.base_tree)
+        return load_config(self.base, {**self.overrides, **self.extra, **(params or {})}, file_tree=self.base_tree)
 
 
 def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
@@ -83,6 +96,13 @@ def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
 
     Every error is one ConfigError naming the file, the key and what was expected.
     """
+    spec = read_sweep(path, extra)
+    check_trial_configs(spec, Path(path))
+    return spec
+
+
+def read_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
+    """A sweep file's settings, each checked on its own (`check_trial_configs` checks the trials)."""
     path = Path(path)
     data = read_yaml_file(path, f"sweep file {path}")
     if data is None:
@@ -111,18 +131,21 @@ def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise bad("num_samples", "an integer >= 1 (repeats of the grid, or random samples)")
     concurrency = data.get("max_concurrent_trials")
-    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+    concurrency_ok = isinstance(concurrency, int) and not isinstance(concurrency, bool) and concurrency >= 1
+    if concurrency is not None and not concurrency_ok:
         raise bad("max_concurrent_trials", "an integer >= 1, or null to derive it from the cluster's resources")
     choices = {"metric": METRICS, "mode": ("max", "min"), "scheduler": ("fifo", "asha")}
     for key, allowed in choices.items():
         if data.get(key, allowed[0]) not in allowed:
-            raise ConfigError(f"bad value {data[key]!r} for {key} in {path}: allowed values are {', '.join(map(repr, allowed))}")
+            raise ConfigError(
+                f"bad value {data[key]!r} for {key} in {path}: allowed values are {', '.join(map(repr, allowed))}")
     base = (path.parent / data["base"]).resolve()
-    spec = SweepSpec(
+    return SweepSpec(
         name=data["name"],
         base=base,
         base_tree=read_config_tree(base),
         overrides=overrides,
+        extra=parse_overrides(extra or []),
         space=_checked_space(data["space"], path),
         num_samples=num_samples,
         metric=data.get("metric", "hIoU"),
@@ -130,8 +153,6 @@ def load_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
         scheduler=data.get("scheduler", "fifo"),
         max_concurrent_trials=concurrency,
     )
-    check_trial_configs(spec, extra, path)
-    return spec
 
 
 def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
@@ -142,7 +163,8 @@ def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
     `seed: {grid: [0, 1, 2]}`).
     """
     if not isinstance(space, dict):
-        raise ConfigError(f"bad value {space!r} for space in {path}: expected a mapping of config keys to distributions")
+        raise ConfigError(
+            f"bad value {space!r} for space in {path}: expected a mapping of config keys to distributions")
     if not space:
         raise ConfigError(f"space in {path} is empty: a sweep needs at least one swept key "
                           "(to repeat the base run over seeds, sweep `seed: {grid: [0, 1, 2]}`)")
@@ -150,9 +172,11 @@ def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
     forms = ", ".join(f"{d}: [...]" for d in DISTRIBUTIONS)
     for key, dist in space.items():
         if key not in keys:
-            raise ConfigError(f"space key {key!r} in {path} is not a config key (run `launch.py run --help` for the keys)")
+            raise ConfigError(
+                f"space key {key!r} in {path} is not a config key (run `launch.py run --help` for the keys)")
         if key in UNSWEEPABLE:
-            raise ConfigError(f"space key {key!r} in {path} cannot be swept: the sweep names and places each trial's run itself")
+            raise ConfigError(
+                f"space key {key!r} in {path} cannot be swept: the sweep names and places each trial's run itself")
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"space.{key} in {path} must be one of {{{forms}}}, got {dist!r}")
         kind, values = next(iter(dist.items()))
@@ -166,7 +190,8 @@ def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
         lo, hi = values
         number = int if kind == "randint" else (int, float)
         if any(isinstance(v, bool) or not isinstance(v, number) or not math.isfinite(v) for v in values):
-            raise ConfigError(f"bad value {values!r} for {where}: expected two {'integers' if kind == 'randint' else 'finite numbers'}")
+            kinds = "integers" if kind == "randint" else "finite numbers"
+            raise ConfigError(f"bad value {values!r} for {where}: expected two {kinds}")
         if lo > hi or (lo == hi and kind != "randint"):
             raise ConfigError(f"bad value {values!r} for {where}: expected lo {'<=' if kind == 'randint' else '<'} hi")
         if kind == "loguniform" and lo <= 0:
@@ -184,8 +209,9 @@ def _candidates(dist: dict[str, list]) -> list[Any]:
     return list(values)
 
 
-def check_trial_configs(spec: SweepSpec, extra: list[str] | None, path: Path) -> None:
-    """Build the config of every combination of candidate values, so a bad one fails before Tune starts.
+def check_trial_configs(spec: SweepSpec, path: Path) -> list[ExperimentConfig]:
+    """Build the config of every combination of candidate values, so a bad one fails before Tune starts;
+    the configs, each built once (the first is the first combination's).
 
     Beyond `MAX_CHECKED_COMBINATIONS`, each value is checked with the other keys at their first
     value instead (a cross-key conflict then surfaces in its trial).
@@ -197,18 +223,21 @@ def check_trial_configs(spec: SweepSpec, extra: list[str] | None, path: Path) ->
     else:
         firsts = [values[0] for values in options]
         combinations = ((*firsts[:i], value, *firsts[i + 1:]) for i, values in enumerate(options) for value in values)
+    configs = []
     for combination in combinations:
         params = dict(zip(keys, combination, strict=True))
         try:
-            spec.config(params, extra)
+            configs.append(spec.config(params))
         except ConfigError as exc:
             raise ConfigError(f"sweep file {path}, trial {trial_label(params)}: {exc}") from exc
+    return configs
 
 
 def trial_label(params: dict[str, Any]) -> str:
     """A trial's name from its swept values, e.g. `memory.size=10,seed=1`: Tune's trial name, the
     trial's run name in MLflow, and part of its Tune folder, so only file-name-safe characters."""
-    text = ",".join(f"{key}={f'{value:.4g}' if isinstance(value, float) else value}" for key, value in sorted(params.items()))
+    text = ",".join(
+        f"{key}={f'{value:.4g}' if isinstance(value, float) else value}" for key, value in sorted(params.items()))
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text) or "trial"
     if len(safe) > 120:  # long lists or many keys: cut, and keep names of different trials apart
         safe = f"{safe[:111]}~{hashlib.sha256(text.encode()).hexdigest()[:8]}"
@@ -224,8 +253,6 @@ def _tune_trial_dirname(trial: Any) -> str:
 
 
 def search_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-
     makers = {
         "grid": tune.grid_search,
         "choice": tune.choice,
@@ -267,27 +294,22 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
     or KILLED rather than leaving them RUNNING.
     """
     started = time.perf_counter()
-    spec = load_sweep(path, extra)  # a bad sweep fails before Ray is even imported
-
-    from eir.raysession import ensure_ray
-    from eir.tracking import FAILED, FINISHED, KILLED, Tracker
-
+    spec = read_sweep(path, extra)
+    configs = check_trial_configs(spec, Path(path))  # a bad sweep fails before Ray starts
+    first = configs[0]  # run.output_dir cannot be swept: every trial's is this one's
     # Trials run in their own working directories: relative paths are pinned to this one.
-    extra = [*(extra or []), *(f"{k}={v}" for k, v in anchored_paths(spec.config(None, extra), Path.cwd()).items())]
-    base = spec.config(None, extra)
-    folder = sweep_dir(base, spec)
-    if base.model.weights == "imagenet":  # before Ray: one clear error, not one failed trial each
-        from eir.weights import imagenet_file
-
-        imagenet_file(base.model.backbone)
-    from eir.runlock import hold
+    spec.extra.update(anchored_paths(first, Path.cwd()))
+    folder = sweep_dir(first, spec)
+    # Before Ray: one clear error, not one failed trial each.
+    for backbone in sorted({c.model.backbone for c in configs if c.model.weights == "imagenet"}):
+        imagenet_file(backbone)
 
     with hold(folder):  # one live sweep per sweep folder (its Tune state, mlflow_sweep.json)
         ensure_ray()
-        tracker = Tracker(storage.resolve(base.run.output_dir), f"eir-sweep-{spec.name}")
+        tracker = Tracker(storage.resolve(first.run.output_dir), f"eir-sweep-{spec.name}")
         parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
         try:
-            grid = _fit(spec, extra, base, folder, tracker.uri, parent, resume)
+            grid = _fit(spec, configs, folder, tracker.uri, parent, resume)
         except BaseException as exc:
             tracker.close_tree(parent, KILLED if isinstance(exc, KeyboardInterrupt) else FAILED)
             raise
@@ -309,15 +331,15 @@ def _start_parent(spec: SweepSpec, tracker: Any, ids_loc: storage.Location) -> s
     MLFLOW_TRACKING_URI. A password in the URI is not written down (MLflow reads credentials from
     MLFLOW_TRACKING_USERNAME/PASSWORD as well)."""
     recorded = _read_ids(ids_loc)
-    from eir.tracking import uri_without_credentials
-
     uri = uri_without_credentials(tracker.uri)
     if recorded.get("tracking_uri", uri) != uri:
         raise ConfigError(f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
-                          f"this invocation tracks at {uri}: set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
+                          f"this invocation tracks at {uri}: "
+                          f"set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
     description = (f"Sweep `{spec.name}` over {', '.join(f'`{key}`' for key in spec.space)} from `{spec.base.name}`; "
                    f"{spec.metric} ({spec.mode}). Select the trial runs below and press Compare.")
-    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name}, description=description)
+    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name},
+                           description=description)
     storage.write_json_atomic(ids_loc, {"parent": parent, "tracking_uri": uri})
     tracker.params(parent, {f"space.{k}": str(v) for k, v in spec.space.items()} | {
         "base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler})
@@ -334,27 +356,27 @@ def _read_ids(ids_loc: storage.Location) -> dict[str, Any]:
     except ValueError as exc:  # not UTF-8, not JSON
         raise ConfigError(f"{ids_loc.uri} is damaged (not JSON: {exc}); {remedy}") from exc
     if not isinstance(ids, dict) or not isinstance(ids.get("parent"), str):
-        raise ConfigError(f"{ids_loc.uri} is damaged (expected {{\"parent\": <run id>, \"tracking_uri\": ...}}); {remedy}")
+        raise ConfigError(
+            f"{ids_loc.uri} is damaged (expected {{\"parent\": <run id>, \"tracking_uri\": ...}}); {remedy}")
     return ids
 
 
-def _fit(spec: SweepSpec, extra: list[str], base: ExperimentConfig, folder: storage.Location, tracking_uri: str,
+def _fit(spec: SweepSpec, configs: list[ExperimentConfig], folder: storage.Location, tracking_uri: str,
          parent: str, resume: bool) -> Any:
-    """Build (or restore) the Tuner and run every trial; Tune's ResultGrid."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """Build (or restore) the Tuner and run every trial; Tune's ResultGrid.
 
-    from eir.raysession import started_locally
-
-    concurrency = spec.max_concurrent_trials or default_concurrency(
-        base, ray.cluster_resources(), cores=os.cpu_count() if started_locally() else None)
+    `configs`: the checked trial configs. Concurrency fits the most demanding of them, ASHA's
+    horizon the longest.
+    """
+    resources, cores = ray.cluster_resources(), os.cpu_count() if started_locally() else None
+    concurrency = spec.max_concurrent_trials or min(default_concurrency(c, resources, cores) for c in configs)
     scheduler = (
-        ASHAScheduler(time_attr="step", max_t=max(1, _num_steps(base) - 1), grace_period=1, reduction_factor=2)
+        ASHAScheduler(time_attr="step", max_t=max(1, max(map(_num_steps, configs)) - 1), grace_period=1,
+                      reduction_factor=2)
         if spec.scheduler == "asha"
         else FIFOScheduler()
     )
-    trainable = tune.with_resources(_make_trial(spec, extra, folder.uri, tracking_uri, parent), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(_make_trial(spec, folder.uri, tracking_uri, parent), {"CPU": TRIAL_DRIVER_CPU})
     log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,
              "grid" if all("grid" in d for d in spec.space.values()) else f"{spec.num_samples} samples ×", concurrency,
              spec.metric, spec.mode, folder.uri)
@@ -385,9 +407,7 @@ def _fit(spec: SweepSpec, extra: list[str], base: ExperimentConfig, folder: stor
 
 
 def _num_steps(config: ExperimentConfig) -> int:
-    from eir.tasks import TaskError, get_task
-
-    if config.method.name == "joint":
+    if method_class(config.method.name).joint:
         return 1
     try:
         return get_task(config.dataset.name, config.task.name, config.task.setting).num_steps
@@ -395,22 +415,19 @@ def _num_steps(config: ExperimentConfig) -> int:
         return 100
 
 
-def _make_trial(spec: SweepSpec, extra: list[str], folder_uri: str, tracking_uri: str, parent: str):
+def _make_trial(spec: SweepSpec, folder_uri: str, tracking_uri: str, parent: str):
     """The Tune trainable: the spec travels with it (checked on the driver; nothing is re-read)."""
 
     def trial(params: dict[str, Any]) -> None:
-        from ray import tune
-
-        from eir.train.experiment import run_experiment
-
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
         trial_id = tune.get_context().get_trial_id()
-        config = spec.config(dict(params), extra)
+        config = spec.config(dict(params))
+        joint = method_class(config.method.name).joint
         config.run.name = trial_label(dict(params))  # its MLflow run's name; the run dir stays runs/<trial id>
         run_dir = storage.resolve(folder_uri).join("runs", trial_id)
 
         def report(step: int, row: dict[str, Any]) -> None:
-            if step == 0 and config.method.name != "joint":
+            if step == 0 and not joint:
                 return  # step 0 has no new classes: nothing to compare trials on yet
             tune.report({"step": step, "hIoU": row["hIoU"] or 0.0, "mIoU_all": row["mIoU_all"] or 0.0,
                          "mIoU_old": row["mIoU_old"] or 0.0, "mIoU_new": row["mIoU_new"] or 0.0,
@@ -435,7 +452,8 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
     for result in grid:
         params = dict(result.config or {})
         if result.error is not None:
-            failed.append({"name": trial_label(params), "params": params, "error": f"{type(result.error).__name__}: {result.error}"})
+            error = f"{type(result.error).__name__}: {result.error}"
+            failed.append({"name": trial_label(params), "params": params, "error": error})
             continue
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id", "?")
@@ -467,7 +485,8 @@ def summary_table(summary: dict[str, Any]) -> str:
               f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
               f"wall {summary['wall_s'] / 60:.1f} min (this invocation)")]
     for trial in sorted(summary["trials"], key=lambda t: -(t["metric"] or -1e9)):
-        lines.append(f"  {trial['name']}  {summary['metric']}={trial['metric']}  ({trial['status']}, trial {trial['trial_id']})")
+        lines.append(f"  {trial['name']}  {summary['metric']}={trial['metric']}  "
+                     f"({trial['status']}, trial {trial['trial_id']})")
     for failure in summary["failed"]:
         lines.append(f"  FAILED {failure['name']}: {failure['error']}")
     return "\n".join(lines)

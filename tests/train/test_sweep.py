@@ -20,6 +20,7 @@ import pytest
 
 from eir.config import ConfigError, load_config
 from eir.report import write_report
+from eir.train import sweep as sweep_module
 from eir.train.sweep import default_concurrency, load_sweep, run_sweep, trial_label
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +163,30 @@ def test_the_base_config_is_read_once_however_many_trials(tmp_path: Path, monkey
     assert len(reads) == len(set(reads)) >= 1, "each file of the base's inherit chain is read once"
 
 
+def test_the_driver_builds_each_trial_config_once_and_nothing_more(tmp_path: Path, monkeypatch) -> None:
+    """Every combination is built (and checked) once; anchoring, the sweep folder, the weights check,
+    concurrency and ASHA's horizon reuse those configs instead of building the config again."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sweep_module, "ensure_ray", lambda: None)
+    built = []
+    real = sweep_module.load_config
+    monkeypatch.setattr(sweep_module, "load_config", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    fitted = {}
+    monkeypatch.setattr(sweep_module, "_fit", lambda spec, configs, *_: fitted.update(spec=spec, configs=configs) or [])
+    space = "  seed: {grid: [0, 1, 2]}\n  method.name: {grid: [eir, joint]}\n"
+    sweep = write_sweep(tmp_path, f"name: s\nbase: BASE\nspace:\n{space}")
+    run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}", "model.weights=null"])
+    assert len(built) == 6 and fitted["configs"] == built
+    assert {(c.seed, c.method.name) for c in built} == {(s, m) for s in (0, 1, 2) for m in ("eir", "joint")}
+    assert fitted["spec"].extra == {"run.output_dir": str(tmp_path / "out"), "model.weights": None}
+    assert (tmp_path / "out" / "sweeps" / "s" / "summary.json").exists()
+
+
+def test_the_horizon_of_a_joint_trial_is_one_step() -> None:
+    assert sweep_module._num_steps(load_config(overrides=["method.name=joint", "task.name=10-5"])) == 1
+    assert sweep_module._num_steps(load_config(overrides=["method.name=eir", "task.name=10-5"])) == 3
+
+
 def test_trials_are_named_by_their_swept_values() -> None:
     from types import SimpleNamespace
 
@@ -179,10 +204,8 @@ def test_trials_are_named_by_their_swept_values() -> None:
 
 
 def test_a_sweep_tracked_elsewhere_is_not_continued_in_another_store(tmp_path: Path, monkeypatch) -> None:
-    import eir.raysession
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)  # refused before Tune: no Ray needed
+    monkeypatch.setattr(sweep_module, "ensure_ray", lambda: None)  # refused before Tune: no Ray needed
     folder = tmp_path / "out" / "sweeps" / "s"
     folder.mkdir(parents=True)
     (folder / "mlflow_sweep.json").write_text(json.dumps({"parent": "abc", "tracking_uri": "http://elsewhere:5000"}))
@@ -192,10 +215,8 @@ def test_a_sweep_tracked_elsewhere_is_not_continued_in_another_store(tmp_path: P
 
 
 def test_a_damaged_mlflow_record_is_named(tmp_path: Path, monkeypatch) -> None:
-    import eir.raysession
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)
+    monkeypatch.setattr(sweep_module, "ensure_ray", lambda: None)
     ids = tmp_path / "out" / "sweeps" / "s" / "mlflow_sweep.json"
     ids.parent.mkdir(parents=True)
     ids.write_text('{"parent": ')
@@ -205,18 +226,15 @@ def test_a_damaged_mlflow_record_is_named(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_a_stopped_sweep_ends_its_mlflow_runs_as_killed_or_failed(tmp_path: Path, monkeypatch) -> None:
-    import eir.raysession
-    import eir.train.sweep
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(eir.raysession, "ensure_ray", lambda: None)
+    monkeypatch.setattr(sweep_module, "ensure_ray", lambda: None)
     sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
     statuses = {}
     for stop, status in ((KeyboardInterrupt(), "KILLED"), (RuntimeError("trial driver died"), "FAILED")):
         def fit(*args, stop=stop):
             raise stop
 
-        monkeypatch.setattr(eir.train.sweep, "_fit", fit)
+        monkeypatch.setattr(sweep_module, "_fit", fit)
         with pytest.raises(type(stop)):
             run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"])
         ids = json.loads((tmp_path / "out" / "sweeps" / "s" / "mlflow_sweep.json").read_text())
