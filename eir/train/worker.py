@@ -195,11 +195,11 @@ def train_step_worker(plan_dict: dict) -> None:
                 f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
                 f"ETA {metrics['eta_s'] / 60:.1f} min"
             )
-        final = {"confusion": _evaluate(core, plan, device, rank, world, amp)} if epoch == plan.epochs - 1 else {}
+        final = {"confusion": _evaluate(core, method, plan, device, rank, world, amp)} if epoch == plan.epochs - 1 else {}
         _report({**metrics, **final}, core, optimizer, scaler, epoch, iteration, rank, plan, resumed_at, history)
     if start_epoch >= plan.epochs:  # restarted after the last checkpoint: only the scores are missing
         # Reported with a checkpoint: Train's result carries the metrics of the latest checkpoint only.
-        scores = {"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, plan, device, rank, world, amp)}
+        scores = {"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, method, plan, device, rank, world, amp)}
         _report(scores, core, optimizer, scaler, plan.epochs - 1, iteration, rank, plan, resumed_at, history)
 
 
@@ -220,13 +220,17 @@ def _split(outputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     return outputs if isinstance(outputs, tuple) else (outputs, {})
 
 
-def _evaluate(core: torch.nn.Module, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool) -> list:
+def _evaluate(
+    core: torch.nn.Module, method: Method, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool
+) -> list:
+    """The step's confusion matrix under the method's prediction rule, summed over the workers."""
     shard = ray.train.get_dataset_shard("test")
     batches = shard.iter_batches(batch_size=plan.eval_batch, batch_format="numpy")
     matrix = torch.from_numpy(
         confusion_on_batches(
             core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp,
             progress=plan.progress and rank == 0, total=math.ceil(plan.num_eval_rows / plan.eval_batch),
+            predict=method.predict,
         )
     )
     if world > 1:
