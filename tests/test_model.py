@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from eir.model import build_model
+from eir.model import CheckpointError, build_model, load_step_model
 
 WEIGHTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
 
@@ -166,3 +166,23 @@ def test_freeze_batchnorm_covers_sync_batchnorm():
     model.train()
     syncs = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
     assert syncs and all(not m.training and not m.weight.requires_grad for m in syncs)
+
+
+def _publish(model, path: Path) -> str:
+    """What a finished step writes: its weights and head sizes in one torch file."""
+    torch.save({"model": model.state_dict(), "head_sizes": model.classes_per_step}, path)
+    return str(path)
+
+
+def test_a_published_step_model_loads_in_eval_mode_with_its_weights(tmp_path, images):
+    model = small(classes=(3, 2)).eval()
+    loaded = load_step_model(_publish(model, tmp_path / "model.pt"), "mobilenet_v2", 16, expected_heads=[3, 2])
+    assert not loaded.training and loaded.classes_per_step == [3, 2]
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_a_step_model_of_another_task_is_refused_by_its_heads(tmp_path):
+    uri = _publish(small(classes=(3, 2)), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"has heads \[3, 2\] but the step evaluated .* has heads \[4, 1\]"):
+        load_step_model(uri, "mobilenet_v2", 16, expected_heads=[4, 1])
