@@ -123,6 +123,7 @@ def test_machine_errors_keep_their_traceback_only_under_verbose(tmp_path: Path, 
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'out' / 'report.md'}: No space left on device\n"
+    monkeypatch.setenv("EIR_VERBOSE", "0")  # -v sets it for Ray; restored after the test
     assert cli.main(["-v", "report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith(f"error: {tmp_path / 'out' / 'report.md'}: No space left on device\n")

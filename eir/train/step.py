@@ -22,12 +22,14 @@ from ray.train import (
     CheckpointConfig,
     DataConfig,
     FailureConfig,
+    LoggingConfig,
     RunConfig,
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
 
 from eir import storage
+from eir.raysession import train_log_level
 from eir.storage import Location
 from eir.train.plan import StepPlan
 from eir.train.worker import CHECKPOINT_FILE, train_step_worker
@@ -65,6 +67,7 @@ def run_train_step(
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
+            logging_config=LoggingConfig(log_level=train_log_level()),
             name="train",
             **storage.ray_storage(step_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
