@@ -79,8 +79,10 @@ for _yaml_class in (_Loader, _Dumper):
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML error as one line: what is wrong and at which line and column."""
     if isinstance(exc, DuplicateKeyError):
-        return (f"key {exc.key!r} is given twice, at lines {exc.first_line} and {exc.second_line} "
-                "(the second would silently replace the first; merge them)")
+        return (
+            f"key {exc.key!r} is given twice, at lines {exc.first_line} and {exc.second_line} "
+            "(the second would silently replace the first; merge them)"
+        )
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         context = f"{exc.context}: " if exc.context else ""
@@ -98,8 +100,9 @@ def parse_yaml(data: bytes | str, what: str) -> Any:
             data = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = data.count(b"\n", 0, exc.start) + 1
-            raise ConfigError(f"{what} is not UTF-8 text (line {line} has the byte 0x{data[exc.start]:02x}): "
-                              "save it as UTF-8") from exc
+            raise ConfigError(
+                f"{what} is not UTF-8 text (line {line} has the byte 0x{data[exc.start]:02x}): save it as UTF-8"
+            ) from exc
     try:
         return yaml.load(data, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
@@ -253,19 +256,26 @@ def _distils(config: ExperimentConfig) -> bool:
 @dataclass
 class DatasetConfig:
     name: Literal["synthetic", "voc", "ade20k", "camvid", "folder"] = knob(
-        "synthetic", CHOICE, "the dataset; synthetic is generated under run.output_dir")
+        "synthetic", CHOICE, "the dataset; synthetic is generated under run.output_dir"
+    )
     root: str = knob("", ANY_TEXT, "the raw dataset folder (required unless dataset.name=synthetic)")
     train_split: str = knob("train", SPLIT_NAME, "the split trained on")
     test_split: str = knob("val", SPLIT_NAME, "the split scored")
     image_scale: float = knob(
-        1.0, Check("0 < scale <= 1", lambda v: 0 < v <= 1, (0.0, 1.5)),
-        "resize at ingest (0.5 = half size); part of the ingest cache key")
+        1.0,
+        Check("0 < scale <= 1", lambda v: 0 < v <= 1, (0.0, 1.5)),
+        "resize at ingest (0.5 = half size); part of the ingest cache key",
+    )
     synthetic_num_images: int = knob(
-        600, Check("at least 2 (a training and a validation image)", lambda v: v >= 2, (1,)),
-        "images the synthetic generator makes")
+        600,
+        Check("at least 2 (a training and a validation image)", lambda v: v >= 2, (1,)),
+        "images the synthetic generator makes",
+    )
     synthetic_image_size: int = knob(
-        112, Check("at least 32 pixels (the generator's textures need room)", lambda v: v >= 32, (31,)),
-        "side of the synthetic images")
+        112,
+        Check("at least 32 pixels (the generator's textures need room)", lambda v: v >= 32, (31,)),
+        "side of the synthetic images",
+    )
     synthetic_seed: int = knob(0, SEED, "seed of the synthetic generator")
 
 
@@ -274,15 +284,21 @@ class TaskConfig:
     name: str = knob("15-1", NON_EMPTY, "the task 'B-I': B base classes, then I per step (checked against the dataset)")
     setting: Literal["overlapped", "disjoint"] = knob("overlapped", CHOICE, "which images a step trains on")
     class_order: list[int] | None = knob(  # noqa: RUF009 - the default is None, not a shared list
-        None, Check("null or a list of distinct class ids >= 1 (a permutation of the dataset's classes)",
-                    _class_order_ok, ([], [1, 1], [0, 1])),
-        "the order in which steps take the classes; null = 1..K")
+        None,
+        Check(
+            "null or a list of distinct class ids >= 1 (a permutation of the dataset's classes)",
+            _class_order_ok,
+            ([], [1, 1], [0, 1]),
+        ),
+        "the order in which steps take the classes; null = 1..K",
+    )
 
 
 @dataclass
 class MethodConfig:
     name: Literal[METHOD_NAMES] = knob(  # one name per method module of eir/methods
-        "finetune", CHOICE, "the method (eir/methods); it presets the memory and stream keys")
+        "finetune", CHOICE, "the method (eir/methods); it presets the memory and stream keys"
+    )
 
 
 @dataclass
@@ -290,25 +306,33 @@ class MemoryConfig:
     kind: Literal["none", "instances", "images"] = knob("none", CHOICE, "what the memory stores")
     size: int = knob(100, COUNT, "budget M: stored instances (or images) over all old classes", active=_keeps_memory)
     instance_rule: Literal["single_component", "components", "instance_masks"] = knob(
-        "single_component", CHOICE, "how a label map is cut into instances", active=_stores_instances)
+        "single_component", CHOICE, "how a label map is cut into instances", active=_stores_instances
+    )
     min_area: float = knob(
-        0.0, Check("a fraction in [0, 1)", lambda v: 0 <= v < 1, (1.0, -0.1)),
-        "share of the image below which an instance is not stored", active=_stores_instances)
+        0.0,
+        Check("a fraction in [0, 1)", lambda v: 0 <= v < 1, (1.0, -0.1)),
+        "share of the image below which an instance is not stored",
+        active=_stores_instances,
+    )
 
 
 @dataclass
 class PseudoConfig:
     enabled: bool = knob(False, CHOICE, "label old classes with the step t-1 model's predictions")
     threshold: float = knob(
-        0.7, Check("a sigmoid score in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
-        "sigmoid score a pseudo-label needs", active=_pseudo_labels)
+        0.7,
+        Check("a sigmoid score in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
+        "sigmoid score a pseudo-label needs",
+        active=_pseudo_labels,
+    )
 
 
 @dataclass
 class PasteConfig:
     enabled: bool = knob(False, CHOICE, "paste stored old-class instances into new images")
     probability: float = knob(
-        1.0, Check("0..1", lambda v: 0 <= v <= 1, (1.5, -0.1)), "chance that an image gets pasted", active=_pastes)
+        1.0, Check("0..1", lambda v: 0 <= v <= 1, (1.5, -0.1)), "chance that an image gets pasted", active=_pastes
+    )
     hard: bool = knob(False, CHOICE, "lambda = 1 instead of U(0, 1)", active=_pastes)
     max_instances: int = knob(3, PASTE_INSTANCES, "potential classes pasted per image", active=_pastes)
 
@@ -316,8 +340,10 @@ class PasteConfig:
 @dataclass
 class ReplayConfig:
     ratio: float | None = knob(
-        0.0, Check("null or a share in [0, 1)", lambda v: v is None or 0 <= v < 1, (1.0, -0.5)),
-        "share of stored-instance samples in the stream; null = every stored instance once per epoch (M / (N + M))")
+        0.0,
+        Check("null or a share in [0, 1)", lambda v: v is None or 0 <= v < 1, (1.0, -0.5)),
+        "share of stored-instance samples in the stream; null = every stored instance once per epoch (M / (N + M))",
+    )
 
 
 @dataclass
@@ -325,7 +351,8 @@ class LossConfig:
     bce_weight: float = knob(1.0, NON_NEGATIVE, "weight of the BCE term (step 0's whole loss)", step0=True)
     rskd_weight: float = knob(0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)")
     rskd_region: Literal["new_gt", "all", "complement"] = knob(
-        "new_gt", CHOICE, "pixels RSKD distils on", active=_distils)
+        "new_gt", CHOICE, "pixels RSKD distils on", active=_distils
+    )
 
 
 @dataclass
@@ -337,11 +364,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: Literal["mobilenet_v2", "resnet50", "resnet101"] = knob(
-        "mobilenet_v2", CHOICE, "the DeepLabV3 backbone", step0=True)
+        "mobilenet_v2", CHOICE, "the DeepLabV3 backbone", step0=True
+    )
     weights: str | None = knob(
         "imagenet",
         Check("'imagenet', null, or the path of a local backbone weights file (.pth)", lambda v: v != "", ("",)),
-        "backbone initialisation: 'imagenet' (torchvision), a local .pth file, or null (random)", step0=True)
+        "backbone initialisation: 'imagenet' (torchvision), a local .pth file, or null (random)",
+        step0=True,
+    )
     output_stride: Literal[8, 16] = knob(16, CHOICE, "the backbone's output stride", step0=True)
     new_head_init: Literal["random", "copy_background"] = knob("random", CHOICE, "how a step's new head starts")
 
@@ -350,19 +380,25 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = knob(30, POSITIVE_INT, "epochs of step 0 (and of joint)", step0=True)
     epochs_incremental: int = knob(30, POSITIVE_INT, "epochs of each incremental step")
-    batch_size: int = knob(16, POSITIVE_INT, "global batch, divided across the Train workers", step0=True)
+    batch_size: int = knob(
+        16, POSITIVE_INT, "global batch, divided across the Train workers (2 or more each)", step0=True
+    )
     crop_size: int = knob(96, POSITIVE_INT, "side of the square training crop", step0=True)
     lr: float = knob(0.01, LEARNING_RATE, "SGD learning rate of step 0 (and of joint)", step0=True)
     lr_incremental: float = knob(0.001, LEARNING_RATE, "SGD learning rate of the incremental steps")
     momentum: float = knob(
-        0.9, Check("0 < momentum < 1 (Nesterov SGD)", lambda v: 0 < v < 1, (0.0, 1.0, -0.9)),
-        "SGD momentum (Nesterov)", step0=True)
+        0.9,
+        Check("0 < momentum < 1 (Nesterov SGD)", lambda v: 0 < v < 1, (0.0, 1.0, -0.9)),
+        "SGD momentum (Nesterov)",
+        step0=True,
+    )
     weight_decay: float = knob(1e-4, NON_NEGATIVE, "SGD weight decay", step0=True)
     scale_min: float = knob(0.5, POSITIVE, "RandomResizedCrop scale range, low end (METHOD.md §2)", step0=True)
     scale_max: float = knob(2.0, POSITIVE, "RandomResizedCrop scale range, high end", step0=True)
     amp: bool = knob(True, CHOICE, "mixed precision (takes effect on GPU only)", step0=True)
     warmup_fraction: float = knob(
-        0.0, SHARE, "share of a step's iterations with a linear LR warm-up (METHOD.md §2: 0.2 on ADE)", step0=True)
+        0.0, SHARE, "share of a step's iterations with a linear LR warm-up (METHOD.md §2: 0.2 on ADE)", step0=True
+    )
     checkpoints_to_keep: int = knob(2, POSITIVE_INT, "epoch checkpoints Ray Train keeps")
     max_failures: int = knob(0, COUNT, "worker-group restarts Ray Train may make in a step")
 
@@ -370,9 +406,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     protocol: Literal["full", "center_crop"] = knob(
-        "full", CHOICE, "score whole images, or a resized centre crop", step0=True)
+        "full", CHOICE, "score whole images, or a resized centre crop", step0=True
+    )
     crop_size: int = knob(
-        512, POSITIVE_INT, "center_crop: the shorter side is resized to this, then cropped square", step0=True)
+        512, POSITIVE_INT, "center_crop: the shorter side is resized to this, then cropped square", step0=True
+    )
     batch_size: int = knob(8, POSITIVE_INT, "images per evaluation batch")
 
 
@@ -386,8 +424,10 @@ class ScalingConfig:
 @dataclass
 class RunConfig:
     output_dir: str = knob(
-        "outputs", Check("a folder path or URI ('.' for the working directory)", lambda v: v != "", ("",)),
-        "holds the run folders, datasets, the step-0 cache and MLflow's store")
+        "outputs",
+        Check("a folder path or URI ('.' for the working directory)", lambda v: v != "", ("",)),
+        "holds the run folders, datasets, the step-0 cache and MLflow's store",
+    )
     name: str = knob("run", FOLDER_NAME, "the run's folder under run.output_dir")
     step0_cache: bool = knob(True, CHOICE, "reuse (and fill) <output_dir>/cache/step0/")
 
@@ -549,6 +589,8 @@ def _apply(obj: Any, flat_updates: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(getattr(target, leaf)):
             raise ConfigError(f"{dotted} is a section; set its keys ({dotted}.<key>) instead")
         setattr(target, leaf, _coerce(value, hints[leaf], dotted))
+
+
 def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's settings as flat `section.key -> value`, its `inherit:` chain merged in.
 
@@ -569,7 +611,8 @@ def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return flat
     if not isinstance(parent, str) or not parent:
         raise ConfigError(
-            f"bad value {parent!r} for inherit in {path}: expected the path of a YAML file (relative to {path})")
+            f"bad value {parent!r} for inherit in {path}: expected the path of a YAML file (relative to {path})"
+        )
     merged = read_config_tree((path.parent / parent), (*seen, path.resolve()))
     merged.update(flat)
     return merged
@@ -627,7 +670,8 @@ def check_weights_file(config: ExperimentConfig) -> None:
     expected = "expected 'imagenet', null, or the path of a local backbone weights file (.pth)"
     if is_uri(weights):
         raise ConfigError(
-            f"bad value {weights!r} for model.weights: {expected}; URIs are not read, copy the file to a local path")
+            f"bad value {weights!r} for model.weights: {expected}; URIs are not read, copy the file to a local path"
+        )
     path = Path(weights)
     if path.is_dir():
         raise ConfigError(f"bad value {weights!r} for model.weights: {path.absolute()} is a folder; {expected}")
@@ -690,20 +734,25 @@ def _batch_fits_the_workers(config: ExperimentConfig) -> None:
     """
     batch, workers = config.train.batch_size, config.scaling.num_workers
     if batch % workers:
-        raise ConfigError(f"train.batch_size={batch} does not divide across scaling.num_workers={workers}: "
-                          "the global batch must be a multiple of the worker count")
+        raise ConfigError(
+            f"train.batch_size={batch} does not divide across scaling.num_workers={workers}: "
+            "the global batch must be a multiple of the worker count"
+        )
     synced = config.scaling.use_gpu and workers > 1
     if (batch if synced else batch // workers) < 2:
-        raise ConfigError(f"train.batch_size={batch} gives each of the scaling.num_workers={workers} Train worker(s) "
-                          f"{batch // workers} image per batch: step 0 trains BatchNorm, whose image-pooling branch "
-                          f"needs at least 2 (expected train.batch_size >= {2 * workers})")
+        raise ConfigError(
+            f"train.batch_size={batch} gives each of the scaling.num_workers={workers} Train worker(s) "
+            f"{batch // workers} image per batch: step 0 trains BatchNorm, whose image-pooling branch "
+            f"needs at least 2 (expected train.batch_size >= {2 * workers})"
+        )
 
 
 def _scale_range_is_ordered(config: ExperimentConfig) -> None:
     low, high = config.train.scale_min, config.train.scale_max
     if low > high:
         raise ConfigError(
-            f"bad values train.scale_min={low!r}, train.scale_max={high!r}: expected 0 < scale_min <= scale_max")
+            f"bad values train.scale_min={low!r}, train.scale_max={high!r}: expected 0 < scale_min <= scale_max"
+        )
 
 
 def _task_is_valid(config: ExperimentConfig) -> None:
@@ -733,8 +782,25 @@ def _extras_have_the_instance_store(config: ExperimentConfig) -> None:
     needs_instances = {"paste.enabled": config.paste.enabled, "replay.ratio": config.replay.ratio != 0}
     for key, used in needs_instances.items():
         if used and config.memory.kind != "instances":
-            raise ConfigError(f"{key} needs the instance store, but memory.kind={config.memory.kind!r} "
-                              f"(method {config.method.name!r})")
+            raise ConfigError(
+                f"{key} needs the instance store, but memory.kind={config.memory.kind!r} "
+                f"(method {config.method.name!r})"
+            )
+
+
+# Datasets whose readers give instance maps: VOC's SegmentationObject folder (the synthetic generator
+# writes the VOC layout); CamVid, ADE20K and folder datasets have class masks only.
+DATASETS_WITH_INSTANCE_MAPS = ("voc", "synthetic")
+
+
+def _instance_masks_exist(config: ExperimentConfig) -> None:
+    """The instance_masks rule reads instance maps; without them the store build fails after step 0 has trained."""
+    rule, dataset = config.memory.instance_rule, config.dataset.name
+    if _stores_instances(config) and rule == "instance_masks" and dataset not in DATASETS_WITH_INSTANCE_MAPS:
+        raise ConfigError(
+            f"memory.instance_rule={rule!r} needs instance maps, which dataset.name={dataset!r} does not "
+            "have; use 'components' or 'single_component'"
+        )
 
 
 def _warn_of_an_empty_memory(config: ExperimentConfig) -> None:
@@ -753,6 +819,7 @@ RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _task_is_valid,
     _dataset_root_is_given,
     _extras_have_the_instance_store,
+    _instance_masks_exist,
     _warn_of_an_empty_memory,
 )
 

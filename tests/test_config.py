@@ -107,7 +107,13 @@ REVERSED = ",".join(map(str, range(20, 0, -1)))  # a valid class order of the de
 
 def test_overrides_apply_with_their_types() -> None:
     config = load_config(
-        overrides=["train.lr=1e-3", "train.amp=false", f"task.class_order=[{REVERSED}]", "model.weights=null", "scaling.cpus_per_worker=2"]
+        overrides=[
+            "train.lr=1e-3",
+            "train.amp=false",
+            f"task.class_order=[{REVERSED}]",
+            "model.weights=null",
+            "scaling.cpus_per_worker=2",
+        ]
     )
     assert config.train.lr == pytest.approx(0.001)
     assert config.train.amp is False
@@ -203,7 +209,10 @@ def test_range_checks() -> None:
 def test_dataset_root_required_except_for_synthetic() -> None:
     with pytest.raises(ConfigError, match="dataset.root is required for dataset.name='camvid'"):
         load_config(overrides=["dataset.name=camvid", "task.name=5-3"])
-    assert load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=/data/CamVid"]).dataset.root == "/data/CamVid"
+    assert (
+        load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=/data/CamVid"]).dataset.root
+        == "/data/CamVid"
+    )
     assert load_config(overrides=["dataset.name=synthetic"]).dataset.root == ""
 
 
@@ -244,17 +253,33 @@ def test_dump_and_reload_round_trip() -> None:
 def test_anchored_paths_pin_relative_local_paths_only(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # a weights file must exist at config load (relative to the working directory)
     write(tmp_path / "weights" / "mnv2.pth", "")
-    relative = load_config(overrides=["dataset.name=camvid", "task.name=5-3", "dataset.root=data/CamVid", "run.output_dir=outputs",
-                                      "model.weights=weights/mnv2.pth"])
+    relative = load_config(
+        overrides=[
+            "dataset.name=camvid",
+            "task.name=5-3",
+            "dataset.root=data/CamVid",
+            "run.output_dir=outputs",
+            "model.weights=weights/mnv2.pth",
+        ]
+    )
     assert anchored_paths(relative, tmp_path) == {
         "dataset.root": str(tmp_path / "data" / "CamVid"),
         "run.output_dir": str(tmp_path / "outputs"),
         "model.weights": str(tmp_path / "weights" / "mnv2.pth"),
     }
-    elsewhere = load_config(overrides=["dataset.name=camvid", "task.name=5-3", f"dataset.root={tmp_path}", "run.output_dir=s3://b/runs",
-                                       "model.weights=imagenet"])
+    elsewhere = load_config(
+        overrides=[
+            "dataset.name=camvid",
+            "task.name=5-3",
+            f"dataset.root={tmp_path}",
+            "run.output_dir=s3://b/runs",
+            "model.weights=imagenet",
+        ]
+    )
     assert anchored_paths(elsewhere, Path("/somewhere/else")) == {}
-    assert anchored_paths(load_config(overrides=["model.weights=null"]), tmp_path) == {"run.output_dir": str(tmp_path / "outputs")}
+    assert anchored_paths(load_config(overrides=["model.weights=null"]), tmp_path) == {
+        "run.output_dir": str(tmp_path / "outputs")
+    }
 
 
 # ---------------------------------------------------------------- every setting checked at load (issue 17)
@@ -323,8 +348,16 @@ def test_out_of_range_values_are_refused(override: str, message: str) -> None:
 
 
 def test_range_edges_that_are_allowed() -> None:
-    config = load_config(overrides=["train.checkpoints_to_keep=1", "train.max_failures=0", "train.weight_decay=0",
-                                    "train.momentum=0.99", "scaling.cpus_per_worker=0.5", "seed=4294967295"])
+    config = load_config(
+        overrides=[
+            "train.checkpoints_to_keep=1",
+            "train.max_failures=0",
+            "train.weight_decay=0",
+            "train.momentum=0.99",
+            "scaling.cpus_per_worker=0.5",
+            "seed=4294967295",
+        ]
+    )
     assert (config.train.checkpoints_to_keep, config.train.max_failures, config.scaling.cpus_per_worker) == (1, 0, 0.5)
 
 
@@ -362,7 +395,9 @@ def test_weights_file_must_exist_at_load(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["model.weights=gone.pth"])
-    assert str(info.value).startswith(f"bad value 'gone.pth' for model.weights: no such file {tmp_path / 'gone.pth'}; expected 'imagenet', null")
+    assert str(info.value).startswith(
+        f"bad value 'gone.pth' for model.weights: no such file {tmp_path / 'gone.pth'}; expected 'imagenet', null"
+    )
     (tmp_path / "folder.pth").mkdir()
     with pytest.raises(ConfigError, match=rf"model.weights: {tmp_path / 'folder.pth'} is a folder"):
         load_config(overrides=["model.weights=folder.pth"])
@@ -389,14 +424,18 @@ def test_duplicated_section_names_file_key_and_both_lines(tmp_path: Path) -> Non
     path = write(tmp_path / "exp.yaml", "train:\n  epochs: 3\nseed: 1\ntrain:\n  lr: 0.5\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == (f"config file {path} is not valid YAML: key 'train' is given twice, at lines 1 and 4 "
-                               "(the second would silently replace the first; merge them)")
+    assert str(info.value) == (
+        f"config file {path} is not valid YAML: key 'train' is given twice, at lines 1 and 4 "
+        "(the second would silently replace the first; merge them)"
+    )
 
 
 def test_duplicated_key_inside_a_section_and_in_an_inherited_file(tmp_path: Path) -> None:
     parent = write(tmp_path / "parent.yaml", "train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
     child = write(tmp_path / "child.yaml", "inherit: parent.yaml\nseed: 3\n")
-    with pytest.raises(ConfigError, match=rf"config file {parent} is not valid YAML: key 'lr' is given twice, at lines 2 and 4"):
+    with pytest.raises(
+        ConfigError, match=rf"config file {parent} is not valid YAML: key 'lr' is given twice, at lines 2 and 4"
+    ):
         load_config(child)
 
 
@@ -408,7 +447,9 @@ def test_the_same_key_in_a_child_and_its_parent_is_an_override_not_a_duplicate(t
 def test_non_utf8_file_is_one_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("train:\n  lr: 0.1  # réglé\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8 text \(line 2 has the byte 0xe9\): save it as UTF-8"):
+    with pytest.raises(
+        ConfigError, match=rf"config file {path} is not UTF-8 text \(line 2 has the byte 0xe9\): save it as UTF-8"
+    ):
         load_config(path)
 
 
@@ -418,14 +459,18 @@ def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path) -> None
         load_config(path)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"config file {path} is not valid YAML: while parsing a flow node: expected the node content")
+    assert message.startswith(
+        f"config file {path} is not valid YAML: while parsing a flow node: expected the node content"
+    )
     assert "at line 3, column 1" in message
 
 
 def test_a_folder_as_config_file_and_a_bad_inherit_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"config file {tmp_path} is not a file"):
         load_config(tmp_path)
-    with pytest.raises(ConfigError, match="bad value \\['a.yaml'\\] for inherit in .*child.yaml: expected the path of a YAML file"):
+    with pytest.raises(
+        ConfigError, match="bad value \\['a.yaml'\\] for inherit in .*child.yaml: expected the path of a YAML file"
+    ):
         load_config(write(tmp_path / "child.yaml", "inherit: [a.yaml]\n"))
 
 

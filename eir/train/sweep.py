@@ -60,7 +60,15 @@ from eir.weights import imagenet_file
 log = logging.getLogger(__name__)
 
 SWEEP_KEYS = {
-    "name", "base", "overrides", "space", "num_samples", "metric", "mode", "scheduler", "max_concurrent_trials",
+    "name",
+    "base",
+    "overrides",
+    "space",
+    "num_samples",
+    "metric",
+    "mode",
+    "scheduler",
+    "max_concurrent_trials",
 }
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("hIoU", "mIoU_all")
@@ -138,7 +146,8 @@ def read_sweep(path: str | Path, extra: list[str] | None = None) -> SweepSpec:
     for key, allowed in choices.items():
         if data.get(key, allowed[0]) not in allowed:
             raise ConfigError(
-                f"bad value {data[key]!r} for {key} in {path}: allowed values are {', '.join(map(repr, allowed))}")
+                f"bad value {data[key]!r} for {key} in {path}: allowed values are {', '.join(map(repr, allowed))}"
+            )
     base = (path.parent / data["base"]).resolve()
     return SweepSpec(
         name=data["name"],
@@ -164,19 +173,24 @@ def _checked_space(space: Any, path: Path) -> dict[str, dict[str, list]]:
     """
     if not isinstance(space, dict):
         raise ConfigError(
-            f"bad value {space!r} for space in {path}: expected a mapping of config keys to distributions")
+            f"bad value {space!r} for space in {path}: expected a mapping of config keys to distributions"
+        )
     if not space:
-        raise ConfigError(f"space in {path} is empty: a sweep needs at least one swept key "
-                          "(to repeat the base run over seeds, sweep `seed: {grid: [0, 1, 2]}`)")
+        raise ConfigError(
+            f"space in {path} is empty: a sweep needs at least one swept key "
+            "(to repeat the base run over seeds, sweep `seed: {grid: [0, 1, 2]}`)"
+        )
     keys = set(valid_keys())
     forms = ", ".join(f"{d}: [...]" for d in DISTRIBUTIONS)
     for key, dist in space.items():
         if key not in keys:
             raise ConfigError(
-                f"space key {key!r} in {path} is not a config key (run `launch.py run --help` for the keys)")
+                f"space key {key!r} in {path} is not a config key (run `launch.py run --help` for the keys)"
+            )
         if key in UNSWEEPABLE:
             raise ConfigError(
-                f"space key {key!r} in {path} cannot be swept: the sweep names and places each trial's run itself")
+                f"space key {key!r} in {path} cannot be swept: the sweep names and places each trial's run itself"
+            )
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"space.{key} in {path} must be one of {{{forms}}}, got {dist!r}")
         kind, values = next(iter(dist.items()))
@@ -222,7 +236,7 @@ def check_trial_configs(spec: SweepSpec, path: Path) -> list[ExperimentConfig]:
         combinations = itertools.product(*options)
     else:
         firsts = [values[0] for values in options]
-        combinations = ((*firsts[:i], value, *firsts[i + 1:]) for i, values in enumerate(options) for value in values)
+        combinations = ((*firsts[:i], value, *firsts[i + 1 :]) for i, values in enumerate(options) for value in values)
     configs = []
     for combination in combinations:
         params = dict(zip(keys, combination, strict=True))
@@ -237,7 +251,8 @@ def trial_label(params: dict[str, Any]) -> str:
     """A trial's name from its swept values, e.g. `memory.size=10,seed=1`: Tune's trial name, the
     trial's run name in MLflow, and part of its Tune folder, so only file-name-safe characters."""
     text = ",".join(
-        f"{key}={f'{value:.4g}' if isinstance(value, float) else value}" for key, value in sorted(params.items()))
+        f"{key}={f'{value:.4g}' if isinstance(value, float) else value}" for key, value in sorted(params.items())
+    )
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text) or "trial"
     if len(safe) > 120:  # long lists or many keys: cut, and keep names of different trials apart
         safe = f"{safe[:111]}~{hashlib.sha256(text.encode()).hexdigest()[:8]}"
@@ -333,16 +348,24 @@ def _start_parent(spec: SweepSpec, tracker: Any, ids_loc: storage.Location) -> s
     recorded = _read_ids(ids_loc)
     uri = uri_without_credentials(tracker.uri)
     if recorded.get("tracking_uri", uri) != uri:
-        raise ConfigError(f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
-                          f"this invocation tracks at {uri}: "
-                          f"set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it")
-    description = (f"Sweep `{spec.name}` over {', '.join(f'`{key}`' for key in spec.space)} from `{spec.base.name}`; "
-                   f"{spec.metric} ({spec.mode}). Select the trial runs below and press Compare.")
-    parent = tracker.start(spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name},
-                           description=description)
+        raise ConfigError(
+            f"sweep {spec.name} was tracked at MLflow {recorded['tracking_uri']} ({ids_loc.uri}), "
+            f"this invocation tracks at {uri}: "
+            f"set MLFLOW_TRACKING_URI={recorded['tracking_uri']} to continue it"
+        )
+    description = (
+        f"Sweep `{spec.name}` over {', '.join(f'`{key}`' for key in spec.space)} from `{spec.base.name}`; "
+        f"{spec.metric} ({spec.mode}). Select the trial runs below and press Compare."
+    )
+    parent = tracker.start(
+        spec.name, run_id=recorded.get("parent"), tags={"eir.sweep": spec.name}, description=description
+    )
     storage.write_json_atomic(ids_loc, {"parent": parent, "tracking_uri": uri})
-    tracker.params(parent, {f"space.{k}": str(v) for k, v in spec.space.items()} | {
-        "base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler})
+    tracker.params(
+        parent,
+        {f"space.{k}": str(v) for k, v in spec.space.items()}
+        | {"base": str(spec.base), "num_samples": spec.num_samples, "metric": spec.metric, "scheduler": spec.scheduler},
+    )
     return parent
 
 
@@ -356,13 +379,18 @@ def _read_ids(ids_loc: storage.Location) -> dict[str, Any]:
     except ValueError as exc:  # not UTF-8, not JSON
         raise ConfigError(f"{ids_loc.uri} is damaged (not JSON: {exc}); {remedy}") from exc
     if not isinstance(ids, dict) or not isinstance(ids.get("parent"), str):
-        raise ConfigError(
-            f"{ids_loc.uri} is damaged (expected {{\"parent\": <run id>, \"tracking_uri\": ...}}); {remedy}")
+        raise ConfigError(f'{ids_loc.uri} is damaged (expected {{"parent": <run id>, "tracking_uri": ...}}); {remedy}')
     return ids
 
 
-def _fit(spec: SweepSpec, configs: list[ExperimentConfig], folder: storage.Location, tracking_uri: str,
-         parent: str, resume: bool) -> Any:
+def _fit(
+    spec: SweepSpec,
+    configs: list[ExperimentConfig],
+    folder: storage.Location,
+    tracking_uri: str,
+    parent: str,
+    resume: bool,
+) -> Any:
     """Build (or restore) the Tuner and run every trial; Tune's ResultGrid.
 
     `configs`: the checked trial configs. Concurrency fits the most demanding of them, ASHA's
@@ -371,15 +399,22 @@ def _fit(spec: SweepSpec, configs: list[ExperimentConfig], folder: storage.Locat
     resources, cores = ray.cluster_resources(), os.cpu_count() if started_locally() else None
     concurrency = spec.max_concurrent_trials or min(default_concurrency(c, resources, cores) for c in configs)
     scheduler = (
-        ASHAScheduler(time_attr="step", max_t=max(1, max(map(_num_steps, configs)) - 1), grace_period=1,
-                      reduction_factor=2)
+        ASHAScheduler(
+            time_attr="step", max_t=max(1, max(map(_num_steps, configs)) - 1), grace_period=1, reduction_factor=2
+        )
         if spec.scheduler == "asha"
         else FIFOScheduler()
     )
     trainable = tune.with_resources(_make_trial(spec, folder.uri, tracking_uri, parent), {"CPU": TRIAL_DRIVER_CPU})
-    log.info("sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s", spec.name,
-             "grid" if all("grid" in d for d in spec.space.values()) else f"{spec.num_samples} samples ×", concurrency,
-             spec.metric, spec.mode, folder.uri)
+    log.info(
+        "sweep %s: %s trials at most %d at a time, metric %s (%s), dir %s",
+        spec.name,
+        "grid" if all("grid" in d for d in spec.space.values()) else f"{spec.num_samples} samples ×",
+        concurrency,
+        spec.metric,
+        spec.mode,
+        folder.uri,
+    )
     if resume and tune.Tuner.can_restore(folder.uri):
         tuner = tune.Tuner.restore(folder.uri, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
@@ -429,9 +464,16 @@ def _make_trial(spec: SweepSpec, folder_uri: str, tracking_uri: str, parent: str
         def report(step: int, row: dict[str, Any]) -> None:
             if step == 0 and not joint:
                 return  # step 0 has no new classes: nothing to compare trials on yet
-            tune.report({"step": step, "hIoU": row["hIoU"] or 0.0, "mIoU_all": row["mIoU_all"] or 0.0,
-                         "mIoU_old": row["mIoU_old"] or 0.0, "mIoU_new": row["mIoU_new"] or 0.0,
-                         "step0_source": row["source"] if step == 0 else ""})
+            tune.report(
+                {
+                    "step": step,
+                    "hIoU": row["hIoU"] or 0.0,
+                    "mIoU_all": row["mIoU_all"] or 0.0,
+                    "mIoU_old": row["mIoU_old"] or 0.0,
+                    "mIoU_new": row["mIoU_new"] or 0.0,
+                    "step0_source": row["source"] if step == 0 else "",
+                }
+            )
 
         run_experiment(
             config,
@@ -459,21 +501,28 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
         trial_id = metrics.get("trial_id", "?")
         loc = folder.join("runs", trial_id, "results.json")
         document = storage.read_json(loc) if storage.exists(loc) else None
-        trials.append({
-            "trial_id": trial_id,
-            "name": trial_label(params),
-            "params": params,
-            "metric": metrics.get(spec.metric),
-            "last_step": metrics.get("step"),
-            "time_total_s": metrics.get("time_total_s"),  # Tune's: summed over restores
-            "status": document["status"] if document else "stopped early",
-            "step0": document["steps"][0]["source"] if document else None,
-            "run_dir": folder.join("runs", trial_id).uri,
-        })
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "name": trial_label(params),
+                "params": params,
+                "metric": metrics.get(spec.metric),
+                "last_step": metrics.get("step"),
+                "time_total_s": metrics.get("time_total_s"),  # Tune's: summed over restores
+                "status": document["status"] if document else "stopped early",
+                "step0": document["steps"][0]["source"] if document else None,
+                "run_dir": folder.join("runs", trial_id).uri,
+            }
+        )
     ranked = [t for t in trials if t["metric"] is not None]
     best = (max if spec.mode == "max" else min)(ranked, key=lambda t: t["metric"]) if ranked else None
     return {
-        "sweep": spec.name, "metric": spec.metric, "mode": spec.mode, "trials": trials, "failed": failed, "best": best,
+        "sweep": spec.name,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "trials": trials,
+        "failed": failed,
+        "best": best,
         "step0_trained": sum(t["step0"] == "trained" for t in trials),
         "step0_reused": sum(t["step0"] == "cache" for t in trials),
         "dir": folder.uri,
@@ -481,12 +530,17 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    lines = [(f"sweep {summary['sweep']}: {len(summary['trials'])} trials finished, {len(summary['failed'])} failed; "
-              f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
-              f"wall {summary['wall_s'] / 60:.1f} min (this invocation)")]
+    lines = [
+        (
+            f"sweep {summary['sweep']}: {len(summary['trials'])} trials finished, {len(summary['failed'])} failed; "
+            f"step 0 trained {summary['step0_trained']}×, reused {summary['step0_reused']}×; "
+            f"wall {summary['wall_s'] / 60:.1f} min (this invocation)"
+        )
+    ]
     for trial in sorted(summary["trials"], key=lambda t: -(t["metric"] or -1e9)):
-        lines.append(f"  {trial['name']}  {summary['metric']}={trial['metric']}  "
-                     f"({trial['status']}, trial {trial['trial_id']})")
+        lines.append(
+            f"  {trial['name']}  {summary['metric']}={trial['metric']}  ({trial['status']}, trial {trial['trial_id']})"
+        )
     for failure in summary["failed"]:
         lines.append(f"  FAILED {failure['name']}: {failure['error']}")
     return "\n".join(lines)

@@ -26,9 +26,18 @@ from eir.train.sweep import default_concurrency, load_sweep, run_sweep, trial_la
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "experiments" / "sweeps" / "synthetic_tiny.yaml"
 # The demo sweep (finetune vs EIR on the quick start's data) shrunk to seconds per step for the tests.
-SMALL = ["dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5", "model.weights=null",
-         "train.epochs=1", "train.epochs_incremental=1", "train.batch_size=8", "train.crop_size=48",
-         "scaling.cpus_per_worker=1", "memory.size=10"]
+SMALL = [
+    "dataset.synthetic_num_images=40",
+    "dataset.synthetic_image_size=48",
+    "task.name=15-5",
+    "model.weights=null",
+    "train.epochs=1",
+    "train.epochs_incremental=1",
+    "train.batch_size=8",
+    "train.crop_size=48",
+    "scaling.cpus_per_worker=1",
+    "memory.size=10",
+]
 
 
 def write_sweep(tmp_path: Path, text: str) -> Path:
@@ -75,16 +84,27 @@ def test_every_grid_value_is_checked_before_anything_runs(tmp_path: Path) -> Non
 
 def test_combinations_of_grid_values_are_checked_together(tmp_path: Path) -> None:
     # Each value is valid with the other key's first value; batch 10 over 4 workers is not.
-    message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  train.batch_size: {grid: [8, 10]}\n"
-                                    "  scaling.num_workers: {grid: [1, 4]}\n")
-    assert "trial scaling.num_workers=4,train.batch_size=10: train.batch_size=10 does not divide across scaling.num_workers=4" in message
+    message = sweep_error(
+        tmp_path,
+        "name: s\nbase: BASE\nspace:\n  train.batch_size: {grid: [8, 10]}\n  scaling.num_workers: {grid: [1, 4]}\n",
+    )
+    assert (
+        "trial scaling.num_workers=4,train.batch_size=10: "
+        "train.batch_size=10 does not divide across scaling.num_workers=4" in message
+    )
 
 
 @pytest.mark.parametrize(
     ("space", "expected"),
     [
-        ("train.lr: {uniform: [-0.1, 0.1]}", "trial train.lr=-0.1: bad value -0.1 for train.lr: expected a learning rate > 0"),
-        ("train.epochs: {uniform: [1, 5]}", "trial train.epochs=1: bad value 1.0 for train.epochs: expected an integer"),
+        (
+            "train.lr: {uniform: [-0.1, 0.1]}",
+            "trial train.lr=-0.1: bad value -0.1 for train.lr: expected a learning rate > 0",
+        ),
+        (
+            "train.epochs: {uniform: [1, 5]}",
+            "trial train.epochs=1: bad value 1.0 for train.epochs: expected an integer",
+        ),
         ("train.lr: {loguniform: [0, 0.1]}", "bad value [0, 0.1] for space.train.lr.loguniform in"),
         ("train.lr: {uniform: [0.1, 0.01]}", "expected lo < hi"),
         ("train.lr: {uniform: [0.1]}", "expected [lo, hi]"),
@@ -125,10 +145,20 @@ def test_sweep_settings_are_checked(tmp_path: Path, line: str, expected: str) ->
 
 
 def test_good_settings_load(tmp_path: Path) -> None:
-    spec = load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n  train.lr: {loguniform: [1e-4, 1e-2]}\n"
-                                            "num_samples: 2\nmax_concurrent_trials: null\n"))
+    spec = load_sweep(
+        write_sweep(
+            tmp_path,
+            "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n  train.lr: {loguniform: [1e-4, 1e-2]}\n"
+            "num_samples: 2\nmax_concurrent_trials: null\n",
+        )
+    )
     assert (spec.num_samples, spec.max_concurrent_trials) == (2, None)
-    assert load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace: {seed: {randint: [0, 3]}}\nmax_concurrent_trials: 2\n")).max_concurrent_trials == 2
+    assert (
+        load_sweep(
+            write_sweep(tmp_path, "name: s\nbase: BASE\nspace: {seed: {randint: [0, 3]}}\nmax_concurrent_trials: 2\n")
+        ).max_concurrent_trials
+        == 2
+    )
 
 
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "''", "' s'", "a\\\\b", "5"])
@@ -142,8 +172,10 @@ def test_sweep_yaml_problems_are_one_line_naming_the_file(tmp_path: Path) -> Non
     message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1}\n")
     assert message.startswith(f"sweep file {path} is not valid YAML: ") and "line 4" in message
     message = sweep_error(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\nname: t\n")
-    assert message == (f"sweep file {path} is not valid YAML: key 'name' is given twice, at lines 1 and 5 "
-                       "(the second would silently replace the first; merge them)")
+    assert message == (
+        f"sweep file {path} is not valid YAML: key 'name' is given twice, at lines 1 and 5 "
+        "(the second would silently replace the first; merge them)"
+    )
     path.write_bytes(b"name: s\xff\n")
     with pytest.raises(ConfigError, match=rf"sweep file {path} is not UTF-8 text \(line 1 has the byte 0xff\)"):
         load_sweep(path)
@@ -157,7 +189,11 @@ def test_the_base_config_is_read_once_however_many_trials(tmp_path: Path, monkey
     reads: list[Path] = []
     real = eir.config.read_yaml_file
     monkeypatch.setattr(eir.config, "read_yaml_file", lambda path, what: reads.append(path) or real(path, what))
-    spec = load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1, 2, 3, 4]}\n  memory.size: {grid: [1, 2]}\n"))
+    spec = load_sweep(
+        write_sweep(
+            tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1, 2, 3, 4]}\n  memory.size: {grid: [1, 2]}\n"
+        )
+    )
     for params in ({"seed": 3}, None):
         spec.config(params)
     assert len(reads) == len(set(reads)) >= 1, "each file of the base's inherit chain is read once"
@@ -194,7 +230,10 @@ def test_trials_are_named_by_their_swept_values() -> None:
 
     assert trial_label({"seed": 1, "memory.size": 10}) == "memory.size=10,seed=1"
     assert trial_label({"train.lr": 0.0012345678}) == "train.lr=0.001235"
-    assert trial_label({"loss.rskd_region": "new_gt", "task.class_order": [3, 1]}) == "loss.rskd_region=new_gt,task.class_order=_3,_1_"
+    assert (
+        trial_label({"loss.rskd_region": "new_gt", "task.class_order": [3, 1]})
+        == "loss.rskd_region=new_gt,task.class_order=_3,_1_"
+    )
     assert trial_label({"dataset.root": "../a b/c"}) == "dataset.root=.._a_b_c"
     long = [trial_label({"task.class_order": list(range(n, 60))}) for n in (1, 2)]
     assert all(len(name) == 120 for name in long) and long[0] != long[1]
@@ -210,7 +249,10 @@ def test_a_sweep_tracked_elsewhere_is_not_continued_in_another_store(tmp_path: P
     folder.mkdir(parents=True)
     (folder / "mlflow_sweep.json").write_text(json.dumps({"parent": "abc", "tracking_uri": "http://elsewhere:5000"}))
     sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
-    with pytest.raises(ConfigError, match="sweep s was tracked at MLflow http://elsewhere:5000 .* set MLFLOW_TRACKING_URI=http://elsewhere:5000"):
+    with pytest.raises(
+        ConfigError,
+        match="sweep s was tracked at MLflow http://elsewhere:5000 .* set MLFLOW_TRACKING_URI=http://elsewhere:5000",
+    ):
         run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"], resume=True)
 
 
@@ -221,7 +263,9 @@ def test_a_damaged_mlflow_record_is_named(tmp_path: Path, monkeypatch) -> None:
     ids.parent.mkdir(parents=True)
     ids.write_text('{"parent": ')
     sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
-    with pytest.raises(ConfigError, match=rf"{ids} is damaged \(not JSON: .*\); remove it to give the sweep a new MLflow parent run"):
+    with pytest.raises(
+        ConfigError, match=rf"{ids} is damaged \(not JSON: .*\); remove it to give the sweep a new MLflow parent run"
+    ):
         run_sweep(sweep, [f"run.output_dir={tmp_path / 'out'}"])
 
 
@@ -231,6 +275,7 @@ def test_a_stopped_sweep_ends_its_mlflow_runs_as_killed_or_failed(tmp_path: Path
     sweep = write_sweep(tmp_path, "name: s\nbase: BASE\nspace:\n  seed: {grid: [0, 1]}\n")
     statuses = {}
     for stop, status in ((KeyboardInterrupt(), "KILLED"), (RuntimeError("trial driver died"), "FAILED")):
+
         def fit(*args, stop=stop):
             raise stop
 
@@ -282,10 +327,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     log_path = folder / "server.log"
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-             "--workers", "1"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -316,11 +376,13 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     # must mean this directory for all of them (one dataset, one step-0 cache).
     monkeypatch.chdir(tmp_path)
     summary = run_sweep(TINY, [*SMALL, "run.output_dir=runs"])
-    (key, dist), = load_sweep(TINY).space.items()  # the demo sweeps one key over a grid
+    ((key, dist),) = load_sweep(TINY).space.items()  # the demo sweeps one key over a grid
     swept = dist["grid"]
     names = {trial_label({key: value}) for value in swept}
     assert len(summary["trials"]) == len(swept) and not summary["failed"]
-    assert summary["step0_trained"] == 1 and summary["step0_reused"] == len(swept) - 1, "step 0 is trained once per sweep"
+    assert summary["step0_trained"] == 1 and summary["step0_reused"] == len(swept) - 1, (
+        "step 0 is trained once per sweep"
+    )
     assert len(list((tmp_path / "runs" / "cache" / "step0").glob("*/key.json"))) == 1
     assert sorted(t["params"][key] for t in summary["trials"]) == sorted(swept)
     assert {t["name"] for t in summary["trials"]} == names
@@ -340,7 +402,10 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     assert {r.info.run_name for r in trials} == names, "MLflow trial runs are named by their swept values"
     for trial in trials:
         steps = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
-        assert sorted(r.info.run_name for r in steps) == [f"{trial.info.run_name}/step_0", f"{trial.info.run_name}/step_1"]
+        assert sorted(r.info.run_name for r in steps) == [
+            f"{trial.info.run_name}/step_0",
+            f"{trial.info.run_name}/step_1",
+        ]
         assert key in trial.data.params and "final_hIoU" in trial.data.metrics
     assert "best_hIoU" in parent.data.metrics
     step1 = next(r for r in runs if r.info.run_name.endswith("/step_1"))
@@ -366,7 +431,11 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
     env = {**os.environ, "EIR_RAY_NUM_CPUS": "4"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "launch.py"), "sweep", str(TINY), *SMALL, f"run.output_dir={tmp_path}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     runs = tmp_path / "sweeps" / "synthetic_tiny" / "runs"
     deadline = time.time() + 600
