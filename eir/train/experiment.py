@@ -246,45 +246,67 @@ def _record_stop(exp: Experiment, rows: list[dict[str, Any]], exc: BaseException
 
 def _run_step(exp: Experiment, step: int, tracker: Tracker, run_ids: dict[str, str], parent: str) -> dict[str, Any]:
     """Train (or take from the cache) step `step`, keep its memory, and publish its folder; returns its row."""
-    cfg = exp.config
-    step_dir = exp.step_dir(step)
     key = f"step_{step}"
-    child = tracker.start(step_run_name(cfg.run.name, step), parent=parent, tags={"eir.step": str(step)},
+    child = tracker.start(step_run_name(exp.config.run.name, step), parent=parent, tags={"eir.step": str(step)},
                           run_id=run_ids.get(key))
     run_ids[key] = child
     save_run_ids(exp.run_dir, run_ids)
-    memory = load_memory(exp.step_dir(step - 1), cfg.memory.kind) if step > 0 else None  # read once
-    previous = PreviousStep(exp.step_dir(step - 1).join("model.pt").uri, len(memory or ())) if step > 0 else None
+    previous, memory = None, None
+    if step > 0:
+        memory = load_memory(exp.step_dir(step - 1), exp.config.memory.kind)  # read once: replayed, then pooled
+        previous = PreviousStep(exp.step_dir(step - 1).join("model.pt").uri, len(memory) if memory is not None else 0)
     design = exp.design(step, previous, FaultInjection.from_env(os.environ))
-    plan = design.plan
-    tracker.params(child, {
-        "step": step, "classes": ",".join(map(str, exp.schedule.classes_learned(step))),
+    _log_step_params(exp, design, tracker, child)
+    trained = _train_or_reuse(exp, design, memory)
+    kept = _keep_memory(exp, design, memory, tracker, child)
+    row = _publish(exp, design, trained, kept, tracker, child)
+    tracker.finish(child)
+    return row
+
+
+def _log_step_params(exp: Experiment, design: StepDesign, tracker: Tracker, run_id: str) -> None:
+    cfg, plan = exp.config, design.plan
+    tracker.params(run_id, {
+        "step": plan.step, "classes": ",".join(map(str, exp.schedule.classes_learned(plan.step))),
         "train_images": plan.num_train_rows, "test_images": plan.num_eval_rows, "epochs": plan.epochs, "lr": plan.lr,
         "global_batch": plan.global_batch, "per_worker_batch": plan.per_worker_batch,
         "num_workers": cfg.scaling.num_workers,
     })
     log.info("step %d: %d training images, global batch %d = %d per worker × %d workers",
-             step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
-    trained = _train_or_reuse(exp, design, memory)
-    vouched = ["model.pt", "confusion.json", "plan.json", "metrics.json"]
-    if design.memory is not None:
-        summary = build_memory(exp.train_manifest, exp.train_splits.step_ids(step), design.memory, memory, step_dir)
-        tracker.metrics(child, {"memory_stored": summary["stored"], "memory_bytes": summary["bytes"],
-                                **{f"memory_class_{c}": n for c, n in summary["histogram"].items()}}, step=step)
-        vouched.append(memory_file(step_dir, design.memory.kind).name)
+             plan.step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
+
+
+def _keep_memory(exp: Experiment, design: StepDesign, previous: Memory | None, tracker: Tracker,
+                 run_id: str) -> list[str]:
+    """Build and write the memory the step leaves for the next one; returns the file names it wrote."""
+    spec, step = design.memory, design.plan.step
+    if spec is None:
+        return []
+    step_dir = exp.step_dir(step)
+    summary = build_memory(exp.train_manifest, exp.train_splits.step_ids(step), spec, previous, step_dir)
+    tracker.metrics(run_id, {"memory_stored": summary["stored"], "memory_bytes": summary["bytes"],
+                             **{f"memory_class_{c}": n for c, n in summary["histogram"].items()}}, step=step)
+    return [memory_file(step_dir, spec.kind).name]
+
+
+def _publish(exp: Experiment, design: StepDesign, trained: TrainedStep, kept: list[str], tracker: Tracker,
+             run_id: str) -> dict[str, Any]:
+    """Score the step, record it in MLflow and its folder, and mark the folder complete (last)."""
+    plan = design.plan
+    step_dir = exp.step_dir(plan.step)
     scores = reduce_scores(trained.confusion, plan.old_channels, plan.new_channels,
                            background_is_class=exp.train_manifest.info.background_is_class)
-    row = {**exp.row(step, scores, trained.source), "checkpoint_resumes": trained.restarts}
+    row = {**exp.row(plan.step, scores, trained.source), "checkpoint_resumes": trained.restarts}
     for epoch_row in trained.epochs:
-        tracker.metrics(child, {k: v for k, v in epoch_row.items() if k.startswith("loss") or k in EPOCH_METRICS},
+        tracker.metrics(run_id, {k: v for k, v in epoch_row.items() if k.startswith("loss") or k in EPOCH_METRICS},
                         step=int(epoch_row["epoch"]))
-    tracker.metrics(child, numeric_scores(row), step=step)
-    tracker.tags(child, {"eir.step0_source": trained.source})
+    tracker.metrics(run_id, numeric_scores(row), step=plan.step)
+    tracker.tags(run_id, {"eir.step0_source": trained.source})
     storage.write_json_atomic(step_dir.join("confusion.json"), trained.confusion.tolist())
     storage.write_json_atomic(step_dir.join("plan.json"), plan.to_dict())
     storage.write_json_atomic(step_dir.join("metrics.json"), row)
-    storage.mark_complete(step_dir, files=vouched)  # what a resumed run and the next step read
-    tracker.finish(child)
+    # What a resumed run and the next step read.
+    storage.mark_complete(step_dir, files=["model.pt", "confusion.json", "plan.json", "metrics.json", *kept])
     return row
 
 
