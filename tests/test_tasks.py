@@ -343,7 +343,7 @@ def test_step_image_counts_overlapped_and_disjoint():
     ]
     overlapped = get_task("camvid", "5-3", "overlapped")
     disjoint = get_task("camvid", "5-3", "disjoint")
-    assert step_image_counts(overlapped, images[:4] + [[0, 3, 9]]) == [3, 2, 3]
+    assert step_image_counts(overlapped, [*images[:4], [0, 3, 9]]) == [3, 2, 3]
     assert step_image_counts(disjoint, images) == [1, 1, 3]
 
 

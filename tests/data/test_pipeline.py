@@ -97,10 +97,16 @@ def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
 def test_eval_stream_keeps_full_images(ray_session, prepared) -> None:
     _, manifest, task = prepared
     ids = read_rows(manifest).column("id").to_pylist()[:5]
-    batches = list(eval_stream(manifest, ids, task.test_lut(0), protocol="full", crop_size=64).iter_batches(batch_format="numpy"))
+    batches = list(
+        eval_stream(manifest, ids, task.test_lut(0), protocol="full", crop_size=64).iter_batches(batch_format="numpy")
+    )
     assert sum(len(b["image"]) for b in batches) == 5
     assert batches[0]["image"][0].shape == (48, 48, 3)
-    centre = list(eval_stream(manifest, ids, task.test_lut(0), protocol="center_crop", crop_size=32).iter_batches(batch_format="numpy"))
+    centre = list(
+        eval_stream(manifest, ids, task.test_lut(0), protocol="center_crop", crop_size=32).iter_batches(
+            batch_format="numpy"
+        )
+    )
     assert centre[0]["image"][0].shape == (32, 32, 3)
 
 
@@ -115,8 +121,19 @@ def test_pseudo_labels_by_batch_inference(ray_session, prepared, tmp_path: Path)
     torch.save({"model": model.state_dict(), "head_sizes": [10]}, checkpoint)
     ids = read_rows(manifest).column("id").to_pylist()[:6]
     out = root.join("pseudo-test")
-    write_pseudo_labels(manifest, ids, out, model_uri=str(checkpoint), backbone="mobilenet_v2", output_stride=16,
-                        lut=task.train_lut(1), threshold=0.7, actors=1, use_gpu=False, batch_size=3)
+    write_pseudo_labels(
+        manifest,
+        ids,
+        out,
+        model_uri=str(checkpoint),
+        backbone="mobilenet_v2",
+        output_stride=16,
+        lut=task.train_lut(1),
+        threshold=0.7,
+        actors=1,
+        use_gpu=False,
+        batch_size=3,
+    )
     assert storage.is_complete(out)
     rows = read_prepared_rows(out).take_all()
     assert sorted(r["id"] for r in rows) == sorted(ids)

@@ -58,7 +58,9 @@ def exp(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
 def write_step(exp: Experiment, step: int, step_dir: storage.Location) -> dict[str, Any]:
     """What `_run_step` leaves in a finished step folder: model.pt, confusion.json, metrics.json (its row)."""
     head_sizes = exp.layout.head_sizes(step)
-    model = build_model(exp.config.model.backbone, head_sizes, output_stride=exp.config.model.output_stride, weights=None)
+    model = build_model(
+        exp.config.model.backbone, head_sizes, output_stride=exp.config.model.output_stride, weights=None
+    )
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "head_sizes": list(head_sizes)}, buffer)
     storage.write_bytes_atomic(step_dir.join("model.pt"), buffer.getvalue())
@@ -101,8 +103,12 @@ def s3_endpoint() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -119,15 +125,26 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.mark.slow  # a moto server and S3 round trips
-def test_step_artifacts_for_a_run_dir_on_an_object_store(exp: Experiment, s3_endpoint: str, tracking_uri: str,
-                                                          monkeypatch) -> None:
-    """The step folder in an S3 bucket (no local path, no rename); MLflow in a sqlite file, as MLFLOW_TRACKING_URI says."""
-    for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                        "MLFLOW_TRACKING_URI": tracking_uri}.items():
+def test_step_artifacts_for_a_run_dir_on_an_object_store(
+    exp: Experiment, s3_endpoint: str, tracking_uri: str, monkeypatch
+) -> None:
+    """The step folder in an S3 bucket (no local path, no rename); MLflow in a sqlite file (MLFLOW_TRACKING_URI)."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+    }.items():
         monkeypatch.setenv(name, value)
-    pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="test", secret_key="test", region="us-east-1",
-                      allow_bucket_creation=True).create_dir(BUCKET)
+    pafs.S3FileSystem(
+        endpoint_override=s3_endpoint,
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir(BUCKET)
     root = storage.resolve(f"s3://{BUCKET}/runs")
     assert not root.is_local
     step_dir = root.join("art", "step_1")

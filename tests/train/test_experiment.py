@@ -19,7 +19,6 @@ import torch
 import yaml
 
 import launch
-
 from eir.config import load_config
 from eir.train.evaluate_run import evaluate_run
 from eir.train.experiment import RunDirError, run_experiment
@@ -74,7 +73,16 @@ def test_results_json_schema(finetune_run: dict, output_dir: Path) -> None:
     on_disk = json.loads((output_dir / "finetune" / "results.json").read_text())
     assert on_disk == finetune_run
     assert on_disk["status"] == "finished"
-    for key in ("method", "dataset", "task", "task_setting", "seed", "eval_protocol", "git_sha", "mean_mIoU_all_over_steps"):
+    for key in (
+        "method",
+        "dataset",
+        "task",
+        "task_setting",
+        "seed",
+        "eval_protocol",
+        "git_sha",
+        "mean_mIoU_all_over_steps",
+    ):
         assert key in on_disk
     step0, step1 = on_disk["steps"]
     assert step0["seen_classes"] == list(range(1, 16))
@@ -90,7 +98,15 @@ def test_results_json_schema(finetune_run: dict, output_dir: Path) -> None:
 def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> None:
     for step in (0, 1):
         folder = output_dir / "finetune" / f"step_{step}"
-        for name in ("_COMPLETE", "model.pt", "metrics.json", "confusion.json", "plan.json", "confusion.png", "predictions.png"):
+        for name in (
+            "_COMPLETE",
+            "model.pt",
+            "metrics.json",
+            "confusion.json",
+            "plan.json",
+            "confusion.png",
+            "predictions.png",
+        ):
             assert (folder / name).is_file(), f"{folder / name} missing"
     plan = json.loads((output_dir / "finetune" / "step_1" / "plan.json").read_text())
     assert plan["head_sizes"] == [15, 5] and plan["per_worker_batch"] == 8 and plan["weights"] is None
@@ -98,6 +114,7 @@ def test_step_directories_are_complete(finetune_run: dict, output_dir: Path) -> 
 
 def test_the_trainer_follows_the_plans_schedule_and_decay(finetune_run: dict, output_dir: Path) -> None:
     """Warm-up + poly and METHOD.md §2's weight decay, read from the optimiser state the workers checkpointed."""
+
     def groups(step: int) -> dict[str, dict]:
         (checkpoint,) = (output_dir / "finetune" / f"step_{step}").rglob(CHECKPOINT_FILE)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
@@ -105,9 +122,17 @@ def test_the_trainer_follows_the_plans_schedule_and_decay(finetune_run: dict, ou
 
     assert {g["weight_decay"] for g in groups(0).values()} == {1e-4}
     assert {name: g["weight_decay"] for name, g in groups(1).items()} == {
-        "backbone": 0.0, "decoder": 0.0, "old_heads": 0.0, "new_head": 1e-4}
-    plan = StepPlan(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in json.loads((output_dir / "finetune" / "step_0" / "plan.json").read_text()).items()})
+        "backbone": 0.0,
+        "decoder": 0.0,
+        "old_heads": 0.0,
+        "new_head": 1e-4,
+    }
+    plan = StepPlan(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((output_dir / "finetune" / "step_0" / "plan.json").read_text()).items()
+        }
+    )
     total = sum(iterations_per_epoch(plan.rows_per_epoch, plan.per_worker_batch, plan.epochs))
     last = plan.lr_factor(total - 1, total)  # the factor of the last iteration: after the warm-up, on the poly decay
     assert last != pytest.approx(max(0.0, 1 - (total - 1) / total) ** 0.9), "warm-up shifts the decay"
@@ -127,7 +152,9 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     assert parent.data.tags["git_sha"] == finetune_run["git_sha"]
     for name in ("train_split_checksum", "test_split_checksum"):
         assert len(finetune_run[name]) >= 16 and parent.data.params[name] == finetune_run[name]
-    assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(finetune_run["steps"][-1]["mIoU_all"], abs=1e-3)
+    assert float(parent.data.metrics["final_mIoU_all"]) == pytest.approx(
+        finetune_run["steps"][-1]["mIoU_all"], abs=1e-3
+    )
     step1 = next(r for r in children if r.info.run_name == "finetune/step_1")
     assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
     client = mlflow.MlflowClient()
@@ -155,7 +182,9 @@ def test_existing_run_dir_needs_resume(finetune_run: dict, output_dir: Path) -> 
 
 def test_resume_with_different_config_names_the_keys(finetune_run: dict, output_dir: Path) -> None:
     with pytest.raises(RunDirError, match=r"train\.lr_incremental"):
-        run_experiment(tiny_config(output_dir, "run.name=finetune", "train.lr_incremental=0.5"), resume=True, progress=False)
+        run_experiment(
+            tiny_config(output_dir, "run.name=finetune", "train.lr_incremental=0.5"), resume=True, progress=False
+        )
 
 
 def test_resume_of_finished_run_skips_every_step(finetune_run: dict, output_dir: Path) -> None:
@@ -184,7 +213,9 @@ def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: 
     interrupts: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
     try:
-        document = run_experiment(tiny_config(output_dir, "run.name=sigint", "train.lr_incremental=0.003"), progress=False)
+        document = run_experiment(
+            tiny_config(output_dir, "run.name=sigint", "train.lr_incremental=0.003"), progress=False
+        )
         assert document["steps"][1]["source"] == "trained", "step 1 must go through Ray Train's fit()"
         signal.raise_signal(signal.SIGINT)
     finally:
@@ -193,7 +224,9 @@ def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: 
 
 
 @pytest.mark.parametrize(("stop", "status"), [(SystemExit(0), "stopped"), (KeyboardInterrupt(), "interrupted")])
-def test_a_run_stopped_between_steps_says_how(finetune_run: dict, output_dir: Path, stop: BaseException, status: str) -> None:
+def test_a_run_stopped_between_steps_says_how(
+    finetune_run: dict, output_dir: Path, stop: BaseException, status: str
+) -> None:
     def stop_after(step: int, row: dict) -> None:
         raise stop
 
@@ -204,7 +237,9 @@ def test_a_run_stopped_between_steps_says_how(finetune_run: dict, output_dir: Pa
     assert document["status"] == status and [row["step"] for row in document["steps"]] == [0]
 
 
-def test_a_failed_run_says_so_in_results_json(finetune_run: dict, output_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_run_says_so_in_results_json(
+    finetune_run: dict, output_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     # The worker exits at step 1's first iteration (step 0 comes from the cache) and no restart is allowed.
     monkeypatch.setenv("EIR_FAIL_AT_ITERATION", "0")
     monkeypatch.setenv("EIR_FAULT_MARKER", str(tmp_path / "worker-exited"))
@@ -233,8 +268,11 @@ def test_joint_scores_old_and_new_in_one_step(ray_session, output_dir: Path) -> 
         raise SystemExit(0)
 
     with pytest.raises(SystemExit):
-        run_experiment(tiny_config(output_dir, "run.name=joint", "method.name=joint", "train.epochs=1"),
-                       reporter=scheduler_stops_the_trial, progress=False)
+        run_experiment(
+            tiny_config(output_dir, "run.name=joint", "method.name=joint", "train.epochs=1"),
+            reporter=scheduler_stops_the_trial,
+            progress=False,
+        )
     joint = json.loads((output_dir / "joint" / "results.json").read_text())
     assert reported == [0] and joint["status"] == "finished", "the last report comes after the run is recorded"
     assert len(joint["steps"]) == 1
@@ -245,10 +283,14 @@ def test_joint_scores_old_and_new_in_one_step(ray_session, output_dir: Path) -> 
     old, new = [v for v in ious[:16] if v is not None], [v for v in ious[16:] if v is not None]
     assert step["mIoU_old"] == pytest.approx(sum(old) / len(old), abs=0.01)
     assert step["mIoU_new"] == pytest.approx(sum(new) / len(new), abs=0.01)
-    assert step["hIoU"] == pytest.approx(2 * step["mIoU_old"] * step["mIoU_new"] / (step["mIoU_old"] + step["mIoU_new"]), abs=0.01)
+    assert step["hIoU"] == pytest.approx(
+        2 * step["mIoU_old"] * step["mIoU_new"] / (step["mIoU_old"] + step["mIoU_new"]), abs=0.01
+    )
 
 
-def test_cache_command_lists_and_clears_the_step0_cache(finetune_run: dict, output_dir: Path, tmp_path: Path, capsys) -> None:
+def test_cache_command_lists_and_clears_the_step0_cache(
+    finetune_run: dict, output_dir: Path, tmp_path: Path, capsys
+) -> None:
     shutil.copytree(output_dir / "cache", tmp_path / "cache")  # the module's other tests still use the original
     assert launch.main(["cache", "--list", "--output-dir", str(tmp_path)]) == 0
     listed = capsys.readouterr().out.splitlines()
@@ -264,13 +306,16 @@ def test_dry_run_trains_nothing(output_dir: Path, capsys) -> None:
     assert document["status"] == "dry_run" and document["steps"] == []
     assert not (output_dir / "dry").exists()
     out = capsys.readouterr().out
-    assert out.startswith("dry run: nothing is trained") and f"{output_dir / 'datasets'}) is prepared there" in out, \
+    assert out.startswith("dry run: nothing is trained") and f"{output_dir / 'datasets'}) is prepared there" in out, (
         "it says that it prepares the dataset, and where"
+    )
 
 
 @pytest.mark.parametrize("method", ["eir", "image_replay", "instance_replay"])
 def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: Path, method: str) -> None:
-    document = run_experiment(tiny_config(output_dir, f"run.name={method}", f"method.name={method}", "memory.size=30"), progress=False)
+    document = run_experiment(
+        tiny_config(output_dir, f"run.name={method}", f"method.name={method}", "memory.size=30"), progress=False
+    )
     assert document["status"] == "finished" and document["method"] == method
     assert document["steps"][0]["source"] == "cache", "every method shares the trained step 0"
     assert document["steps"][1]["mIoU_new"] is not None
@@ -289,10 +334,11 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     step1 = next(r for r in _children(runs, parent) if r.info.run_name == f"{method}/step_1")
     terms = {k: v for k, v in step1.data.metrics.items() if k.startswith("loss_")}
     assert set(terms) == ({"loss_bce", "loss_rskd"} if method == "eir" else {"loss_bce"}), "only the terms it trains"
-    weighted = options["loss.bce_weight"] * terms["loss_bce"] + options["loss.rskd_weight"] * terms.get("loss_rskd", 0.0)
+    weighted = options["loss.bce_weight"] * terms["loss_bce"] + options["loss.rskd_weight"] * terms.get(
+        "loss_rskd", 0.0
+    )
     assert terms["loss_bce"] > 0 and step1.data.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
     assert method != "eir" or terms["loss_rskd"] > 0
-
 
 
 def _copy_run(output_dir: Path, source: str, name: str) -> Path:
@@ -320,7 +366,9 @@ def test_resume_redoes_a_damaged_step_and_every_step_after_it(finetune_run: dict
     assert json.loads((run / "step_0" / "metrics.json").read_text())["step"] == 0
 
 
-def test_a_damaged_cache_entry_is_listed_and_never_reused(finetune_run: dict, output_dir: Path, tmp_path: Path, capsys) -> None:
+def test_a_damaged_cache_entry_is_listed_and_never_reused(
+    finetune_run: dict, output_dir: Path, tmp_path: Path, capsys
+) -> None:
     from eir import storage
     from eir.train import cache
 
@@ -346,8 +394,11 @@ def test_resume_of_a_run_that_does_not_exist_is_an_error(finetune_run: dict, out
 def test_a_damaged_run_config_is_named(finetune_run: dict, output_dir: Path) -> None:
     run = _copy_run(output_dir, "finetune", "bad-config")
     (run / "config.yaml").write_bytes(b"\xff\xfe not yaml")
-    for damage, says in ((b"\xff\xfe not yaml", "not UTF-8"), (b"- a list\n- not sections\n", "mapping"),
-                         (b"train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", "given twice")):
+    for damage, says in (
+        (b"\xff\xfe not yaml", "not UTF-8"),
+        (b"- a list\n- not sections\n", "mapping"),
+        (b"train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", "given twice"),
+    ):
         (run / "config.yaml").write_bytes(damage)
         with pytest.raises(RunDirError, match=r"the run's config is damaged: .*bad-config/config.yaml") as caught:
             run_experiment(tiny_config(output_dir, "run.name=bad-config"), resume=True, progress=False)
@@ -358,8 +409,13 @@ def test_a_run_in_use_is_refused_with_one_line(finetune_run: dict, output_dir: P
     from eir import storage
     from eir.runlock import hold
 
-    argv = ["run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), *TINY,
-            f"run.output_dir={output_dir}", "run.name=finetune"]
+    argv = [
+        "run",
+        str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
+        *TINY,
+        f"run.output_dir={output_dir}",
+        "run.name=finetune",
+    ]
     with hold(storage.resolve(output_dir / "finetune")):
         for extra in ([], ["--resume"]):
             assert launch.main([*argv, *extra]) == 2

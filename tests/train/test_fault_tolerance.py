@@ -19,15 +19,46 @@ from eir.train.experiment import run_experiment
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5", "model.weights=null",
-    "train.epochs=1", "train.epochs_incremental=2", "train.batch_size=8", "train.crop_size=48", "scaling.cpus_per_worker=1",
+    "dataset.synthetic_num_images=40",
+    "dataset.synthetic_image_size=48",
+    "task.name=15-5",
+    "model.weights=null",
+    "train.epochs=1",
+    "train.epochs_incremental=2",
+    "train.batch_size=8",
+    "train.crop_size=48",
+    "scaling.cpus_per_worker=1",
 ]
 # EIR in the driver-kill tests: its step 0 leaves an instance store and step 1 stores pseudo-labels,
 # both of which a resumed run must reuse.
-EIR = ["method.name=eir", "memory.size=30", "train.lr_incremental=0.001"]  # EIR diverges at 0.005 on synthetic (BENCHMARKS.md)
-RESULTS_KEYS = {"status", "method", "dataset", "task", "task_setting", "seed", "eval_protocol", "git_sha",
-                "mean_mIoU_all_over_steps", "steps"}
-STEP_KEYS = {"step", "seen_classes", "mIoU_all", "mIoU_old", "mIoU_new", "hIoU", "mIoU_all_fg", "mIoU_old_fg", "per_class_IoU"}
+EIR = [
+    "method.name=eir",
+    "memory.size=30",
+    "train.lr_incremental=0.001",
+]  # EIR diverges at 0.005 on synthetic (BENCHMARKS.md)
+RESULTS_KEYS = {
+    "status",
+    "method",
+    "dataset",
+    "task",
+    "task_setting",
+    "seed",
+    "eval_protocol",
+    "git_sha",
+    "mean_mIoU_all_over_steps",
+    "steps",
+}
+STEP_KEYS = {
+    "step",
+    "seen_classes",
+    "mIoU_all",
+    "mIoU_old",
+    "mIoU_new",
+    "hIoU",
+    "mIoU_all_fg",
+    "mIoU_old_fg",
+    "per_class_IoU",
+}
 
 # The killed-vs-unkilled comparison. Ray Data's augmentation draws fresh randomness in every run (it
 # is not bit-reproducible), and an epoch here is 4 iterations, so one epoch's mean loss moves by
@@ -55,12 +86,16 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_session, 
     # joint: one Train run per experiment keeps the two runs short
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = [*TINY, f"run.output_dir={tmp_path}", "train.max_failures=1", "method.name=joint"]
-    clean = run_experiment(load_config(REPO / "experiments" / "quickstart.yaml", [*base, "run.name=clean", "train.epochs=3"]), progress=False)
+    clean = run_experiment(
+        load_config(REPO / "experiments" / "quickstart.yaml", [*base, "run.name=clean", "train.epochs=3"]),
+        progress=False,
+    )
     marker = tmp_path / "worker-killed"
     monkeypatch.setenv("EIR_FAIL_AT_ITERATION", "9")  # 32 images / batch 8 = 4 iterations per epoch: epoch 3
     monkeypatch.setenv("EIR_FAULT_MARKER", str(marker))
     killed = run_experiment(
-        load_config(REPO / "experiments" / "quickstart.yaml", [*base, "run.name=killed", "train.epochs=3"]), progress=False
+        load_config(REPO / "experiments" / "quickstart.yaml", [*base, "run.name=killed", "train.epochs=3"]),
+        progress=False,
     )
     assert marker.exists(), "the worker really exited"
     assert killed["status"] == "finished"
@@ -77,10 +112,21 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_session, 
 
 def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"), *TINY,
-         f"run.output_dir={tmp_path}", "run.name=interrupted", *extra],
-        cwd=REPO, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "EIR_RAY_NUM_CPUS": "4"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "run",
+            str(REPO / "experiments" / "quickstart.yaml"),
+            *TINY,
+            f"run.output_dir={tmp_path}",
+            "run.name=interrupted",
+            *extra,
+        ],
+        cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "EIR_RAY_NUM_CPUS": "4"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -120,7 +166,7 @@ def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "interrupted"
     if kill_point == "between_steps":
-        condition = lambda: (run / "step_0" / "_COMPLETE").exists()  # noqa: E731
+        condition = (run / "step_0" / "_COMPLETE").exists
     else:  # Ray Train has registered an epoch checkpoint of step 1, the step is not finished
         condition = lambda: _registered_checkpoint(run / "step_1")  # noqa: E731
     _kill_when(_launch(tmp_path, *EIR), condition)
@@ -132,8 +178,12 @@ def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str
     before = {path: path.stat().st_mtime_ns for path in reused}
 
     resumed = run_experiment(
-        load_config(REPO / "experiments" / "quickstart.yaml", [*TINY, *EIR, f"run.output_dir={tmp_path}", "run.name=interrupted"]),
-        resume=True, progress=False,
+        load_config(
+            REPO / "experiments" / "quickstart.yaml",
+            [*TINY, *EIR, f"run.output_dir={tmp_path}", "run.name=interrupted"],
+        ),
+        resume=True,
+        progress=False,
     )
     assert resumed["status"] == "finished" and len(resumed["steps"]) == 2
     assert {path: path.stat().st_mtime_ns for path in reused} == before, "finished work is reused, not redone"
@@ -153,11 +203,25 @@ def test_ctrl_c_during_a_step_is_recorded_as_interrupted(tmp_path: Path) -> None
     log = tmp_path / "console.txt"
     with open(log, "w") as console:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"), *TINY,
-             "method.name=finetune", "train.epochs=30", f"run.output_dir={tmp_path}", "run.name=interrupted"],
-            cwd=REPO, env={**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
-                           "EIR_RAY_NUM_CPUS": "4"},
-            stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                str(REPO / "launch.py"),
+                "run",
+                str(REPO / "experiments" / "quickstart.yaml"),
+                *TINY,
+                "method.name=finetune",
+                "train.epochs=30",
+                f"run.output_dir={tmp_path}",
+                "run.name=interrupted",
+            ],
+            cwd=REPO,
+            env={
+                **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+                "EIR_RAY_NUM_CPUS": "4",
+            },
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.time() + 600

@@ -23,17 +23,28 @@ from eir.train.resolved import resolve
 REPO = Path(__file__).resolve().parents[2]
 # A reversed class order: pseudo maps hold channels, labels hold class ids, so the ids must be mapped.
 REVERSED = "task.class_order=[" + ",".join(str(c) for c in range(20, 0, -1)) + "]"
-TINY = ["dataset.name=synthetic", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5", REVERSED]
+TINY = [
+    "dataset.name=synthetic",
+    "dataset.synthetic_num_images=40",
+    "dataset.synthetic_image_size=48",
+    "task.name=15-5",
+    REVERSED,
+]
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+        check=False,
+    )
 
 
 def _hand_made_run(output_dir: Path, method: str) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
     """A run dir whose step 1 pseudo-labels keep the old pixels of each label's left half and wrongly
     claim channel 1 on the background of its bottom row. Returns (run dir, channel labels, pseudo maps)."""
-    config = load_config(overrides=[*TINY, f"run.output_dir={output_dir}", f"run.name={method}", f"method.name={method}"])
+    config = load_config(
+        overrides=[*TINY, f"run.output_dir={output_dir}", f"run.name={method}", f"method.name={method}"]
+    )
     exp = resolve(config, progress=False)
     run = output_dir / method
     run.mkdir(parents=True)
@@ -51,8 +62,13 @@ def _hand_made_run(output_dir: Path, method: str) -> tuple[Path, list[np.ndarray
         pseudos.append(pseudo)
     folder = storage.resolve(str(run / "step_1" / "pseudo"))
     storage.makedirs(folder)
-    table = pa.table({"id": rows.column("id"), "label": rows.column("label"),
-                      "pseudo": pa.array([encode_png(p) for p in pseudos], type=pa.binary())})
+    table = pa.table(
+        {
+            "id": rows.column("id"),
+            "label": rows.column("label"),
+            "pseudo": pa.array([encode_png(p) for p in pseudos], type=pa.binary()),
+        }
+    )
     pq.write_table(table, str(run / "step_1" / "pseudo" / "part-0.parquet"))
     storage.mark_complete(folder)
     return run, labels, pseudos
