@@ -167,20 +167,20 @@ def plan_step(
     replayed_rows = previous.memory_items if replay == "images" else round(train_rows * per_row)
     eval_step = layout.eval_step(step)
     old, new = layout.groups(step)
-    train_lut = layout.train_lut(step)
+    heads = layout.head_sizes(step)
     stream = StreamSpec(
-        lut=train_lut,
+        lut=layout.train_lut(step),
         crop_size=cfg.train.crop_size,
         scale=(cfg.train.scale_min, cfg.train.scale_max),
         pseudo=incremental and cfg.pseudo.enabled,
         paste=_paste(cfg) if replay == "instances" else None,
-        old_channels=tuple(range(1, 1 + sum(layout.head_sizes(step)[:-1]))),
+        old_channels=tuple(range(1, 1 + sum(heads[:-1]))),  # the step t−1 model's classes
         class_to_channel=layout.channels.lut,
         replay_per_row=per_row,
     )
     plan = StepPlan(
         step=step,
-        head_sizes=layout.head_sizes(step),
+        head_sizes=heads,
         backbone=cfg.model.backbone,
         weights=cfg.model.weights if step == 0 else None,
         output_stride=cfg.model.output_stride,
