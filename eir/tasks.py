@@ -158,8 +158,7 @@ class Task:
     def _check_step(self, step: int) -> int:
         if not _is_int(step) or not 0 <= step < self.num_steps:
             raise TaskError(
-                f"step {step!r} out of range for task {self.dataset} {self.name} "
-                f"(expected 0..{self.num_steps - 1})"
+                f"step {step!r} out of range for task {self.dataset} {self.name} (expected 0..{self.num_steps - 1})"
             )
         return int(step)
 
@@ -169,8 +168,7 @@ def parse_task_name(name: str) -> tuple[int, int]:
     match = _TASK_NAME.fullmatch(name) if isinstance(name, str) else None
     if match is None:
         raise TaskError(
-            f"malformed task name {name!r}; expected 'B-I' with B base classes and I classes "
-            "per step, e.g. '15-1'"
+            f"malformed task name {name!r}; expected 'B-I' with B base classes and I classes per step, e.g. '15-1'"
         )
     base, increment = int(match.group(1)), int(match.group(2))
     if base < 1:
@@ -240,9 +238,7 @@ def step_image_counts(task: Task, classes_per_image: Sequence[Iterable[int]]) ->
     return [sum(task.keeps_train_image(t, p) for p in present) for t in range(task.num_steps)]
 
 
-def check_step_sizes(
-    task: Task, counts: Sequence[int], *, min_images: int = 1, warn_below: int = 10
-) -> list[str]:
+def check_step_sizes(task: Task, counts: Sequence[int], *, min_images: int = 1, warn_below: int = 10) -> list[str]:
     """Refuse steps with fewer than `min_images` training images; warn below `warn_below`.
 
     An empty step (e.g. disjoint CamVid, where every class is in most images) would train
@@ -251,8 +247,7 @@ def check_step_sizes(
     """
     if len(counts) != task.num_steps:
         raise TaskError(
-            f"got {len(counts)} image counts for task {task.dataset} {task.name}, "
-            f"which has {task.num_steps} steps"
+            f"got {len(counts)} image counts for task {task.dataset} {task.name}, which has {task.num_steps} steps"
         )
     label = f"task {task.dataset} {task.name} ({task.setting})"
     too_few = [
@@ -264,8 +259,7 @@ def check_step_sizes(
         hint = "; the overlapped setting keeps more images" if task.setting == "disjoint" else ""
         raise TaskError(f"{label}: " + "; ".join(too_few) + f" (need at least {min_images}){hint}")
     messages = [
-        f"{label}: step {t} (classes {list(task.steps[t])}) has only {n} training images "
-        f"(fewer than {warn_below})"
+        f"{label}: step {t} (classes {list(task.steps[t])}) has only {n} training images (fewer than {warn_below})"
         for t, n in enumerate(counts)
         if n < warn_below
     ]
@@ -279,8 +273,7 @@ def _resolve_num_classes(dataset: str, num_classes: int | None) -> int:
     if known is None:
         if num_classes is None:
             raise TaskError(
-                f"unknown dataset {dataset!r}: pass num_classes, or use one of "
-                f"{sorted(DATASET_NUM_CLASSES)}"
+                f"unknown dataset {dataset!r}: pass num_classes, or use one of {sorted(DATASET_NUM_CLASSES)}"
             )
         if not _is_int(num_classes) or num_classes < 1:
             raise TaskError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -343,6 +336,5 @@ def _as_int_set(values: Iterable[int]) -> set[int]:
 
 
 TASKS: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {
-    dataset: {name: get_task(dataset, name).steps for name in names}
-    for dataset, names in _REGISTRY_NAMES.items()
+    dataset: {name: get_task(dataset, name).steps for name in names} for dataset, names in _REGISTRY_NAMES.items()
 }

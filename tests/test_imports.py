@@ -81,8 +81,14 @@ print(json.dumps({importer: sorted(targets) for importer, targets in edges.items
 @pytest.fixture(scope="module")
 def edges() -> dict[str, list[str]]:
     """Module → the modules its module-level code imports, from one fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", RECORDER, json.dumps(MODULES)], cwd=REPO, capture_output=True,
-                         text=True, timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RECORDER, json.dumps(MODULES)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -121,8 +127,11 @@ def test_the_pure_core_never_imports_ray(edges: dict[str, list[str]], module: st
 
 
 def test_no_import_cycle_inside_eir(edges: dict[str, list[str]]) -> None:
-    graph = {m: [t for t in targets if t.startswith("eir.") and t != m] for m, targets in edges.items()
-             if m.startswith("eir.")}
+    graph = {
+        m: [t for t in targets if t.startswith("eir.") and t != m]
+        for m, targets in edges.items()
+        if m.startswith("eir.")
+    }
     cycle = _find_cycle(graph)
     assert cycle is None, " → ".join(cycle or [])
 
@@ -137,7 +146,7 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
         path.append(node)
         for nxt in graph.get(node, ()):
             if state.get(nxt) == "open":
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -156,16 +165,23 @@ def static_edges() -> dict[str, list[str]]:
     for module, path in MODULE_FILES.items():
         tree = ast.parse(path.read_text())
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        typing_only = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(branch.test) for node in ast.walk(branch)}
+        typing_only = {
+            id(node)
+            for branch in ast.walk(tree)
+            if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+            for node in ast.walk(branch)
+        }
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                base = (
+                    importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                    if node.level
                     else node.module
+                )
                 targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
             else:
                 continue
@@ -181,8 +197,9 @@ def test_no_import_cycle_even_through_imports_inside_functions() -> None:
 def test_the_pure_core_imports_without_ray_in_a_fresh_interpreter() -> None:
     """The same claim checked directly: with `ray` unimportable, the pure core still imports."""
     code = f"import sys; sys.modules['ray'] = None\nimport {', '.join(PURE_CORE)}"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -127,7 +127,10 @@ def test_param_groups():
     assert by_name["backbone"]["lr"] == 0.01
     assert all(by_name[n]["lr"] == pytest.approx(0.1) for n in ("decoder", "old_heads", "new_head"))
     assert [by_name[n]["weight_decay"] for n in ("backbone", "decoder", "old_heads", "new_head")] == [
-        0.0, 0.0, 0.0, 1e-4,
+        0.0,
+        0.0,
+        0.0,
+        1e-4,
     ]
     listed = [id(p) for group in groups for p in group["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]

@@ -63,10 +63,12 @@ def evaluate_run(
     run = storage.resolve(run_dir)
     config = read_run_config(run)
     if dataset != config.dataset.name:
-        raise RunDirError(f"run {run.uri} was trained on {config.dataset.name!r}; --dataset {dataset!r} has another "
-                          "label space")
-    finished = [name for name in storage.list_dir(run)
-                if name.startswith("step_") and storage.is_complete(run.join(name))]
+        raise RunDirError(
+            f"run {run.uri} was trained on {config.dataset.name!r}; --dataset {dataset!r} has another label space"
+        )
+    finished = [
+        name for name in storage.list_dir(run) if name.startswith("step_") and storage.is_complete(run.join(name))
+    ]
     if not finished:
         raise RunDirError(f"run {run.uri} has no finished step to evaluate")
     steps = sorted(int(name.split("_")[1]) for name in finished)
@@ -80,21 +82,46 @@ def evaluate_run(
     manifest = ensure_prepared(dataset, root, split, output_root, image_scale=config.dataset.image_scale)
     info = manifest.info
     check_label_space(run, config, info.class_names, f"{dataset}/{split} at {root}")
-    task = get_task(dataset, config.task.name, config.task.setting, num_classes=info.num_classes,
-                    class_order=config.task.class_order, future_label=info.future_label)
+    task = get_task(
+        dataset,
+        config.task.name,
+        config.task.setting,
+        num_classes=info.num_classes,
+        class_order=config.task.class_order,
+        future_label=info.future_label,
+    )
     layout = RunLayout.of(config, task)
     eval_step = layout.eval_step(step)
     ids = select_ids(task, manifest, purpose="test")[eval_step]
-    model = load_step_model(run.join(f"step_{step}", "model.pt").uri, config.model.backbone, config.model.output_stride,
-                            expected_heads=layout.head_sizes(step))
+    model = load_step_model(
+        run.join(f"step_{step}", "model.pt").uri,
+        config.model.backbone,
+        config.model.output_stride,
+        expected_heads=layout.head_sizes(step),
+    )
     old, new = layout.groups(step)
-    batches = _batches(manifest, set(ids), layout.test_lut(step), config.eval.protocol, config.eval.crop_size,
-                       config.eval.batch_size)
-    matrix = confusion_on_batches(model, batches, 1 + len(old) + len(new), torch.device("cpu"), progress=True,
-                                  total=-(-len(ids) // config.eval.batch_size), predict=run_method(config).predict)
+    batches = _batches(
+        manifest, set(ids), layout.test_lut(step), config.eval.protocol, config.eval.crop_size, config.eval.batch_size
+    )
+    matrix = confusion_on_batches(
+        model,
+        batches,
+        1 + len(old) + len(new),
+        torch.device("cpu"),
+        progress=True,
+        total=-(-len(ids) // config.eval.batch_size),
+        predict=run_method(config).predict,
+    )
     scores = reduce_scores(matrix, old, new, background_is_class=info.background_is_class)
-    row = step_row(step, scores, class_names=info.class_names, channels=layout.channels,
-                   seen_classes=task.classes_seen(eval_step), train_images=0, source=f"evaluate {dataset}/{split}")
+    row = step_row(
+        step,
+        scores,
+        class_names=info.class_names,
+        channels=layout.channels,
+        seen_classes=task.classes_seen(eval_step),
+        train_images=0,
+        source=f"evaluate {dataset}/{split}",
+    )
     document = results_document(config, [row], "finished", {"test_split_checksum": manifest.checksum})
     document.update({"evaluated_dataset": dataset, "evaluated_split": split, "test_images": len(ids)})
     if out:
@@ -112,15 +139,20 @@ def run_class_names(config: ExperimentConfig) -> tuple[tuple[str, ...], str] | N
     output_root = storage.resolve(config.run.output_dir)
     synthetic = (data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed)
     try:
-        manifest = find_prepared(data.name, data.root, data.train_split, output_root, image_scale=data.image_scale,
-                                 synthetic=synthetic)
+        manifest = find_prepared(
+            data.name, data.root, data.train_split, output_root, image_scale=data.image_scale, synthetic=synthetic
+        )
         if manifest is not None:
             return manifest.info.class_names, f"its training data {manifest.location.uri}"
         root = data.root or (str(synthetic_root(output_root, *synthetic)) if data.name == "synthetic" else "")
         return dataset_info(data.name, root).class_names, f"its dataset {data.name} at {root or '(built in)'}"
     except DatasetError as exc:
-        log.warning("cannot read the class names run.output_dir=%s was trained with (%s): they are not compared "
-                    "with the evaluated dataset's", config.run.output_dir, exc)
+        log.warning(
+            "cannot read the class names run.output_dir=%s was trained with (%s): they are not compared "
+            "with the evaluated dataset's",
+            config.run.output_dir,
+            exc,
+        )
         return None
 
 

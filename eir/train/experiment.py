@@ -118,12 +118,16 @@ def run_experiment(
     `run_dir`, `mlflow_experiment` and `mlflow_parent` place a sweep's trial inside its sweep.
     """
     if dry_run:
-        print(f"dry run: nothing is trained; the step table needs the dataset, so a split not yet in the dataset "
-              f"cache ({storage.resolve(config.run.output_dir).join('datasets').uri}) is prepared there now")
+        print(
+            f"dry run: nothing is trained; the step table needs the dataset, so a split not yet in the dataset "
+            f"cache ({storage.resolve(config.run.output_dir).join('datasets').uri}) is prepared there now"
+        )
     exp = resolve(config, progress=progress, run_dir=run_dir)
-    print(f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
-          f"({config.task.setting}), {exp.schedule.num_steps} step(s), eval protocol {config.eval.protocol}, "
-          f"split checksum {exp.train_splits.checksum}")
+    print(
+        f"run {config.run.name}: {config.method.name} on {config.dataset.name} {config.task.name} "
+        f"({config.task.setting}), {exp.schedule.num_steps} step(s), eval protocol {config.eval.protocol}, "
+        f"split checksum {exp.train_splits.checksum}"
+    )
     print(step_table(exp.facts, exp.train_manifest.info.class_names))
     if dry_run:
         print(dump_yaml(config))
@@ -146,8 +150,9 @@ def _trains_imagenet_step0(exp: Experiment) -> bool:
     return entry is None or not storage.is_complete(entry)
 
 
-def _run_steps(exp: Experiment, lease: Lease, reporter: Reporter | None, mlflow_experiment: str | None,
-               mlflow_parent: str | None) -> dict[str, Any]:
+def _run_steps(
+    exp: Experiment, lease: Lease, reporter: Reporter | None, mlflow_experiment: str | None, mlflow_parent: str | None
+) -> dict[str, Any]:
     """The step loop of a run whose directory this process holds (`lease`: checked before each step)."""
     config = exp.config
     tracker = Tracker(exp.output_root, mlflow_experiment or f"eir-{config.dataset.name}-{config.task.name}")
@@ -156,7 +161,9 @@ def _run_steps(exp: Experiment, lease: Lease, reporter: Reporter | None, mlflow_
     run_ids = load_run_ids(exp.run_dir)
     sha = git_sha()
     parent = tracker.start(
-        config.run.name, parent=mlflow_parent, run_id=run_ids.get("parent"),
+        config.run.name,
+        parent=mlflow_parent,
+        run_id=run_ids.get("parent"),
         tags={"eir.run_dir": exp.run_dir.uri, "method": config.method.name, "git_sha": sha, **source_tags(sha)},
         description=run_description(config, exp.run_dir.join("results.json").uri),
     )
@@ -185,15 +192,22 @@ def _run_steps(exp: Experiment, lease: Lease, reporter: Reporter | None, mlflow_
             tracker.iou_table(parent, step, row["per_class_IoU"])
             final = step == exp.schedule.num_steps - 1
             if not final:
-                storage.write_json_atomic(exp.run_dir.join("results.json"),
-                                          results_document(config, rows, "running", exp.checksums))
+                storage.write_json_atomic(
+                    exp.run_dir.join("results.json"), results_document(config, rows, "running", exp.checksums)
+                )
             print(scores_table(rows), flush=True)
             if reporter is not None and not final:
                 reporter(step, row)
         document = results_document(config, rows, "finished", exp.checksums)
         storage.write_json_atomic(exp.run_dir.join("results.json"), document)
-        tracker.metrics(parent, {"mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
-                                 **{f"final_{k}": v for k, v in numeric_scores(rows[-1]).items()}}, step=len(rows) - 1)
+        tracker.metrics(
+            parent,
+            {
+                "mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
+                **{f"final_{k}": v for k, v in numeric_scores(rows[-1]).items()},
+            },
+            step=len(rows) - 1,
+        )
         _log_file_artifact(tracker, parent, exp.run_dir.join("results.json"))
         ok, outcome = True, "finished"
         if reporter is not None:
@@ -247,8 +261,9 @@ def _record_stop(exp: Experiment, rows: list[dict[str, Any]], exc: BaseException
 def _run_step(exp: Experiment, step: int, tracker: Tracker, run_ids: dict[str, str], parent: str) -> dict[str, Any]:
     """Train (or take from the cache) step `step`, keep its memory, and publish its folder; returns its row."""
     key = f"step_{step}"
-    child = tracker.start(step_run_name(exp.config.run.name, step), parent=parent, tags={"eir.step": str(step)},
-                          run_id=run_ids.get(key))
+    child = tracker.start(
+        step_run_name(exp.config.run.name, step), parent=parent, tags={"eir.step": str(step)}, run_id=run_ids.get(key)
+    )
     run_ids[key] = child
     save_run_ids(exp.run_dir, run_ids)
     previous, memory = None, None
@@ -266,40 +281,70 @@ def _run_step(exp: Experiment, step: int, tracker: Tracker, run_ids: dict[str, s
 
 def _log_step_params(exp: Experiment, design: StepDesign, tracker: Tracker, run_id: str) -> None:
     cfg, plan = exp.config, design.plan
-    tracker.params(run_id, {
-        "step": plan.step, "classes": ",".join(map(str, exp.schedule.classes_learned(plan.step))),
-        "train_images": plan.num_train_rows, "test_images": plan.num_eval_rows, "epochs": plan.epochs, "lr": plan.lr,
-        "global_batch": plan.global_batch, "per_worker_batch": plan.per_worker_batch,
-        "num_workers": cfg.scaling.num_workers,
-    })
-    log.info("step %d: %d training images, global batch %d = %d per worker × %d workers",
-             plan.step, plan.num_train_rows, plan.global_batch, plan.per_worker_batch, cfg.scaling.num_workers)
+    tracker.params(
+        run_id,
+        {
+            "step": plan.step,
+            "classes": ",".join(map(str, exp.schedule.classes_learned(plan.step))),
+            "train_images": plan.num_train_rows,
+            "test_images": plan.num_eval_rows,
+            "epochs": plan.epochs,
+            "lr": plan.lr,
+            "global_batch": plan.global_batch,
+            "per_worker_batch": plan.per_worker_batch,
+            "num_workers": cfg.scaling.num_workers,
+        },
+    )
+    log.info(
+        "step %d: %d training images, global batch %d = %d per worker × %d workers",
+        plan.step,
+        plan.num_train_rows,
+        plan.global_batch,
+        plan.per_worker_batch,
+        cfg.scaling.num_workers,
+    )
 
 
-def _keep_memory(exp: Experiment, design: StepDesign, previous: Memory | None, tracker: Tracker,
-                 run_id: str) -> list[str]:
+def _keep_memory(
+    exp: Experiment, design: StepDesign, previous: Memory | None, tracker: Tracker, run_id: str
+) -> list[str]:
     """Build and write the memory the step leaves for the next one; returns the file names it wrote."""
     spec, step = design.memory, design.plan.step
     if spec is None:
         return []
     step_dir = exp.step_dir(step)
     summary = build_memory(exp.train_manifest, exp.train_splits.step_ids(step), spec, previous, step_dir)
-    tracker.metrics(run_id, {"memory_stored": summary["stored"], "memory_bytes": summary["bytes"],
-                             **{f"memory_class_{c}": n for c, n in summary["histogram"].items()}}, step=step)
+    tracker.metrics(
+        run_id,
+        {
+            "memory_stored": summary["stored"],
+            "memory_bytes": summary["bytes"],
+            **{f"memory_class_{c}": n for c, n in summary["histogram"].items()},
+        },
+        step=step,
+    )
     return [memory_file(step_dir, spec.kind).name]
 
 
-def _publish(exp: Experiment, design: StepDesign, trained: TrainedStep, kept: list[str], tracker: Tracker,
-             run_id: str) -> dict[str, Any]:
+def _publish(
+    exp: Experiment, design: StepDesign, trained: TrainedStep, kept: list[str], tracker: Tracker, run_id: str
+) -> dict[str, Any]:
     """Score the step, record it in MLflow and its folder, and mark the folder complete (last)."""
     plan = design.plan
     step_dir = exp.step_dir(plan.step)
-    scores = reduce_scores(trained.confusion, plan.old_channels, plan.new_channels,
-                           background_is_class=exp.train_manifest.info.background_is_class)
+    scores = reduce_scores(
+        trained.confusion,
+        plan.old_channels,
+        plan.new_channels,
+        background_is_class=exp.train_manifest.info.background_is_class,
+    )
     row = {**exp.row(plan.step, scores, trained.source), "checkpoint_resumes": trained.restarts}
     for epoch_row in trained.epochs:
-        tracker.metrics(run_id, {k: v for k, v in epoch_row.items() if k.startswith("loss") or k in EPOCH_METRICS},
-                        step=int(epoch_row["epoch"]))
+        tracker.metrics(
+            run_id,
+            {k: v for k, v in epoch_row.items() if k.startswith("loss") or k in EPOCH_METRICS},
+            step=int(epoch_row["epoch"]),
+        )
     tracker.metrics(run_id, numeric_scores(row), step=plan.step)
     tracker.tags(run_id, {"eir.step0_source": trained.source})
     storage.write_json_atomic(step_dir.join("confusion.json"), trained.confusion.tolist())
@@ -344,8 +389,9 @@ def _train(exp: Experiment, design: StepDesign, memory: Memory | None) -> Traine
     )
     log.info("step %d trained in %.1fs", step, time.perf_counter() - started)
     if outcome.restarts:
-        log.warning("step %d: Ray Train restarted the workers %d time(s) from the last epoch checkpoint",
-                    step, outcome.restarts)
+        log.warning(
+            "step %d: Ray Train restarted the workers %d time(s) from the last epoch checkpoint", step, outcome.restarts
+        )
     return TrainedStep(outcome.confusion, "trained", tuple(outcome.epochs), outcome.restarts)
 
 

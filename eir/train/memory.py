@@ -51,8 +51,16 @@ def build_memory(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if spec.kind == "instances":
-            store, report = build_store(rows, spec.classes, rule=spec.instance_rule, min_area=spec.min_area,
-                                        step=step, budget=spec.size, previous=previous, seed=spec.seed)
+            store, report = build_store(
+                rows,
+                spec.classes,
+                rule=spec.instance_rule,
+                min_area=spec.min_area,
+                step=step,
+                budget=spec.size,
+                previous=previous,
+                seed=spec.seed,
+            )
             summary = {"stored": len(store), "candidates_per_class": report.candidates_per_class}
         else:
             store = build_image_store(rows, spec.classes, spec.size, previous, seed=spec.seed)
@@ -63,6 +71,7 @@ def build_memory(
     summary["histogram"] = store.class_histogram()
     summary["bytes"] = store.nbytes
     store.write(memory_file(step_dir, spec.kind))
-    log.info("step %d: stored %d %s (budget %d), per class %s", step, len(store), spec.kind, spec.size,
-             summary["histogram"])
+    log.info(
+        "step %d: stored %d %s (budget %d), per class %s", step, len(store), spec.kind, spec.size, summary["histogram"]
+    )
     return summary

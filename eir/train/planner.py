@@ -208,8 +208,19 @@ def plan_step(
         fault_marker=fault.marker,
     )
     keeps = kind != "none" and step < layout.schedule.num_steps - 1
-    memory = MemorySpec(kind, step, cfg.memory.size, layout.schedule.classes_learned(step), cfg.memory.instance_rule,
-                        cfg.memory.min_area, seed=cfg.seed * 1000 + step) if keeps else None
+    memory = (
+        MemorySpec(
+            kind,
+            step,
+            cfg.memory.size,
+            layout.schedule.classes_learned(step),
+            cfg.memory.instance_rule,
+            cfg.memory.min_area,
+            seed=cfg.seed * 1000 + step,
+        )
+        if keeps
+        else None
+    )
     return StepDesign(plan, stream, eval_step, layout.test_lut(step), replay, memory)
 
 

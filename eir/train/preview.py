@@ -39,14 +39,17 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
     if step < 1 or step >= exp.schedule.num_steps:
         raise RunDirError(f"preview needs an incremental step 1..{exp.schedule.num_steps - 1}, got {step}")
     if cfg.memory.kind != "instances":
-        raise RunDirError(f"method {cfg.method.name!r} keeps no instance store (memory.kind={cfg.memory.kind!r}): "
-                          "nothing is pasted")
+        raise RunDirError(
+            f"method {cfg.method.name!r} keeps no instance store (memory.kind={cfg.memory.kind!r}): nothing is pasted"
+        )
     previous = exp.step_dir(step - 1)
     model_loc, store_loc = previous.join("model.pt"), memory_file(previous, "instances")
     for loc, what in ((model_loc, "model"), (store_loc, "instance store")):
         if not storage.exists(loc):
-            raise RunDirError(f"preview of step {step} needs the step {step - 1} {what} {loc.uri}: "
-                              f"run (or resume) step {step - 1} first")
+            raise RunDirError(
+                f"preview of step {step} needs the step {step - 1} {what} {loc.uri}: "
+                f"run (or resume) step {step - 1} first"
+            )
     store = InstanceStore.read(store_loc)
     design = exp.design(step, PreviousStep(model_loc.uri, len(store)))
     spec = design.stream
@@ -54,10 +57,16 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
     pseudo = None
     if design.pseudo:
         plan = design.plan
-        labeler = PseudoLabeler(model_loc.uri, plan.backbone, plan.output_stride, spec.lut, cfg.pseudo.threshold,
-                                use_gpu=False)
-        pseudo = labeler({"id": rows.column("id").to_pylist(), "image": rows.column("image").to_pylist(),
-                          "label": rows.column("label").to_pylist()})["pseudo"]
+        labeler = PseudoLabeler(
+            model_loc.uri, plan.backbone, plan.output_stride, spec.lut, cfg.pseudo.threshold, use_gpu=False
+        )
+        pseudo = labeler(
+            {
+                "id": rows.column("id").to_pylist(),
+                "image": rows.column("image").to_pylist(),
+                "label": rows.column("label").to_pylist(),
+            }
+        )["pseudo"]
     by_channel = index_by_channel(store.class_ids(), spec.class_to_channel)
     make = SampleMaker(spec, store.decoded(), by_channel, np.random.default_rng(seed))
     panels = []

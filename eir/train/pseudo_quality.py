@@ -73,13 +73,17 @@ def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
 
 def quality_table(document: dict[str, Any]) -> str:
     """Plain-text table: one line per step, then each old class's recall (precision) at that step."""
+
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.1f}"
 
     lines = [f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  per class: recall (precision)"]
     for step in document["steps"]:
-        classes = ", ".join(f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})"
-                            for name, s in step["per_class"].items())
-        lines.append(f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  "
-                     f"{fmt(step['precision_old']):>13}  {classes}")
+        classes = ", ".join(
+            f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})" for name, s in step["per_class"].items()
+        )
+        lines.append(
+            f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  "
+            f"{fmt(step['precision_old']):>13}  {classes}"
+        )
     return "\n".join(lines)

@@ -96,15 +96,27 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
     root = storage.resolve(config.run.output_dir)
     data = config.dataset
     prepared = {
-        split: ensure_prepared(data.name, data.root, split, root, image_scale=data.image_scale,
-                               synthetic=(data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed),
-                               progress=progress)
+        split: ensure_prepared(
+            data.name,
+            data.root,
+            split,
+            root,
+            image_scale=data.image_scale,
+            synthetic=(data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed),
+            progress=progress,
+        )
         for split in (data.train_split, data.test_split)
     }
     train_manifest, test_manifest = prepared[data.train_split], prepared[data.test_split]
     info = train_manifest.info
-    task = get_task(data.name, config.task.name, config.task.setting, num_classes=info.num_classes,
-                    class_order=config.task.class_order, future_label=info.future_label)
+    task = get_task(
+        data.name,
+        config.task.name,
+        config.task.setting,
+        num_classes=info.num_classes,
+        class_order=config.task.class_order,
+        future_label=info.future_label,
+    )
     layout = RunLayout.of(config, task)
     return Experiment(
         config=config,

@@ -21,7 +21,11 @@ def git_sha() -> str:
     """The commit of the code this process imported (read once: a later commit does not change it)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
             check=False,
         )
         return out.stdout.strip() or "unknown"

@@ -43,8 +43,9 @@ def read_run_config(run_dir: Location) -> ExperimentConfig:
     try:
         return config_from_yaml(storage.read_bytes(loc), where=loc.uri)
     except ConfigError as exc:
-        raise RunDirError(f"the run's config is damaged: {exc}; restore {loc.uri}, or start a new run under "
-                          "another run.name") from exc
+        raise RunDirError(
+            f"the run's config is damaged: {exc}; restore {loc.uri}, or start a new run under another run.name"
+        ) from exc
 
 
 def require_existing_run(name: str, output_root: Location, run_dir: Location) -> None:
@@ -54,8 +55,9 @@ def require_existing_run(name: str, output_root: Location, run_dir: Location) ->
     runs = [entry for entry in storage.list_dir(output_root) if storage.exists(output_root.join(entry, "config.yaml"))]
     close = difflib.get_close_matches(name, runs, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; runs there: {', '.join(runs[:10]) or 'none'}"
-    raise RunDirError(f"--resume: there is no run {name!r} in {output_root.uri} "
-                      f"(no {run_dir.join('config.yaml').uri}){hint}")
+    raise RunDirError(
+        f"--resume: there is no run {name!r} in {output_root.uri} (no {run_dir.join('config.yaml').uri}){hint}"
+    )
 
 
 def check_run_dir(config: ExperimentConfig, output_root: Location, run_dir: Location, resume: bool) -> None:

@@ -43,8 +43,15 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
         rows = (rows if rows is not None else read_manifest_rows(exp.train_manifest, ids)).union(replayed)
     elif design.replay == "instances":
         spec = dataclasses.replace(spec, store=ray.put(memory.to_bytes()))
-    return train_stream(exp.train_manifest, ids, spec, batch_size=plan.per_worker_batch,
-                        num_cpus=cfg.data.num_cpus_per_worker, rows=rows, epochs=plan.epochs)
+    return train_stream(
+        exp.train_manifest,
+        ids,
+        spec,
+        batch_size=plan.per_worker_batch,
+        num_cpus=cfg.data.num_cpus_per_worker,
+        rows=rows,
+        epochs=plan.epochs,
+    )
 
 
 def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) -> ray.data.Dataset:
@@ -54,16 +61,35 @@ def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) ->
     if storage.reusable(folder, f"step {plan.step}'s pseudo-labels"):
         log.info("step %d: reusing the pseudo-labels in %s", plan.step, folder.uri)
     else:
-        log.info("step %d: pseudo-labelling %d images with the step %d model (%d actor(s))",
-                 plan.step, len(ids), plan.step - 1, cfg.data.pseudo_actors)
-        write_pseudo_labels(exp.train_manifest, ids, folder, model_uri=plan.previous_model, backbone=plan.backbone,
-                            output_stride=plan.output_stride, lut=design.stream.lut, threshold=cfg.pseudo.threshold,
-                            actors=cfg.data.pseudo_actors, use_gpu=cfg.scaling.use_gpu)
+        log.info(
+            "step %d: pseudo-labelling %d images with the step %d model (%d actor(s))",
+            plan.step,
+            len(ids),
+            plan.step - 1,
+            cfg.data.pseudo_actors,
+        )
+        write_pseudo_labels(
+            exp.train_manifest,
+            ids,
+            folder,
+            model_uri=plan.previous_model,
+            backbone=plan.backbone,
+            output_stride=plan.output_stride,
+            lut=design.stream.lut,
+            threshold=cfg.pseudo.threshold,
+            actors=cfg.data.pseudo_actors,
+            use_gpu=cfg.scaling.use_gpu,
+        )
     return read_prepared_rows(folder).select_columns([*ROW_COLUMNS, "pseudo"])
 
 
 def scoring_stream(exp: Experiment, design: StepDesign) -> ray.data.Dataset:
     """The test images that score the step, with the test LUT of its evaluated step."""
     cfg = exp.config
-    return eval_stream(exp.test_manifest, exp.test_splits.step_ids(design.eval_step), design.eval_lut,
-                       protocol=cfg.eval.protocol, crop_size=cfg.eval.crop_size)
+    return eval_stream(
+        exp.test_manifest,
+        exp.test_splits.step_ids(design.eval_step),
+        design.eval_lut,
+        protocol=cfg.eval.protocol,
+        crop_size=cfg.eval.crop_size,
+    )

@@ -48,10 +48,17 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def exp(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     torch.set_num_threads(1)
     output_dir = tmp_path_factory.mktemp("runs")
-    config = load_config(overrides=[
-        "dataset.name=synthetic", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48",
-        "task.name=15-5", "model.weights=null", f"run.output_dir={output_dir}", "run.name=art",
-    ])
+    config = load_config(
+        overrides=[
+            "dataset.name=synthetic",
+            "dataset.synthetic_num_images=40",
+            "dataset.synthetic_image_size=48",
+            "task.name=15-5",
+            "model.weights=null",
+            f"run.output_dir={output_dir}",
+            "run.name=art",
+        ]
+    )
     return resolve(config, progress=False)
 
 

@@ -44,8 +44,17 @@ def folder_dataset(root: Path, classes: tuple[str, ...]) -> Path:
 def run(tmp_path: Path) -> Path:
     """A 1-1 run on a folder dataset (cat, dog) whose step 0 is finished; its training data is in the cache."""
     raw = folder_dataset(tmp_path / "trained-on", TRAINED)
-    config = load_config(QUICKSTART, [f"run.output_dir={tmp_path / 'outputs'}", "run.name=r", "dataset.name=folder",
-                                      f"dataset.root={raw}", "task.name=1-1", "model.weights=null"])
+    config = load_config(
+        QUICKSTART,
+        [
+            f"run.output_dir={tmp_path / 'outputs'}",
+            "run.name=r",
+            "dataset.name=folder",
+            f"dataset.root={raw}",
+            "task.name=1-1",
+            "model.weights=null",
+        ],
+    )
     ensure_prepared("folder", str(raw), "train", storage.resolve(tmp_path / "outputs"), progress=False)
     run_dir = tmp_path / "outputs" / "r"
     (run_dir / "step_0").mkdir(parents=True)
@@ -112,4 +121,6 @@ def test_where_the_run_classes_cannot_be_read_it_warns_and_scores(
 def test_label_space_differences_lists_count_then_ids() -> None:
     assert label_space_differences(TRAINED, TRAINED) == []
     assert label_space_differences(TRAINED, ("background", "cat")) == [
-        "K=1 classes, the run's K=2", "class 2 is None, the run's 'dog'"]
+        "K=1 classes, the run's K=2",
+        "class 2 is None, the run's 'dog'",
+    ]

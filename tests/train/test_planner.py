@@ -44,8 +44,9 @@ builtins.open = no_files
 design = plan_step(config, facts, 1, PreviousStep({MODEL!r}, memory_items=30))
 print(design.plan.rows_per_epoch, design.replay, design.pseudo, design.plan.previous_model)
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["70", "instances", "True", MODEL]
 
