@@ -16,13 +16,25 @@ import traceback
 from pathlib import Path
 
 from eir import storage
-from eir.config import ConfigError
+from eir.bench import BENCHMARKS
+from eir.config import ConfigError, describe_keys, load_config
 from eir.data.base import DatasetError
+from eir.data.prepare import prepare_split
 from eir.data.registry import DATASETS
+from eir.data.synthetic import generate_synthetic
 from eir.model import CheckpointError
 from eir.raysession import VERBOSE_ENV, RayStartError
+from eir.report import write_report
+from eir.submit import add_submit_parser
 from eir.tasks import TaskError
-from eir.train.experiment import RunDirError
+from eir.train import cache
+from eir.train.evaluate_run import evaluate_run
+from eir.train.experiment import run_experiment
+from eir.train.preview import write_preview
+from eir.train.pseudo_quality import quality_table, score_pseudo_labels
+from eir.train.rundir import RunDirError
+from eir.train.sweep import run_sweep
+from eir.visualize import pseudo_recall_figure
 
 log = logging.getLogger("eir")
 # Bad input: one `error:` line and exit 2 (OSError and RayStartError too, see `main`).
@@ -30,9 +42,6 @@ USER_ERRORS = (ConfigError, DatasetError, TaskError, RunDirError, CheckpointErro
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from eir.data.prepare import prepare_split
-    from eir.data.synthetic import generate_synthetic
-
     out = storage.resolve(args.out)
     if args.dataset == "synthetic":
         if not out.is_local:
@@ -56,9 +65,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from eir.config import load_config
-    from eir.train.experiment import run_experiment
-
     config = load_config(args.config, args.overrides)
     document = run_experiment(config, resume=args.resume, dry_run=args.dry_run)
     if not args.dry_run:
@@ -68,8 +74,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from eir.train.evaluate_run import evaluate_run
-
     document = evaluate_run(args.run_dir, dataset=args.dataset, root=args.root, split=args.split, step=args.step,
                             out=args.out, protocol=args.protocol)
     step = document["steps"][0]
@@ -79,19 +83,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from eir.train.preview import write_preview
-
     print(f"wrote {write_preview(args.run_dir, args.step, args.out, args.count)}")
     return 0
 
 
 def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
-    from eir.train.pseudo_quality import quality_table, score_pseudo_labels
-
     document = score_pseudo_labels(args.run_dir, out=args.out)
     if args.plot:
-        from eir.visualize import pseudo_recall_figure
-
         pseudo_recall_figure(document, args.plot)
         print(f"wrote {args.plot}")
     print(f"pseudo-labels of {document['run']} (threshold {document['threshold']}) against the complete training labels, %")
@@ -100,31 +98,23 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from eir.train.sweep import run_sweep
-
     summary = run_sweep(args.sweep, args.overrides, resume=args.resume)
     return 0 if summary["trials"] else 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from eir.report import write_report
-
     for path in write_report(args.dirs, args.out):
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from eir.bench import BENCHMARKS
-
     methods = args.methods.split(",") if args.methods else None
     BENCHMARKS[args.name](quick=args.quick, overrides=args.overrides, limit=args.limit, methods=methods)
     return 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from eir.train import cache
-
     root = storage.resolve(args.output_dir)
     if args.clear:
         print(f"removed {cache.clear(root)} step-0 cache entries under {root.uri}")
@@ -184,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     prep.add_argument("--image-size", type=int, default=112, help="synthetic: image side in pixels")
     prep.set_defaults(func=_cmd_prepare)
-
-    from eir.config import describe_keys
 
     run = sub.add_parser(
         "run",
@@ -276,11 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output folder (default ./report)")
     report.set_defaults(func=_cmd_report)
 
-    from eir.submit import add_submit_parser
-
     add_submit_parser(sub)
-
-    from eir.bench import BENCHMARKS
 
     bench = sub.add_parser(
         "bench",

@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-import eir.train.experiment
 import launch
 from eir import storage
 from eir.config import dump_yaml, load_config, schema, valid_keys
@@ -496,7 +495,7 @@ def test_every_key_refuses_a_bad_value_at_load_and_writes_nothing(
     def accepted(config: Any, **_: Any) -> None:
         raise AssertionError(f"{key}={value!r} was accepted; the run would have started")
 
-    monkeypatch.setattr(eir.train.experiment, "run_experiment", accepted)
+    monkeypatch.setattr(launch, "run_experiment", accepted)
     out = tmp_path / "out"
     overrides = (
         [f"{key}={json.dumps(value)}"]

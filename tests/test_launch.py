@@ -98,13 +98,12 @@ def test_every_experiment_config_loads(config: Path) -> None:
 
 
 def test_ctrl_c_is_error_interrupted_with_exit_130(tmp_path: Path, capsys, monkeypatch) -> None:
-    import eir.report
     import launch as cli
 
     def interrupted(paths, out):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eir.report, "write_report", interrupted)
+    monkeypatch.setattr(cli, "write_report", interrupted)
     assert cli.main(["report", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
 
@@ -113,13 +112,12 @@ def test_machine_errors_keep_their_traceback_only_under_verbose(tmp_path: Path, 
     import errno
     import os
 
-    import eir.report
     import launch as cli
 
     def disk_full(paths, out):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "report.md"))
 
-    monkeypatch.setattr(eir.report, "write_report", disk_full)
+    monkeypatch.setattr(cli, "write_report", disk_full)
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'out' / 'report.md'}: No space left on device\n"
