@@ -17,8 +17,7 @@ and in every local worker, while Ray's warnings and errors still show. `launch.p
 EIR_VERBOSE=1 brings Ray's logs back.
 
 A failed start (an unreachable `RAY_ADDRESS`, no room in the temp dir, ...) is one `RayStartError`
-saying why, which `launch.py` reports as one line. Ray itself is imported only when started, so the
-command line can name this error without paying Ray's import.
+saying why, which `launch.py` reports as one line.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ import os
 import re
 import socket
 import warnings
+
+import ray
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
@@ -125,8 +126,6 @@ def quiet_state_api_polling() -> None:
     several and the cleaner's thread dies with a 30-line traceback each step; named in RAY_ADDRESS, its
     own cluster answers "unavailable" (no dashboard), which is the warning silenced here.
     """
-    import ray
-
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
@@ -147,8 +146,6 @@ def _driver_log_level() -> int:
 
 def start_local(num_cpus: int) -> None:
     """Start a private local instance without the dashboard (also the test suite's instance)."""
-    import ray
-
     hook = quiet_state_api_polling if ray_logs_shown() else quiet_local_worker
     ray.init(
         address="local",
@@ -161,8 +158,6 @@ def start_local(num_cpus: int) -> None:
 
 
 def ensure_ray() -> None:
-    import ray
-
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
+
 import eir
 from eir import storage
 from eir.config import step0_keys
+from eir.raysession import ensure_ray
 from eir.storage import Location
 
 log = logging.getLogger(__name__)
@@ -98,10 +101,6 @@ def writer_lock(loc: Location, poll_s: float = 2.0) -> Iterator[None]:
     with an `owner` field would not do: its lifetime is tied to whichever process created it, so
     it can die under a live holder and admit a second writer (CI caught that).
     """
-    import ray
-
-    from eir.raysession import ensure_ray
-
     ensure_ray()
     name = lock_name(loc)
     waited = False
@@ -128,21 +127,6 @@ def lock_name(loc: Location) -> str:
     return "eir-step0-lock-" + hashlib.sha256(loc.uri.encode()).hexdigest()[:24]
 
 
-class _LazyToken:
-    """Defers `ray.remote` until first use, so importing this module does not import Ray."""
-
-    _cls = None
-
-    def options(self, **kwargs):
-        if _LazyToken._cls is None:
-            import ray
-
-            @ray.remote(num_cpus=0)
-            class LockToken:
-                """Holds nothing: its existence under the lock's name is the lock."""
-
-            _LazyToken._cls = LockToken
-        return _LazyToken._cls.options(**kwargs)
-
-
-_LockToken = _LazyToken()
+@ray.remote(num_cpus=0)
+class _LockToken:
+    """Holds nothing: its existence under the lock's name is the lock."""

@@ -19,6 +19,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as train_context
+from ray.train.v2._internal.execution import storage as train_storage
 
 from eir import storage
 from eir.data.transforms import normalize
@@ -72,10 +74,7 @@ def quiet_ray_train_reports() -> None:
     """Drop Ray Train's per-report INFO lines on the worker: each repeats the reported metrics, the
     whole confusion matrix included (52 of a quick start's 212 console lines); the worker prints
     its own one-line epoch summary instead. Warnings and errors still show."""
-    from ray.train.v2._internal.execution import context
-    from ray.train.v2._internal.execution import storage as train_storage
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by file path
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names this logger by file path
     logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)  # "Checkpoint successfully created"
 
 
