@@ -60,6 +60,11 @@ class StepPlan:
         return self.step > 0
 
     @property
+    def min_last_batch(self) -> int:
+        """A step whose BatchNorm trains cannot take a one-image batch (see `iterations_per_epoch`)."""
+        return 1 if self.freeze_batchnorm else 2
+
+    @property
     def old_weight_decay(self) -> float | None:
         """METHOD.md §2: no weight decay on old parameters at t > 0 (None: decay everything)."""
         return 0.0 if self.step > 0 else None
@@ -80,11 +85,17 @@ class StepPlan:
         return asdict(self)
 
 
-def iterations_per_epoch(rows_per_worker: int, batch: int, epochs: int) -> list[int]:
+def iterations_per_epoch(rows_per_worker: int, batch: int, epochs: int, *, min_last_batch: int = 1) -> list[int]:
     """How many batches each epoch takes from a stream that chains every epoch (one execution).
 
     Epochs share batches at their seams, so only the step's last batch is partial: the counts
-    sum to ceil(epochs x rows / batch), and every epoch gets at least one batch.
+    sum to ceil(epochs x rows / batch), and every epoch gets at least one batch. A last batch
+    smaller than `min_last_batch` is left unread: a step whose BatchNorm trains passes 2, since
+    ASPP's image-pooling branch cannot normalise a single image (every worker drops it alike).
     """
     ends = [max(e + 1, math.ceil((e + 1) * rows_per_worker / batch)) for e in range(epochs)]
+    if 0 < (epochs * rows_per_worker) % batch < min_last_batch:
+        last_start = ends[-2] if epochs > 1 else 0
+        if ends[-1] - last_start > 1:  # the last epoch keeps at least one batch
+            ends[-1] -= 1
     return [end - start for start, end in zip([0, *ends[:-1]], ends)]

@@ -116,7 +116,9 @@ def train_step_worker(plan_dict: dict) -> None:
         old_model = build_old_model(plan).to(device).eval()
         old_model.requires_grad_(False)
 
-    epoch_iterations = iterations_per_epoch(plan.rows_per_epoch // world, plan.per_worker_batch, plan.epochs)
+    epoch_iterations = iterations_per_epoch(
+        plan.rows_per_epoch // world, plan.per_worker_batch, plan.epochs, min_last_batch=plan.min_last_batch
+    )
     total_iters = sum(epoch_iterations)
     # The stream holds every epoch in one execution (eir.data.pipeline.train_stream): one
     # iterator for the whole step, cut into epochs by count. After a restart from the epoch-k

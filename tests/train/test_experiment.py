@@ -21,8 +21,9 @@ import yaml
 import launch
 from eir.config import load_config
 from eir.train.evaluate_run import evaluate_run
-from eir.train.experiment import RunDirError, run_experiment
+from eir.train.experiment import run_experiment
 from eir.train.plan import StepPlan, iterations_per_epoch
+from eir.train.rundir import RunDirError
 from eir.train.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
@@ -133,7 +134,8 @@ def test_the_trainer_follows_the_plans_schedule_and_decay(finetune_run: dict, ou
             for k, v in json.loads((output_dir / "finetune" / "step_0" / "plan.json").read_text()).items()
         }
     )
-    total = sum(iterations_per_epoch(plan.rows_per_epoch, plan.per_worker_batch, plan.epochs))
+    total = sum(iterations_per_epoch(plan.rows_per_epoch, plan.per_worker_batch, plan.epochs,
+                                     min_last_batch=plan.min_last_batch))
     last = plan.lr_factor(total - 1, total)  # the factor of the last iteration: after the warm-up, on the poly decay
     assert last != pytest.approx(max(0.0, 1 - (total - 1) / total) ** 0.9), "warm-up shifts the decay"
     assert groups(0)["backbone"]["lr"] == pytest.approx(plan.lr * last)

@@ -22,6 +22,17 @@ def test_whole_batches_give_equal_epochs() -> None:
     assert iterations_per_epoch(20, 8, 2) == [3, 2]  # 40 rows = 5 batches
 
 
+@pytest.mark.parametrize(("rows", "batch", "epochs"), [(33, 8, 1), (11, 8, 3), (17, 8, 1), (9, 8, 1)])
+def test_a_training_batchnorm_never_gets_a_one_image_last_batch(rows: int, batch: int, epochs: int) -> None:
+    assert (rows * epochs) % batch == 1
+    full = iterations_per_epoch(rows, batch, epochs)
+    counts = iterations_per_epoch(rows, batch, epochs, min_last_batch=2)
+    assert sum(counts) == sum(full) - 1 == (rows * epochs) // batch, "the one-image batch is left unread"
+    assert min(counts) >= 1
+    assert iterations_per_epoch(34, 8, 1, min_last_batch=2) == [5], "a last batch of 2 is kept"
+    assert _plan(0).min_last_batch == 2 and _plan(1).min_last_batch == 1  # step t > 0 freezes BatchNorm
+
+
 def _plan(step: int, warmup_fraction: float = 0.0) -> StepPlan:
     return StepPlan(
         step=step, head_sizes=(15, 5)[: step + 1], backbone="mobilenet_v2", weights=None, output_stride=16,
