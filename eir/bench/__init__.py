@@ -8,7 +8,13 @@ from typing import Any
 
 
 def _accuracy(name: str) -> Callable[..., Any]:
-    def run(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
+    def run(
+        quick: bool = False,
+        overrides: list[str] | None = None,
+        limit: int | None = None,
+        methods: list[str] | None = None,
+    ) -> Any:
+        # Imported when this benchmark runs: `launch.py` imports this package, not every benchmark.
         from eir.bench.accuracy import run_accuracy
 
         if quick:
@@ -21,7 +27,12 @@ def _accuracy(name: str) -> Callable[..., Any]:
 def _performance(name: str) -> Callable[..., Any]:
     """`eir.bench.<name>.run_<name>(quick, overrides)`, imported only when that benchmark runs."""
 
-    def run(quick: bool = False, overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None) -> Any:
+    def run(
+        quick: bool = False,
+        overrides: list[str] | None = None,
+        limit: int | None = None,
+        methods: list[str] | None = None,
+    ) -> Any:
         if limit is not None or methods:
             raise ValueError(f"{name}: --limit and --methods apply to accuracy benchmarks only")
         return getattr(importlib.import_module(f"eir.bench.{name}"), f"run_{name}")(quick, overrides)

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from eir import storage
 from eir.bench.common import environment, read_results, results_path, write_results
 from eir.config import load_config
-from eir.train.experiment import config_differences, read_run_config, run_experiment
+from eir.train.experiment import run_experiment
+from eir.train.rundir import config_differences, read_run_config
 from eir.visualize import steps_figure
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,9 @@ def _plan(name: str) -> list[Planned]:
     if name == "accuracy_camvid":
         first = [Planned("experiments/camvid_5-3.yaml", m, 0) for m in INCREMENTAL]
         second = [Planned("experiments/camvid_6-1.yaml", m, 0) for m in INCREMENTAL]
-        seeds = [Planned("experiments/camvid_5-3.yaml", m, s) for s in (1, 2) for m in ("finetune", "image_replay", "eir")]
+        seeds = [
+            Planned("experiments/camvid_5-3.yaml", m, s) for s in (1, 2) for m in ("finetune", "image_replay", "eir")
+        ]
         # The seeds before 6-1: the goal "beyond the seed spread" is read from them.
         return first + seeds + second
     if name == "accuracy_synthetic":
@@ -65,12 +71,11 @@ def run_entry(document: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
     }
 
 
-def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int | None = None,
-                 methods: list[str] | None = None) -> dict[str, Any]:
+def run_accuracy(
+    name: str, extra_overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None
+) -> dict[str, Any]:
     """Run the benchmark's planned runs in order; `limit` caps how many runs are trained this time and
     `methods` restricts this invocation to some methods (to see the one in question first)."""
-    from eir import storage
-
     unknown = sorted(set(methods or []) - set(INCREMENTAL))
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; expected some of {INCREMENTAL}")
@@ -86,8 +91,13 @@ def run_accuracy(name: str, extra_overrides: list[str] | None = None, limit: int
             log.info("%s %s seed %d: already in %s, skipped", task, planned.method, planned.seed, path.name)
             continue
         suffix = "" if planned.seed == 0 else f"_seed{planned.seed}"
-        overrides = [f"method.name={planned.method}", f"seed={planned.seed}", f"run.name={base.run.name}_{planned.method}{suffix}",
-                     *planned.overrides, *(extra_overrides or [])]
+        overrides = [
+            f"method.name={planned.method}",
+            f"seed={planned.seed}",
+            f"run.name={base.run.name}_{planned.method}{suffix}",
+            *planned.overrides,
+            *(extra_overrides or []),
+        ]
         config = load_config(REPO / planned.config, overrides)
         started = time.perf_counter()
         run_dir = storage.resolve(config.run.output_dir).join(config.run.name)
@@ -136,8 +146,6 @@ def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, 
 
 def _final_stats(items: list[dict[str, Any]], key: str) -> tuple[float, float | None, int] | None:
     """Mean, sample std (None for one seed) and seed count of a final-step score, or None when unscored."""
-    import numpy as np
-
     values = [r["final"][key] for r in items if r["final"][key] is not None]
     if not values:
         return None

@@ -8,19 +8,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pyarrow
+import ray
+import torch
+import torchvision
+
 from eir import storage
-from eir.train.experiment import git_sha
+from eir.train.results import git_sha
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "results"
 
 
 def environment() -> dict[str, Any]:
-    import mlflow
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
-
     return {
         "machine": {
             "platform": platform.platform(),

@@ -17,8 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+from eir.model import build_model
+from eir.pseudo import pseudo_labels
 from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,22 +31,24 @@ VARIANTS = ("finetune", "image_replay", "eir", "eir_per_iteration_recipe")
 
 
 def _measure(variant: str, crop: int, batch: int, threads: int, iterations: int, warmup: int, queue: Any) -> None:
-    import torch
-
-    from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
-    from eir.model import build_model
-    from eir.pseudo import pseudo_labels
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     old_heads, new = [5], 3  # CamVid 5-3, step 1
     model = build_model("mobilenet_v2", [*old_heads, new], weights=None)
     model.freeze_batchnorm()
-    old = build_model("mobilenet_v2", old_heads, weights=None).eval().requires_grad_(False) if variant.startswith("eir") else None
+    old = (
+        build_model("mobilenet_v2", old_heads, weights=None).eval().requires_grad_(False)
+        if variant.startswith("eir")
+        else None
+    )
     optimizer = torch.optim.SGD(model.param_groups(0.001, 1e-4), lr=0.001, momentum=0.9, nesterov=True)
     images = torch.randn(batch, 3, crop, crop)
     label = torch.randint(0, 9, (batch, crop, crop))
-    paste_class = torch.where(torch.rand(batch, crop, crop) < 0.2, torch.randint(1, 6, (batch, crop, crop)), torch.full((batch, crop, crop), 255))
+    paste_class = torch.where(
+        torch.rand(batch, crop, crop) < 0.2,
+        torch.randint(1, 6, (batch, crop, crop)),
+        torch.full((batch, crop, crop), 255),
+    )
     paste_weight = torch.rand(batch, crop, crop).half()
     times = []
     model.train()
@@ -65,8 +72,14 @@ def _measure(variant: str, crop: int, batch: int, threads: int, iterations: int,
         optimizer.step()
         if index >= warmup:
             times.append(time.perf_counter() - started)
-    queue.put({"variant": variant, "s_per_iteration": sum(times) / len(times), "times": times,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put(
+        {
+            "variant": variant,
+            "s_per_iteration": sum(times) / len(times),
+            "times": times,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
 def run_iteration(quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -82,7 +95,11 @@ def run_iteration(quick: bool = False, overrides: list[str] | None = None) -> di
         process.start()
         results[variant] = queue.get()
         process.join()
-        print(f"{variant:26s} {results[variant]['s_per_iteration'] * 1000:8.1f} ms/iteration  peak RSS {results[variant]['peak_rss_mb']:7.0f} MB")
+        measured = results[variant]
+        print(
+            f"{variant:26s} {measured['s_per_iteration'] * 1000:8.1f} ms/iteration  "
+            f"peak RSS {measured['peak_rss_mb']:7.0f} MB"
+        )
     t = {v: r["s_per_iteration"] for v, r in results.items()}
     document = {
         "benchmark": "iteration",
@@ -90,14 +107,29 @@ def run_iteration(quick: bool = False, overrides: list[str] | None = None) -> di
         "eir_vs_finetune": round(t["eir"] / t["finetune"], 4),
         "eir_vs_per_iteration_recipe": round(t["eir"] / t["eir_per_iteration_recipe"], 4),
         **environment(),
-        "config": {"crop": crop, "per_worker_batch": batch, "torch_threads": threads, "iterations": iterations,
-                   "warmup": warmup, "backbone": "mobilenet_v2", "output_stride": 16, "task": "camvid 5-3 step 1"},
+        "config": {
+            "crop": crop,
+            "per_worker_batch": batch,
+            "torch_threads": threads,
+            "iterations": iterations,
+            "warmup": warmup,
+            "backbone": "mobilenet_v2",
+            "output_stride": 16,
+            "task": "camvid 5-3 step 1",
+        },
         "results": results,
     }
     path = results_path("iteration", quick)
     write_results(path, document)
-    hbar_figure({v.replace("_per_iteration_recipe", " + per-iteration pseudo-labels"): t[v] * 1000 for v in VARIANTS},
-                path.with_suffix(".png"), xlabel="ms per iteration", colors=["#4c72b0", "#4c72b0", "#55a868", "#c44e52"],
-                title=f"training iteration, crop {crop}, batch {batch}, {threads} threads")
-    print(f"eir_vs_finetune = {document['eir_vs_finetune']}, eir_vs_per_iteration_recipe = {document['eir_vs_per_iteration_recipe']}  → {path}")
+    hbar_figure(
+        {v.replace("_per_iteration_recipe", " + per-iteration pseudo-labels"): t[v] * 1000 for v in VARIANTS},
+        path.with_suffix(".png"),
+        xlabel="ms per iteration",
+        colors=["#4c72b0", "#4c72b0", "#55a868", "#c44e52"],
+        title=f"training iteration, crop {crop}, batch {batch}, {threads} threads",
+    )
+    print(
+        f"eir_vs_finetune = {document['eir_vs_finetune']}, "
+        f"eir_vs_per_iteration_recipe = {document['eir_vs_per_iteration_recipe']}  → {path}"
+    )
     return document

@@ -1,4 +1,4 @@
-"""`memory_store`: what the instance store costs against the image-replay store at the same budget.
+"""`memory_store`: what the instance store costs against the image-replay store at the same memory.size.
 
 For M = 25, 50, 100, 200 on CamVid (train, step 0 of 5-3) and synthetic (step 0 of 15-1): bytes on
 disk (Parquet) and in memory (Arrow), write and read time of both stores. Key:
@@ -20,7 +20,7 @@ from eir.config import load_config
 from eir.data.ingest import read_rows
 from eir.replay.image_store import ImageStore, build_image_store
 from eir.replay.store import InstanceStore, build_store
-from eir.train.experiment import resolve
+from eir.train.resolved import resolve
 from eir.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _timed_roundtrip(store: Any, cls: type, folder: Path, name: str) -> dict[str
 
 
 def run_memory_store(quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
-    budgets = [25, 100] if quick else [25, 50, 100, 200]
+    sizes = [25, 100] if quick else [25, 50, 100, 200]  # memory.size M
     results: dict[str, list[dict[str, Any]]] = {}
     for dataset, (config_path, extra) in SETTINGS.items():
         config = load_config(REPO / config_path, [*extra, *(overrides or [])])
@@ -52,35 +52,51 @@ def run_memory_store(quick: bool = False, overrides: list[str] | None = None) ->
         classes = exp.schedule.classes_learned(0)
         results[dataset] = []
         with tempfile.TemporaryDirectory() as folder:
-            for budget in budgets:
+            for size in sizes:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     started = time.perf_counter()
-                    instances, _ = build_store(rows, classes, rule=config.memory.instance_rule, min_area=config.memory.min_area,
-                                               step=0, budget=budget, previous=None, seed=0)
+                    instances, _ = build_store(
+                        rows,
+                        classes,
+                        rule=config.memory.instance_rule,
+                        min_area=config.memory.min_area,
+                        step=0,
+                        size=size,
+                        previous=None,
+                        seed=0,
+                    )
                     build_instances = time.perf_counter() - started
                     started = time.perf_counter()
-                    images = build_image_store(rows, classes, budget, None, seed=0)
+                    images = build_image_store(rows, classes, size, None, seed=0)
                     build_images = time.perf_counter() - started
                 entry = {
-                    "M": budget,
-                    "instances": {"stored": len(instances), "build_s": build_instances,
-                                  **_timed_roundtrip(instances, InstanceStore, Path(folder), f"inst{budget}")},
-                    "images": {"stored": len(images), "build_s": build_images,
-                               **_timed_roundtrip(images, ImageStore, Path(folder), f"img{budget}")},
+                    "M": size,
+                    "instances": {
+                        "stored": len(instances),
+                        "build_s": build_instances,
+                        **_timed_roundtrip(instances, InstanceStore, Path(folder), f"inst{size}"),
+                    },
+                    "images": {
+                        "stored": len(images),
+                        "build_s": build_images,
+                        **_timed_roundtrip(images, ImageStore, Path(folder), f"img{size}"),
+                    },
                 }
                 entry["disk_ratio"] = entry["instances"]["disk_bytes"] / entry["images"]["disk_bytes"]
                 results[dataset].append(entry)
-                print(f"{dataset:9s} M={budget:4d}  instances {entry['instances']['disk_bytes'] / 1e6:7.2f} MB "
-                      f"({len(instances)})  images {entry['images']['disk_bytes'] / 1e6:7.2f} MB ({len(images)})  "
-                      f"ratio {entry['disk_ratio']:.3f}")
+                print(
+                    f"{dataset:9s} M={size:4d}  instances {entry['instances']['disk_bytes'] / 1e6:7.2f} MB "
+                    f"({len(instances)})  images {entry['images']['disk_bytes'] / 1e6:7.2f} MB ({len(images)})  "
+                    f"ratio {entry['disk_ratio']:.3f}"
+                )
     camvid_100 = next(e for e in results["camvid"] if e["M"] == 100)
     document = {
         "benchmark": "memory_store",
         "quick": quick,
         "store_vs_images_at_100": round(camvid_100["disk_ratio"], 4),
         **environment(),
-        "config": {"budgets": budgets, "settings": SETTINGS, "overrides": overrides or []},
+        "config": {"budgets": sizes, "settings": SETTINGS, "overrides": overrides or []},
         "results": results,
     }
     path = results_path("memory_store", quick)
@@ -93,11 +109,11 @@ def run_memory_store(quick: bool = False, overrides: list[str] | None = None) ->
 def _plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
     for ax, (dataset, entries) in zip(axes[0], results.items()):
-        budgets = [e["M"] for e in entries]
-        ax.plot(budgets, [e["instances"]["disk_bytes"] / 1e6 for e in entries], marker="o", label="instance store")
-        ax.plot(budgets, [e["images"]["disk_bytes"] / 1e6 for e in entries], marker="s", label="image store")
+        sizes = [e["M"] for e in entries]
+        ax.plot(sizes, [e["instances"]["disk_bytes"] / 1e6 for e in entries], marker="o", label="instance store")
+        ax.plot(sizes, [e["images"]["disk_bytes"] / 1e6 for e in entries], marker="s", label="image store")
         ax.set_title(f"{dataset}: memory on disk")
-        ax.set_xlabel("budget M")
+        ax.set_xlabel("memory.size M")
         ax.set_ylabel("MB")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -12,11 +12,11 @@ Selection is class-balanced over images, where an image counts for every class i
                  plus the previous store's images with the classes they were counted for;
     order      = `select_balanced` over all pairs, i.e. round-robin over shuffled classes,
                  each turn drawing a random unused image of that class;
-    stored     = the first `budget` distinct images in that order.
+    stored     = the first `size` (memory.size) distinct images in that order.
 A turn that draws an image already stored (through another of its classes) adds nothing:
 that image already holds the class, so the class has had its share for this turn. Class c's
-turns end at the latest after `budget` draws (they alone give `budget` distinct images), so
-keeping a uniform sample of `budget` pairs per class (`ClassReservoirs`) selects with the
+turns end at the latest after `size` draws (they alone give `size` distinct images), so
+keeping a uniform sample of `size` pairs per class (`ClassReservoirs`) selects with the
 same distribution as keeping them all, and only those images' bytes are held.
 """
 
@@ -71,8 +71,8 @@ class _Pair(NamedTuple):
 class _Pool:
     """Candidate images, holding the bytes only of those some class's reservoir still keeps."""
 
-    def __init__(self, budget: int, rng: np.random.Generator):
-        self.reservoirs: ClassReservoirs[_Pair] = ClassReservoirs(budget, rng)
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.reservoirs: ClassReservoirs[_Pair] = ClassReservoirs(size, rng)
         self.rows: dict[str, dict[str, Any]] = {}
         self.refs: Counter[str] = Counter()
         self.offered: set[_Pair] = set()
@@ -103,22 +103,22 @@ class _Pool:
 def build_image_store(
     rows: Iterable[dict[str, Any]],
     classes_of_step: Iterable[int],
-    budget: int,
+    size: int,
     previous: ImageStore | None,
     seed: int,
 ) -> ImageStore:
-    """Choose `budget` images class-balanced over the step's classes and the previous store's.
+    """Choose `size` (memory.size) images class-balanced over the step's classes and the previous store's.
 
     `rows` are ingest rows with 'id', 'image', 'label' bytes and 'classes' (the classes their
     label holds); a row counts for the classes of `classes_of_step` it holds. The previous
     store's images stay candidates, for the classes they were chosen for. See the module doc
-    for the selection; warns when fewer than `budget` candidate images exist.
+    for the selection; warns when fewer than `size` candidate images exist.
     """
-    if budget < 0:
-        raise ValueError(f"memory budget {budget}: expected a number of images >= 0")
+    if size < 0:
+        raise ValueError(f"memory.size={size}: expected a number of images >= 0")
     wanted = {int(c) for c in classes_of_step}
     rng = np.random.default_rng(seed)
-    pool = _Pool(budget, rng)
+    pool = _Pool(size, rng)
     for row in rows:
         for key in ("id", "image", "label", "classes"):
             if row.get(key) is None:
@@ -130,12 +130,12 @@ def build_image_store(
     pairs = pool.reservoirs.items()
     chosen: dict[str, None] = {}  # insertion-ordered set
     for index in select_balanced(pairs, len(pairs), rng):
-        if len(chosen) == budget:
+        if len(chosen) == size:
             break
         chosen.setdefault(pairs[index].image_id)
-    if budget > len(pool.classes):
+    if size > len(pool.classes):
         warnings.warn(
-            f"memory.size={budget} but only {len(pool.classes)} candidate images were found; stored {len(chosen)}",
+            f"memory.size={size} but only {len(pool.classes)} candidate images were found; stored {len(chosen)}",
             stacklevel=2,
         )
     stored = [{**pool.rows[i], "replay_classes": sorted(pool.classes[i])} for i in chosen]

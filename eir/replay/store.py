@@ -8,7 +8,7 @@ once into Ray's object store for the data workers, which decode it once per proc
 Building the store for step t+1 at the end of step t:
     candidates = instances of the step's classes in its training images (un-augmented)
                + every instance of step t's store (the previous memory stays in the pool)
-    stored     = class-balanced selection of `budget` of them (`select_balanced`).
+    stored     = class-balanced selection of `size` of them (`select_balanced`, `size` = memory.size).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class StoreReport:
 
     candidates_per_class: dict[int, int]  # new candidates + previous store's instances
     stored_per_class: dict[int, int]
-    budget: int
+    size: int  # memory.size: the instances it was asked to keep
     stored: int
     from_previous: int = 0  # stored instances that were already in the previous store
     notes: list[str] = field(default_factory=list)
@@ -220,40 +220,40 @@ def build_store(
     rule: str,
     min_area: float,
     step: int,
-    budget: int,
+    size: int,
     previous: InstanceStore | None,
     seed: int,
 ) -> tuple[InstanceStore, StoreReport]:
-    """Extract, pool with the previous memory, select `budget` class-balanced (METHOD.md §3.1).
+    """Extract, pool with the previous memory, select `size` (memory.size) class-balanced (METHOD.md §3.1).
 
     `rows` are ingest rows (dicts with 'id', 'image', 'label' and optionally 'instances'
     bytes; label in canonical class ids), read once and decoded without augmentation;
     `classes` are the classes whose instances are extracted from them (the step's own). Every
-    instance of `previous` joins the candidate pool. Only a uniform sample of `budget`
+    instance of `previous` joins the candidate pool. Only a uniform sample of `size`
     candidates per class is held (`ClassReservoirs`), so the build's memory does not grow with
-    the number of images. Stored instances come in selection order. Warns when the budget
+    the number of images. Stored instances come in selection order. Warns when `size`
     exceeds the candidates found.
     """
-    if budget < 0:
-        raise ValueError(f"memory budget {budget}: expected a number of instances >= 0")
+    if size < 0:
+        raise ValueError(f"memory.size={size}: expected a number of instances >= 0")
     rng = np.random.default_rng(seed)
-    pool: ClassReservoirs[tuple[Instance, bool]] = ClassReservoirs(budget, rng)
+    pool: ClassReservoirs[tuple[Instance, bool]] = ClassReservoirs(size, rng)
     for instance in _row_instances(rows, sorted({int(c) for c in classes}), rule, min_area, step):
         pool.add(instance.class_id, (instance, False))
     for instance in previous.instances() if previous is not None else []:
         pool.add(instance.class_id, (instance, True))
     items = pool.items()
-    chosen = [items[i] for i in select_balanced([inst for inst, _ in items], budget, rng)]
+    chosen = [items[i] for i in select_balanced([inst for inst, _ in items], size, rng)]
     found = sum(pool.seen.values())
     report = StoreReport(
         candidates_per_class=dict(sorted(pool.seen.items())),
         stored_per_class=_histogram(inst.class_id for inst, _ in chosen),
-        budget=budget,
+        size=size,
         stored=len(chosen),
         from_previous=sum(1 for _, from_previous in chosen if from_previous),
     )
-    if budget > found:
-        message = f"memory.size={budget} but only {found} instances were found; stored {len(chosen)}"
+    if size > found:
+        message = f"memory.size={size} but only {found} instances were found; stored {len(chosen)}"
         report.notes.append(message)
         warnings.warn(message, stacklevel=2)
     return InstanceStore.from_instances(inst for inst, _ in chosen), report

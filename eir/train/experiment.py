@@ -10,7 +10,6 @@ Step 0 comes from the step-0 cache when an earlier run trained it under the same
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -23,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from eir import storage
-from eir.config import ConfigError, ExperimentConfig, dump_yaml
-from eir.data.stream_spec import StreamSpec
+from eir.config import ExperimentConfig, dump_yaml
 from eir.metrics import reduce_scores
 from eir.raysession import ensure_ray
 from eir.replay.image_store import ImageStore
@@ -44,11 +42,10 @@ from eir.tracking import (
 from eir.train import cache
 from eir.train.artifacts import log_step_artifacts
 from eir.train.memory import build_memory, load_memory, memory_file
-from eir.train.plan import StepPlan
 from eir.train.planner import FaultInjection, PreviousStep, StepDesign
 from eir.train.resolved import Experiment, resolve
 from eir.train.results import git_sha, numeric_scores, results_document, scores_table, step_table
-from eir.train.rundir import RunDirError, check_run_dir, config_differences, read_run_config, require_existing_run
+from eir.train.rundir import check_run_dir, require_existing_run
 from eir.train.step import run_train_step
 from eir.train.step_data import scoring_stream, training_stream
 from eir.weights import imagenet_file
@@ -69,17 +66,6 @@ class TrainedStep:
     source: str  # "trained", or "cache" (step 0 copied from the step-0 cache)
     epochs: tuple[dict, ...] = ()  # one entry per trained epoch: loss, lr, images_per_s, …
     restarts: int = 0  # times Ray Train restarted the workers from an epoch checkpoint
-
-
-def make_plan(exp: Experiment, step: int, previous_model: str | None) -> StepPlan:
-    """Step `step`'s worker plan with nothing replayed (the benchmarks' entry to the planner)."""
-    return exp.design(step, PreviousStep(previous_model)).plan
-
-
-def stream_spec(exp: Experiment, step: int, memory: Memory | None, store_ref: Any) -> StreamSpec:
-    """Step `step`'s stream spec with `memory` as step t−1's and `store_ref` as its object-store copy (benchmarks)."""
-    design = exp.design(step, PreviousStep(memory_items=len(memory) if memory is not None else 0))
-    return dataclasses.replace(design.stream, store=store_ref)
 
 
 def step0_cache_key(exp: Experiment) -> dict[str, Any]:
@@ -410,18 +396,3 @@ def _log_file_artifact(tracker: Tracker, run_id: str, loc: Location) -> None:
         path = os.path.join(folder, loc.name)
         Path(path).write_bytes(storage.read_bytes(loc))
         tracker.artifact(run_id, path)
-
-
-# Names other modules import from here (launch.py, eir/bench): their homes are rundir, resolved and results.
-__all__ = [
-    "ConfigError",
-    "Experiment",
-    "RunDirError",
-    "config_differences",
-    "git_sha",
-    "make_plan",
-    "read_run_config",
-    "resolve",
-    "run_experiment",
-    "stream_spec",
-]

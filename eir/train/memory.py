@@ -57,7 +57,7 @@ def build_memory(
                 rule=spec.instance_rule,
                 min_area=spec.min_area,
                 step=step,
-                budget=spec.size,
+                size=spec.size,
                 previous=previous,
                 seed=spec.seed,
             )

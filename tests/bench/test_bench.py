@@ -13,7 +13,15 @@ from eir.visualize import hbar_figure
 
 
 def test_every_benchmark_of_the_issue_is_a_command() -> None:
-    assert set(BENCHMARKS) == {"pipeline", "iteration", "memory_store", "sweep_cache", "scaling", "accuracy_camvid", "accuracy_synthetic"}
+    assert set(BENCHMARKS) == {
+        "pipeline",
+        "iteration",
+        "memory_store",
+        "sweep_cache",
+        "scaling",
+        "accuracy_camvid",
+        "accuracy_synthetic",
+    }
 
 
 def test_performance_benchmarks_refuse_accuracy_options() -> None:
@@ -36,8 +44,13 @@ def test_bench_help_lists_the_options(capsys) -> None:
 
 
 def _run(method: str, seed: int, final: float) -> dict:
-    return {"dataset": "camvid", "task": "5-3", "method": method, "seed": seed,
-            "final": {"mIoU_all": final, "mIoU_old": final, "mIoU_new": None, "hIoU": None}}
+    return {
+        "dataset": "camvid",
+        "task": "5-3",
+        "method": method,
+        "seed": seed,
+        "final": {"mIoU_all": final, "mIoU_old": final, "mIoU_new": None, "hIoU": None},
+    }
 
 
 def test_accuracy_table_gives_mean_and_sample_std_over_seeds() -> None:
@@ -52,15 +65,24 @@ def test_hbar_figure_writes_a_png(tmp_path: Path) -> None:
 
 
 def _scored(method: str, seed: int, all_: float, hiou: float) -> dict:
-    return {"dataset": "camvid", "task": "5-3", "method": method, "seed": seed,
-            "final": {"mIoU_all": all_, "mIoU_old": all_, "mIoU_new": all_, "hIoU": hiou}}
+    return {
+        "dataset": "camvid",
+        "task": "5-3",
+        "method": method,
+        "seed": seed,
+        "final": {"mIoU_all": all_, "mIoU_old": all_, "mIoU_new": all_, "hIoU": hiou},
+    }
 
 
 def test_goals_say_beyond_the_seed_spread_only_when_the_intervals_part() -> None:
-    runs = [_scored("eir", 0, 30.0, 20.0), _scored("eir", 1, 34.0, 22.0),  # 32 ± 2.83, 21 ± 1.41
-            _scored("image_replay", 0, 27.0, 1.0), _scored("image_replay", 1, 29.0, 3.0),  # 28 ± 1.41, 2 ± 1.41
-            _scored("finetune", 0, 2.0, 0.5),  # one seed: its spread is unknown
-            _scored("joint", 0, 40.0, 38.0)]
+    runs = [
+        _scored("eir", 0, 30.0, 20.0),
+        _scored("eir", 1, 34.0, 22.0),  # 32 ± 2.83, 21 ± 1.41
+        _scored("image_replay", 0, 27.0, 1.0),
+        _scored("image_replay", 1, 29.0, 3.0),  # 28 ± 1.41, 2 ± 1.41
+        _scored("finetune", 0, 2.0, 0.5),  # one seed: its spread is unknown
+        _scored("joint", 0, 40.0, 38.0),
+    ]
     goals = accuracy_goals(runs)["camvid 5-3"]
     assert goals["eir_vs_joint"] == 0.8
     overlap = goals["eir_above_image_replay_mIoU_all"]  # 32 − 2.83 = 29.17 < 28 + 1.41 = 29.41
@@ -77,8 +99,12 @@ def test_goals_say_beyond_the_seed_spread_only_when_the_intervals_part() -> None
 
 
 def test_goals_report_a_method_below_the_next_and_skip_unscored_pairs() -> None:
-    runs = [_scored("eir", 0, 1.0, 1.0), _scored("eir", 1, 1.2, 1.0),
-            _scored("image_replay", 0, 5.0, 4.0), _scored("image_replay", 1, 5.4, 4.0)]
+    runs = [
+        _scored("eir", 0, 1.0, 1.0),
+        _scored("eir", 1, 1.2, 1.0),
+        _scored("image_replay", 0, 5.0, 4.0),
+        _scored("image_replay", 1, 5.4, 4.0),
+    ]
     runs[0]["final"]["hIoU"] = runs[1]["final"]["hIoU"] = None  # e.g. a run stopped at step 0
     goals = accuracy_goals(runs)["camvid 5-3"]
     assert "eir_vs_joint" not in goals and "eir_above_image_replay_hIoU" not in goals

@@ -66,7 +66,7 @@ def test_every_epoch_in_one_stream(ray_session, prepared) -> None:
 def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     _, manifest, task = prepared
     rows = read_rows(manifest).to_pylist()
-    store, _ = build_store(rows, OLD, rule="components", min_area=0.0, step=0, budget=40, previous=None, seed=0)
+    store, _ = build_store(rows, OLD, rule="components", min_area=0.0, step=0, size=40, previous=None, seed=0)
     assert len(store) > 0
     identity = np.arange(256, dtype=np.uint8)
     spec = StreamSpec(

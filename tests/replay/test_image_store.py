@@ -29,8 +29,8 @@ def _row(sample_id: str, classes: list[int]) -> dict:
     return {"id": sample_id, "image": _png(image), "label": _png(label), "classes": present}
 
 
-def _build(rows, classes, budget, previous=None, seed=0):
-    return build_image_store(rows, classes, budget, previous, seed)
+def _build(rows, classes, size, previous=None, seed=0):
+    return build_image_store(rows, classes, size, previous, seed)
 
 
 def test_every_class_gets_its_share_of_images():
@@ -82,7 +82,7 @@ def test_an_image_both_stored_and_new_is_one_candidate():
 
 
 def test_pool_holds_only_images_some_reservoir_keeps():
-    pool = _Pool(budget=3, rng=np.random.default_rng(0))
+    pool = _Pool(size=3, rng=np.random.default_rng(0))
     for i in range(50):
         pool.offer(_row(f"r{i}", [1, 2]), [1] if i % 2 else [1, 2])
     assert len(pool.classes) == 50
@@ -91,7 +91,7 @@ def test_pool_holds_only_images_some_reservoir_keeps():
     assert all(pool.refs[i] == sum(p.image_id == i for p in pool.reservoirs.items()) for i in kept)
 
 
-def test_budget_zero_and_round_trips(tmp_path):
+def test_size_zero_and_round_trips(tmp_path):
     rows = [_row("a", [1]), _row("b", [2]), _row("c", [1, 2])]
     empty = _build(rows, [1, 2], 0)
     assert len(empty) == 0 and empty.class_histogram() == {}
@@ -112,5 +112,5 @@ def test_budget_zero_and_round_trips(tmp_path):
 def test_rows_must_be_ingest_rows():
     with pytest.raises(ValueError, match="lacks 'classes'"):
         _build([{"id": "x", "image": b"", "label": b""}], [1], 1)
-    with pytest.raises(ValueError, match="budget"):
+    with pytest.raises(ValueError, match=r"memory.size=-1: expected a number of images >= 0"):
         _build([], [1], -1)

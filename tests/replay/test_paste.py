@@ -32,7 +32,9 @@ def _maps(height=16, width=16):
 
 
 def _paste(image, label, pseudo, arrays, index, old=(1, 2, 3, 4), seed=0, **config):
-    return paste_instances(image, label, pseudo, arrays, index, list(old), PasteConfig(**config), np.random.default_rng(seed))
+    return paste_instances(
+        image, label, pseudo, arrays, index, list(old), PasteConfig(**config), np.random.default_rng(seed)
+    )
 
 
 def test_potential_classes_ranked_by_pixel_count():
@@ -58,7 +60,10 @@ def test_rank_cells_by_background_after_pseudo_labelling():
     # bottom-right: 30, all background
     assert rank_cells(label, pseudo) == [(5, 6, 10, 12), (5, 0, 10, 6), (0, 6, 5, 12), (0, 0, 5, 6)]
     assert rank_cells(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)) == [
-        (0, 0, 2, 2), (0, 2, 2, 4), (2, 0, 4, 2), (2, 2, 4, 4),
+        (0, 0, 2, 2),
+        (0, 2, 2, 4),
+        (2, 0, 4, 2),
+        (2, 2, 4, 4),
     ]  # ties keep row-major order
     assert len(rank_cells(label, pseudo, grid=3)) == 9
 
@@ -87,7 +92,7 @@ def test_pasted_pixels_stay_in_their_cells_and_follow_the_mask():
     arrays = [(c, np.full((9, 9, 3), 10 * c, np.uint8), ring) for c in (1, 2, 3)]
     index = {c: np.array([c - 1]) for c in (1, 2, 3)}
     for seed in range(5):
-        out, paste_class, paste_weight, pasted = _paste(image, label, pseudo, arrays, index, old=[1, 2, 3], seed=seed)
+        _, paste_class, paste_weight, pasted = _paste(image, label, pseudo, arrays, index, old=[1, 2, 3], seed=seed)
         assert len(pasted) == 3 and len({p["cell"] for p in pasted}) == 3
         covered = np.zeros((20, 20), bool)
         for info in pasted:
@@ -123,7 +128,7 @@ def test_ignore_pixels_under_a_paste_get_the_paste_class():
     image, label, pseudo = _maps(8, 8)
     label[:] = 255
     arrays, index = _store(channels=(3,))
-    out, paste_class, paste_weight, _ = _paste(image, label, pseudo, arrays, index, old=[3], hard=True)
+    _, paste_class, paste_weight, _ = _paste(image, label, pseudo, arrays, index, old=[3], hard=True)
     assert np.all(paste_class[0:4, 0:4] == 3) and np.all(paste_weight[0:4, 0:4] == 1)
     assert np.all(label == 255)  # the label itself is left to the loss
 
@@ -237,9 +242,20 @@ def test_scaled_cache_changes_nothing_but_the_work():
     label, pseudo = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
     cache: dict = {}
     for seed in range(4):
-        plain = paste_instances(image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed))
-        cached = paste_instances(image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed),
-                                 scaled_cache=cache)
+        plain = paste_instances(
+            image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed)
+        )
+        cached = paste_instances(
+            image,
+            label,
+            pseudo,
+            arrays,
+            index,
+            [1, 2, 3],
+            PasteConfig(),
+            np.random.default_rng(seed),
+            scaled_cache=cache,
+        )
         for a, b in zip(plain[:3], cached[:3]):
             np.testing.assert_array_equal(a, b)
     assert cache and all(side == 8 for _, side in cache), "instances are cached per (index, cell side)"

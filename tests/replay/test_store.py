@@ -50,14 +50,14 @@ def _rows() -> list[dict]:
     ]
 
 
-def _build(rows, budget, previous=None, classes=(1, 2, 3), step=1, seed=0):
+def _build(rows, size, previous=None, classes=(1, 2, 3), step=1, seed=0):
     return build_store(
-        rows, classes, rule="single_component", min_area=0.0, step=step, budget=budget, previous=previous, seed=seed
+        rows, classes, rule="single_component", min_area=0.0, step=step, size=size, previous=previous, seed=seed
     )
 
 
 def test_build_is_class_balanced_and_reports_counts():
-    store, report = _build(_rows(), budget=5)
+    store, report = _build(_rows(), size=5)
     assert len(store) == report.stored == 5
     assert report.candidates_per_class == {1: 4, 2: 2, 3: 1}
     assert store.class_histogram() == report.stored_per_class == {1: 2, 2: 2, 3: 1}
@@ -69,12 +69,14 @@ def test_build_is_class_balanced_and_reports_counts():
 
 def test_stored_instances_equal_the_extracted_ones():
     rows = _rows()
-    store, _ = _build(rows, budget=7)
+    store, _ = _build(rows, size=7)
     decoded = {(i.source_id, i.bbox): i for i in store.instances()}
     for row in rows:
         image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
         label = np.asarray(Image.open(io.BytesIO(row["label"])))
-        for inst in extract_instances(image, label, None, [1, 2, 3], rule="single_component", min_area=0, source_id=row["id"], step=1):
+        for inst in extract_instances(
+            image, label, None, [1, 2, 3], rule="single_component", min_area=0, source_id=row["id"], step=1
+        ):
             got = decoded[(inst.source_id, inst.bbox)]
             assert got.class_id == inst.class_id
             assert np.array_equal(got.crop, inst.crop) and got.crop.dtype == np.uint8
@@ -82,10 +84,10 @@ def test_stored_instances_equal_the_extracted_ones():
 
 
 def test_previous_memory_stays_in_the_pool():
-    first, _ = _build(_rows()[:2], budget=3, classes=[1, 2], step=0)
+    first, _ = _build(_rows()[:2], size=3, classes=[1, 2], step=0)
     rows = [_blob_row("e", [(3, 0, 0)], seed=5), _blob_row("f", [(4, 0, 0)], seed=6)]
     with pytest.warns(UserWarning, match="only 5 instances"):
-        second, report = _build(rows, budget=10, previous=first, classes=[3, 4], step=1)
+        second, report = _build(rows, size=10, previous=first, classes=[3, 4], step=1)
     assert report.candidates_per_class == {1: 2, 2: 1, 3: 1, 4: 1}  # 3 from the previous store
     assert second.class_histogram() == {1: 2, 2: 1, 3: 1, 4: 1}
     assert report.from_previous == 3
@@ -95,34 +97,39 @@ def test_previous_memory_stays_in_the_pool():
     assert steps == {0: 3, 1: 2}  # stored instances keep the step they came from
 
 
-def test_budget_over_candidates_warns_with_the_count():
+def test_size_over_candidates_warns_with_the_count():
     with pytest.warns(UserWarning, match=r"memory.size=200 but only 7 instances were found; stored 7"):
-        store, report = _build(_rows(), budget=200)
+        store, report = _build(_rows(), size=200)
     assert len(store) == 7 and report.notes
 
 
-def test_no_warning_when_the_budget_is_met():
+def test_no_warning_when_the_size_is_met():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _build(_rows(), budget=7)
+        _build(_rows(), size=7)
+
+
+def test_a_negative_size_is_refused_with_the_key():
+    with pytest.raises(ValueError, match=r"memory.size=-1: expected a number of instances >= 0"):
+        _build(_rows(), size=-1)
 
 
 def test_reservoirs_keep_the_selection_balanced_with_many_candidates():
     rows = [_blob_row(f"r{i}", [(1, 0, 0), (2, 10, 10)] if i < 30 else [(1, 0, 0)], seed=i) for i in range(40)]
-    store, report = _build(rows, budget=6, classes=[1, 2])
+    store, report = _build(rows, size=6, classes=[1, 2])
     assert report.candidates_per_class == {1: 40, 2: 30}
     assert store.class_histogram() == {1: 3, 2: 3}
     assert len({(i.source_id, i.class_id) for i in store.instances()}) == 6
 
 
 def test_build_is_seeded():
-    a, _ = _build(_rows(), budget=3, seed=4)
-    b, _ = _build(_rows(), budget=3, seed=4)
+    a, _ = _build(_rows(), size=3, seed=4)
+    b, _ = _build(_rows(), size=3, seed=4)
     assert a.table.equals(b.table)
 
 
 def test_empty_store_works(tmp_path):
-    store, report = _build(_rows(), budget=0)
+    store, report = _build(_rows(), size=0)
     assert len(store) == 0 and report.stored == 0 and store.classes() == []
     assert report.candidates_per_class == {1: 4, 2: 2, 3: 1}
     loc = storage.resolve(tmp_path / "step_1" / "instances.parquet")
@@ -133,7 +140,7 @@ def test_empty_store_works(tmp_path):
 
 
 def test_bytes_round_trip_is_identical():
-    store, _ = _build(_rows(), budget=7)
+    store, _ = _build(_rows(), size=7)
     data = store.to_bytes()
     back = InstanceStore.from_bytes(data)
     assert back.table.equals(store.table)
@@ -146,7 +153,7 @@ def test_bytes_round_trip_is_identical():
 
 
 def test_decoded_is_cached_and_matches_instances():
-    store, _ = _build(_rows(), budget=7)
+    store, _ = _build(_rows(), size=7)
     decoded = store.decoded()
     assert decoded is store.decoded()
     for (class_id, crop, mask), inst in zip(decoded, store.instances()):
@@ -156,7 +163,7 @@ def test_decoded_is_cached_and_matches_instances():
 
 
 def test_write_read_and_missing_file(tmp_path):
-    store, _ = _build(_rows(), budget=4)
+    store, _ = _build(_rows(), size=4)
     loc = storage.resolve(tmp_path / "run" / "step_1" / "instances.parquet")
     store.write(loc)
     assert InstanceStore.read(loc).table.equals(store.table)
@@ -166,8 +173,8 @@ def test_write_read_and_missing_file(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    old, _ = _build(_rows(), budget=2)
-    new, _ = _build(_rows(), budget=7)
+    old, _ = _build(_rows(), size=2)
+    new, _ = _build(_rows(), size=7)
     loc = storage.resolve(tmp_path / "instances.parquet")
     old.write(loc)
 
@@ -195,7 +202,7 @@ def test_instance_masks_rule_reads_the_rows_instance_map():
     row = _row(scene.image, scene.label, "syn", scene.instances)
     with pytest.warns(UserWarning, match="memory.size=50"):
         store, report = build_store(
-            [row], range(1, 21), rule="instance_masks", min_area=0.0, step=0, budget=50, previous=None, seed=0
+            [row], range(1, 21), rule="instance_masks", min_area=0.0, step=0, size=50, previous=None, seed=0
         )
     assert len(store) == sum(report.candidates_per_class.values()) == sum(1 for o in scene.objects if o.instance_id)
     for inst in store.instances():
