@@ -6,6 +6,8 @@ rskd_weight x RSKD on the same tensors), so the re-expression cannot drift unnot
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -161,3 +163,18 @@ def test_model_returns_the_features_a_method_asks_for() -> None:
     assert features["decoder"].shape[1] == 256 and features["backbone"].shape[-1] == 4  # output stride 16
     with pytest.raises(ValueError, match="unknown feature"):
         model(x, features=("stage7",))
+
+
+def test_the_readme_example_method_runs(registry_restored: None) -> None:
+    """README's "Adding a method" snippet is a real method: it registers and trains only the new channels."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = readme.split("# eir/methods/new_only.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    unit = build_method("new_only", {})
+    inputs = fixed_batch(step=1)
+    inputs.logits.requires_grad_(True)
+    total, terms = unit.loss(inputs)
+    total.backward()
+    assert set(terms) == {"bce_new"} and total.item() > 0
+    old_grad, new_grad = inputs.logits.grad[:, :4], inputs.logits.grad[:, 4:]
+    assert old_grad.abs().sum() == 0 and new_grad.abs().sum() > 0, "old channels are left alone"
