@@ -48,7 +48,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             raise DatasetError(f"--out {args.out}: the synthetic generator writes local files; give a local folder")
         raw = Path(out.path) / "raw"
         try:
-            generate_synthetic(raw, args.num_images, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite)
+            generate_synthetic(
+                raw, args.num_images, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
+            )
         except ValueError as exc:  # bad generator arguments: a user error, not a crash
             raise DatasetError(f"prepare synthetic: {exc}") from exc
         root, splits = raw, ["train", "val"]
@@ -60,7 +62,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         manifest = prepare_split(
             args.dataset, root, split, out.join(split), image_scale=args.image_scale, overwrite=args.overwrite
         )
-        print(f"{manifest.location.uri}: {manifest.num_rows} rows, {len(manifest.shards)} shards, checksum {manifest.checksum[:16]}")
+        print(
+            f"{manifest.location.uri}: {manifest.num_rows} rows, {len(manifest.shards)} shards, checksum "
+            f"{manifest.checksum[:16]}"
+        )
     return 0
 
 
@@ -74,11 +79,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    document = evaluate_run(args.run_dir, dataset=args.dataset, root=args.root, split=args.split, step=args.step,
-                            out=args.out, protocol=args.protocol)
+    document = evaluate_run(
+        args.run_dir,
+        dataset=args.dataset,
+        root=args.root,
+        split=args.split,
+        step=args.step,
+        out=args.out,
+        protocol=args.protocol,
+    )
     step = document["steps"][0]
-    print(f"step {step['step']} on {args.dataset}/{args.split}: mIoU all {step['mIoU_all']}, old {step['mIoU_old']}, "
-          f"new {step['mIoU_new']}, hIoU {step['hIoU']}")
+    print(
+        f"step {step['step']} on {args.dataset}/{args.split}: mIoU all {step['mIoU_all']}, old {step['mIoU_old']}, "
+        f"new {step['mIoU_new']}, hIoU {step['hIoU']}"
+    )
     return 0
 
 
@@ -92,7 +106,10 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
     if args.plot:
         pseudo_recall_figure(document, args.plot)
         print(f"wrote {args.plot}")
-    print(f"pseudo-labels of {document['run']} (threshold {document['threshold']}) against the complete training labels, %")
+    print(
+        f"pseudo-labels of {document['run']} (threshold {document['threshold']}) against the complete training "
+        "labels, %"
+    )
     print(quality_table(document))
     return 0
 
@@ -144,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v",
+        "--verbose",
+        action="store_true",
         help="debug logging, and Ray's own logs on the console (also EIR_VERBOSE=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -164,12 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prep.add_argument("dataset", choices=DATASETS)
-    prep.add_argument("--root", help="raw dataset folder (VOC2012/, ADEChallengeData2016/, CamVid/, or a folder with images/ masks/)")
+    prep.add_argument(
+        "--root", help="raw dataset folder (VOC2012/, ADEChallengeData2016/, CamVid/, or a folder with images/ masks/)"
+    )
     prep.add_argument("--split", default="train", help="split to ingest (train, val, train_aug, ...; default train)")
-    prep.add_argument("--out", required=True, help="output folder (a local path or a pyarrow URI); the split goes to OUT/<split>/")
-    prep.add_argument("--image-scale", type=float, default=1.0, help="resize images and labels at ingest (0.5 = half size)")
-    prep.add_argument("--overwrite", action="store_true",
-                      help="replace an existing, different prepared output (synthetic: and a different OUT/raw/)")
+    prep.add_argument(
+        "--out", required=True, help="output folder (a local path or a pyarrow URI); the split goes to OUT/<split>/"
+    )
+    prep.add_argument(
+        "--image-scale", type=float, default=1.0, help="resize images and labels at ingest (0.5 = half size)"
+    )
+    prep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing, different prepared output (synthetic: and a different OUT/raw/)",
+    )
     prep.add_argument("--num-images", type=int, default=600, help="synthetic: number of images (train + val)")
     prep.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     prep.add_argument("--image-size", type=int, default=112, help="synthetic: image side in pixels")
@@ -191,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 method.name=joint")
     run.add_argument("--resume", action="store_true", help="continue an existing run directory (same config)")
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and the step table, train nothing")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the step table, train nothing"
+    )
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser(
@@ -227,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each incremental step of RUN_DIR with stored pseudo-labels (eir, eir_no_rskd), count how many "
         "old-class pixels of the step's training images the pseudo-labels recover (recall) and how many of the pixels "
         "they claim are right (precision), overall and per old class. An oracle diagnostic: it uses the dataset's "
-        "complete labels, which training never sees; meaningful where those are complete (overlapped CamVid, VOC, ADE).",
+        "complete labels, which training never sees; meaningful where those are complete (overlapped CamVid, VOC, "
+        "ADE).",
     )
     pseudo.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
     pseudo.add_argument("--out", default=None, help="also write the numbers as JSON here")
@@ -275,13 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    bench.add_argument("--quick", action="store_true", help="a smaller version (performance benchmarks): NAME.quick.json")
-    bench.add_argument("--limit", type=int, default=None, help="accuracy benchmarks: train at most N runs now (rerun to continue)")
-    bench.add_argument("--methods", default=None, help="accuracy benchmarks: only these methods now, comma-separated (e.g. eir,image_replay)")
+    bench.add_argument(
+        "--quick", action="store_true", help="a smaller version (performance benchmarks): NAME.quick.json"
+    )
+    bench.add_argument(
+        "--limit", type=int, default=None, help="accuracy benchmarks: train at most N runs now (rerun to continue)"
+    )
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help="accuracy benchmarks: only these methods now, comma-separated (e.g. eir,image_replay)",
+    )
     bench.set_defaults(func=_cmd_bench)
 
-    cache_cmd = sub.add_parser("cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/.")
-    cache_cmd.add_argument("--output-dir", default="outputs", help="the run.output_dir whose cache to manage (default outputs)")
+    cache_cmd = sub.add_parser(
+        "cache", help="list or clear the step-0 cache", description="Manage <run.output_dir>/cache/step0/."
+    )
+    cache_cmd.add_argument(
+        "--output-dir", default="outputs", help="the run.output_dir whose cache to manage (default outputs)"
+    )
     group = cache_cmd.add_mutually_exclusive_group(required=True)
     group.add_argument("--list", action="store_true", help="list the entries and the settings they were trained with")
     group.add_argument("--clear", action="store_true", help="remove every entry")

@@ -46,9 +46,7 @@ def soft_targets(
     if paste_class is not None and paste_weight is not None:
         for name, tensor in (("paste_class", paste_class), ("paste_weight", paste_weight)):
             if tensor.shape != label.shape:
-                raise ValueError(
-                    f"{name} shape {tuple(tensor.shape)} differs from label shape {tuple(label.shape)}"
-                )
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} differs from label shape {tuple(label.shape)}")
         paste_class = paste_class.to(label.device).long()
         pasted = paste_class != NO_PASTE
         weight = torch.where(pasted, paste_weight.to(label.device).float(), 0.0)
@@ -66,8 +64,7 @@ def _check_classes(values: torch.Tensor, num_channels: int, name: str) -> None:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_channels):
         bad = values[(values < 0) | (values >= num_channels)]
         raise ValueError(
-            f"{name} holds class {int(bad[0])}, outside the model's channels 0..{num_channels - 1} "
-            f"(or {IGNORE_LABEL})"
+            f"{name} holds class {int(bad[0])}, outside the model's channels 0..{num_channels - 1} (or {IGNORE_LABEL})"
         )
 
 
@@ -79,13 +76,9 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -
     ignore pixels does not break backward or DDP's gradient sync.
     """
     if logits.shape != targets.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape"
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if valid.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(
-            f"valid mask {tuple(valid.shape)} must be B x H x W of logits {tuple(logits.shape)}"
-        )
+        raise ValueError(f"valid mask {tuple(valid.shape)} must be B x H x W of logits {tuple(logits.shape)}")
     per_channel = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     per_pixel = per_channel.sum(1)
     mask = valid.float()
@@ -110,8 +103,10 @@ def rskd_loss(
     if new_logits.dim() != 4 or old_logits.dim() != 4:
         raise ValueError("rskd_loss expects B x C x H x W logits")
     old_channels, new_channels = old_logits.shape[1], new_logits.shape[1]
-    if new_channels < old_channels or new_logits.shape[2:] != old_logits.shape[2:] or (
-        new_logits.shape[0] != old_logits.shape[0]
+    if (
+        new_channels < old_channels
+        or new_logits.shape[2:] != old_logits.shape[2:]
+        or (new_logits.shape[0] != old_logits.shape[0])
     ):
         raise ValueError(
             f"new logits {tuple(new_logits.shape)} must cover the old logits {tuple(old_logits.shape)}: "
@@ -126,16 +121,12 @@ def rskd_loss(
     per_pixel = -(q[:, 0] * log_p_background + (q[:, 1:] * log_p_old).sum(1)) / old_channels
     if region_mask is not None:
         if region_mask.shape != per_pixel.shape:
-            raise ValueError(
-                f"region mask {tuple(region_mask.shape)} must be B x H x W {tuple(per_pixel.shape)}"
-            )
+            raise ValueError(f"region mask {tuple(region_mask.shape)} must be B x H x W {tuple(per_pixel.shape)}")
         per_pixel = per_pixel * region_mask.float()
     return per_pixel.mean()
 
 
-def region_mask(
-    label: torch.Tensor, new_classes: Sequence[int] | torch.Tensor, mode: str
-) -> torch.Tensor:
+def region_mask(label: torch.Tensor, new_classes: Sequence[int] | torch.Tensor, mode: str) -> torch.Tensor:
     """Where RSKD applies (float B x H x W, 1 = distil), from the step's ground-truth labels.
 
     `label` is the step-t label map before pasting (new classes keep their ids there, so it

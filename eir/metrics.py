@@ -65,9 +65,7 @@ def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_LABEL):
     it means the label space and the model disagree.
     """
     if pred.shape != target.shape:
-        raise ValueError(
-            f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}"
-        )
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
     if isinstance(pred, torch.Tensor):
         pred_t, target_t = pred.long().flatten(), target.to(pred.device).long().flatten()
         keep = target_t != ignore_index

@@ -139,17 +139,13 @@ class ASPP(nn.Module):
     image per worker (frozen BatchNorm lifts that).
     """
 
-    def __init__(
-        self, in_channels: int, rates: Sequence[int], out_channels: int = DECODER_CHANNELS
-    ) -> None:
+    def __init__(self, in_channels: int, rates: Sequence[int], out_channels: int = DECODER_CHANNELS) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             [_conv_bn_relu(in_channels, out_channels, 1)]
             + [_conv_bn_relu(in_channels, out_channels, 3, rate) for rate in rates]
         )
-        self.pooling = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), _conv_bn_relu(in_channels, out_channels, 1)
-        )
+        self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(in_channels, out_channels, 1))
         self.project = _conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,9 +172,7 @@ class IncrementalDeepLabV3(nn.Module):
     ) -> None:
         super().__init__()
         if not classes_per_step or any(n < 1 for n in classes_per_step):
-            raise ValueError(
-                f"classes_per_step must list >= 1 class per step, got {list(classes_per_step)}"
-            )
+            raise ValueError(f"classes_per_step must list >= 1 class per step, got {list(classes_per_step)}")
         _check_init(new_head_init)
         self.new_head_init = new_head_init
         self.output_stride = output_stride
@@ -221,9 +215,7 @@ class IncrementalDeepLabV3(nn.Module):
         backbone = self.backbone(x)
         decoded = self.decoder(backbone)
         logits = [self.heads[0](decoded.detach())] + [head(decoded) for head in self.heads[1:]]
-        upsampled = F.interpolate(
-            torch.cat(logits, dim=1), size=x.shape[-2:], mode="bilinear", align_corners=False
-        )
+        upsampled = F.interpolate(torch.cat(logits, dim=1), size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not features:
             return upsampled
         found = {"backbone": backbone, "decoder": decoded}
@@ -303,9 +295,7 @@ class IncrementalDeepLabV3(nn.Module):
     def _batchnorms(self) -> Iterator[_BatchNorm]:
         return (m for m in self.modules() if isinstance(m, _BatchNorm))
 
-    def param_groups(
-        self, lr: float, weight_decay: float, old_weight_decay: float | None = None
-    ) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, old_weight_decay: float | None = None) -> list[dict]:
         """SGD parameter groups: backbone at `lr`, decoder (ASPP + 3x3 conv) and heads at 10 x lr.
 
         Only trainable parameters are listed (frozen BatchNorm drops out). At steps t > 0 pass

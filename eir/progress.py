@@ -15,8 +15,18 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, *, total: int | None = None, enabled: bool = True, unit: str = "it") -> Iterator[T]:
+def progress(
+    items: Iterable[T], desc: str, *, total: int | None = None, enabled: bool = True, unit: str = "it"
+) -> Iterator[T]:
     interactive = sys.stderr.isatty()
     return iter(
-        tqdm(items, desc=desc, total=total, disable=not enabled, unit=unit, mininterval=0.5 if interactive else 30.0, dynamic_ncols=interactive)
+        tqdm(
+            items,
+            desc=desc,
+            total=total,
+            disable=not enabled,
+            unit=unit,
+            mininterval=0.5 if interactive else 30.0,
+            dynamic_ncols=interactive,
+        )
     )

@@ -80,7 +80,9 @@ def _is_score(value: Any) -> bool:
 
 def _read_sweep(path: Path) -> dict[str, Any]:
     """A sweep's summary.json, checked for what the tables and knob plots read."""
-    advice = "restore it (launch.py sweep --resume rewrites it), or move its sweep folder out of the folders given to report"
+    advice = (
+        "restore it (launch.py sweep --resume rewrites it), or move its sweep folder out of the folders given to report"
+    )
     sweep = _read_object(path, advice)
     missing = _missing(sweep, SWEEP_KEYS)
     if not missing and not (isinstance(sweep["trials"], list) and all(isinstance(t, dict) for t in sweep["trials"])):
@@ -105,7 +107,9 @@ def collect(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     for given in paths:
         root = Path(given)
         if not root.exists():
-            raise ReportError(f"{given} does not exist (expected a run directory, a sweep directory, or a folder holding them)")
+            raise ReportError(
+                f"{given} does not exist (expected a run directory, a sweep directory, or a folder holding them)"
+            )
         for results in sorted(root.rglob("results.json")) if root.is_dir() else [root]:
             document = _read_run(results)
             if document.get("status") == "finished":
@@ -156,7 +160,9 @@ def _fmt(values: list[float | None]) -> str:
 
 def _in_order(params: dict[str, Any]) -> tuple:
     """Sort key for swept params: numbers by value (25 before 100), anything else by text."""
-    return tuple((k, (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))) for k, v in sorted(params.items()))
+    return tuple(
+        (k, (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))) for k, v in sorted(params.items())
+    )
 
 
 def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
@@ -164,14 +170,20 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         groups[(run["dataset"], run["task"], run["task_setting"], run["method"], run["setting"])].append(run)
-    lines = ["## Final step", "", "| dataset | task | method | setting | seeds | mIoU all | mIoU old | mIoU new | hIoU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Final step",
+        "",
+        "| dataset | task | method | setting | seeds | mIoU all | mIoU old | mIoU new | hIoU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ordered = sorted(groups.items(), key=lambda group: (group[0][:4], _in_order(group[1][0]["params"])))
     for (dataset, task, setting, method, label), items in ordered:
         cells = [_fmt([r["steps"][-1][m] for r in items]) for m in METRICS]
-        lines.append(f"| {dataset} | {task} ({setting}) | {method} | {label} | {len(items)} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {dataset} | {task} ({setting}) | {method} | {label} | {len(items)} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "## Per step (mIoU all / old / new / hIoU)", ""]
-    for (dataset, task, setting, method, label), items in ordered:
+    for (dataset, task, _setting, method, label), items in ordered:
         lines.append(f"**{dataset} {task} {method}{'' if label == '–' else ' ' + label}** ({len(items)} run(s))")
         lines.append("")
         lines.append("| step | mIoU all | mIoU old | mIoU new | hIoU |")
@@ -181,10 +193,16 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
         lines.append("")
     for sweep in sweeps:
-        lines += [f"## Sweep {sweep['sweep']}", "",
-                  (f"{len(sweep['trials'])} trials, {len(sweep['failed'])} failed; step 0 trained "
-                  f"{sweep['step0_trained']}×, reused {sweep['step0_reused']}×; best: "
-                  f"{sweep['best']['params'] if sweep.get('best') else '–'}"), ""]
+        lines += [
+            f"## Sweep {sweep['sweep']}",
+            "",
+            (
+                f"{len(sweep['trials'])} trials, {len(sweep['failed'])} failed; step 0 trained "
+                f"{sweep['step0_trained']}×, reused {sweep['step0_reused']}×; best: "
+                f"{sweep['best']['params'] if sweep.get('best') else '–'}"
+            ),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +221,9 @@ def write_report(paths: list[str], out: str) -> list[str]:
         points = [(t["params"], t["metric"]) for t in sweep["trials"] if t["metric"] is not None]
         for knob in sorted({k for params, _ in points for k in params}):
             # Names from a summary file become one file name inside `out`, whatever they contain.
-            path = os.path.join(out, re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}") + ".png")
+            path = os.path.join(
+                out, re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}") + ".png"
+            )
             knob_figure([(p.get(knob), m) for p, m in points], knob, sweep["metric"], path)
             written.append(path)
         _attach_to_mlflow(sweep, written)

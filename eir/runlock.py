@@ -117,8 +117,11 @@ def _flocked(lock: Location, record: dict[str, Any]) -> Iterator[None]:
     try:
         previous = _holder(lock)
         if previous:  # a holder that died without releasing: the kernel dropped its lock
-            log.warning("run directory %s: taking over the lock left by %s (it has exited)",
-                        lock.parent.uri, _holder_text(previous))
+            log.warning(
+                "run directory %s: taking over the lock left by %s (it has exited)",
+                lock.parent.uri,
+                _holder_text(previous),
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         yield
@@ -161,7 +164,9 @@ def _heartbeat(lease: Lease, record: dict[str, Any], stop: threading.Event) -> N
             found = _holder(lease.lock)
             if found.get("token") not in (None, record["token"]):
                 lease.lost_to = found
-                log.error("run directory %s: %s took over this command's lock", lease.lock.parent.uri, _holder_text(found))
+                log.error(
+                    "run directory %s: %s took over this command's lock", lease.lock.parent.uri, _holder_text(found)
+                )
                 return
             storage.write_json_atomic(lease.lock, {**record, "heartbeat": time.time()})
         except OSError as exc:
@@ -212,13 +217,18 @@ def _alive(pid: int) -> bool:
 
 
 def _holder_text(holder: dict[str, Any]) -> str:
-    return (f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}: {holder.get('command')})"
-            if holder else "another command")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}: {holder.get('command')})"
+        if holder
+        else "another command"
+    )
 
 
 def _in_use_message(lock: Location, holder: dict[str, Any]) -> str:
-    return (f"run directory {lock.parent.uri} is in use by {_holder_text(holder)}; wait for it to finish or choose "
-            f"another name ({lock.uri})")
+    return (
+        f"run directory {lock.parent.uri} is in use by {_holder_text(holder)}; wait for it to finish or choose "
+        f"another name ({lock.uri})"
+    )
 
 
 __all__ = ["LOCK_FILE", "Lease", "RunInUseError", "hold", "stale_reason"]

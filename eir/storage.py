@@ -214,7 +214,9 @@ def reusable(loc: Location, what: str) -> bool:
         aside = quarantine(loc)
     except FileNotFoundError:  # a concurrent reader quarantined it first
         return False
-    log.warning("%s %s is damaged (%s): moved out of use (%s) and redone", what, loc.uri, "; ".join(problems), aside.uri)
+    log.warning(
+        "%s %s is damaged (%s): moved out of use (%s) and redone", what, loc.uri, "; ".join(problems), aside.uri
+    )
     return False
 
 
@@ -236,8 +238,11 @@ def bytes_digest(data: bytes) -> dict[str, Any]:
 def _files_under(loc: Location) -> list[str]:
     base = loc.path.rstrip("/") + "/"
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    return sorted(info.path[len(base):] for info in infos
-                  if info.type == pafs.FileType.File and info.base_name != COMPLETE_MARKER)
+    return sorted(
+        info.path[len(base) :]
+        for info in infos
+        if info.type == pafs.FileType.File and info.base_name != COMPLETE_MARKER
+    )
 
 
 def quarantine(loc: Location) -> Location:

@@ -40,20 +40,57 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded with the job: environments, local results, prepared data, reports, MLflow stores and
 # caches (the upload limit is 100 MiB, and local results may be private). Gitignore syntax, relative to
 # the working dir: `/data` and `/report` are anchored because eir/data and tests/data are code.
-EXCLUDES = [".venv", "outputs", "/data", "/report", "mlruns", "mlartifacts", "*.db", ".git", "*.egg-info",
-            "__pycache__", ".pytest_cache"]
+EXCLUDES = [
+    ".venv",
+    "outputs",
+    "/data",
+    "/report",
+    "mlruns",
+    "mlartifacts",
+    "*.db",
+    ".git",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+]
 # Never uploaded, at any depth: files that hold credentials or keys. A job's working dir lands on every node
 # and in the cluster's package store, so a key copied there has leaked. Listed last in the excludes Ray gets,
 # so no `!pattern` of a .gitignore can bring one back.
 SECRET_EXCLUDES = [
-    ".env", ".env.*", ".envrc",  # dotenv and direnv files
-    ".aws", ".azure", ".gcloud", "**/.config/gcloud", "application_default_credentials.json", "credentials.json",
-    ".ssh", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".gnupg",
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.ppk",
-    ".netrc", ".git-credentials", ".pypirc", ".npmrc", ".pgpass", "**/.docker/config.json", ".kube",
+    ".env",
+    ".env.*",
+    ".envrc",  # dotenv and direnv files
+    ".aws",
+    ".azure",
+    ".gcloud",
+    "**/.config/gcloud",
+    "application_default_credentials.json",
+    "credentials.json",
+    ".ssh",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".gnupg",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.ppk",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    ".pgpass",
+    "**/.docker/config.json",
+    ".kube",
     ".ray",  # Ray's auth_token
     "secrets",
-    "*.tfstate", "*.tfstate.*", "*.tfvars", "*.tfvars.json",
+    "*.tfstate",
+    "*.tfstate.*",
+    "*.tfvars",
+    "*.tfvars.json",
 ]  # folder names without a trailing slash: the folder itself matches, so it is neither entered nor uploaded
 # The only local settings a job inherits; secrets stay on the cluster (runtime_env is shown on the dashboard).
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI",)
@@ -73,7 +110,9 @@ def strip_separator(launch_args: list[str]) -> list[str]:
 def build_entrypoint(launch_args: list[str]) -> str:
     """The shell command the job runs: `python launch.py <launch_args>`, each argument quoted."""
     if not launch_args:
-        raise SubmitError("no command to submit: give it after --, e.g. `submit --address URL -- run experiments/quickstart.yaml`")
+        raise SubmitError(
+            "no command to submit: give it after --, e.g. `submit --address URL -- run experiments/quickstart.yaml`"
+        )
     return "python launch.py " + shlex.join(launch_args)
 
 
@@ -127,10 +166,14 @@ class UploadScan:
     def summary(self) -> list[str]:
         lines = []
         if self.secrets:
-            lines.append(f"upload: left out {len(self.secrets)} path(s) that look like secrets (never uploaded): "
-                         + ", ".join(self.secrets))
-        lines.append(f"upload: left out {self.others} other path(s) (environments, results, data, MLflow stores, "
-                     "caches, .gitignore patterns)")
+            lines.append(
+                f"upload: left out {len(self.secrets)} path(s) that look like secrets (never uploaded): "
+                + ", ".join(self.secrets)
+            )
+        lines.append(
+            f"upload: left out {self.others} other path(s) (environments, results, data, MLflow stores, "
+            "caches, .gitignore patterns)"
+        )
         return lines
 
 
@@ -180,7 +223,8 @@ def auth_headers() -> dict[str, str]:
         return dict(get_auth_headers_if_auth_enabled({}))
     except AuthenticationError:
         raise SubmitError(
-            "RAY_AUTH_MODE=token but Ray found no token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write ~/.ray/auth_token"
+            "RAY_AUTH_MODE=token but Ray found no token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write "
+            "~/.ray/auth_token"
         ) from None
 
 
@@ -220,7 +264,9 @@ def _auth_hint(headers: Mapping[str, str], environ: Mapping[str, str]) -> str:
 
 
 def check_dashboard(address: str, headers: Mapping[str, str], timeout: float, environ: Mapping[str, str]) -> str:
-    """GET <address>/api/version within `timeout` seconds; the cluster's Ray version, or a SubmitError saying why not."""
+    """GET <address>/api/version within `timeout` seconds; the cluster's Ray version, or a SubmitError saying why
+    not.
+    """
     request = urllib.request.Request(f"{address}/api/version", headers=dict(headers))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -232,7 +278,8 @@ def check_dashboard(address: str, headers: Mapping[str, str], timeout: float, en
                 f"{exc.reason}): it uses token authentication; {_auth_hint(headers, environ)}"
             ) from None
         raise SubmitError(
-            f"the server at {address} is not a working Ray dashboard (GET /api/version answered {exc.code} {exc.reason})"
+            f"the server at {address} is not a working Ray dashboard (GET /api/version answered {exc.code} "
+            f"{exc.reason})"
         ) from None
     except urllib.error.URLError as exc:
         raise SubmitError(_unreachable(address, probe_failure(exc.reason, timeout))) from None
@@ -242,13 +289,15 @@ def check_dashboard(address: str, headers: Mapping[str, str], timeout: float, en
         return str(json.loads(body)["ray_version"])
     except (ValueError, KeyError, TypeError):
         raise SubmitError(
-            f"the server at {address} answered GET /api/version without a ray_version: is this the Ray dashboard's port (8265)?"
+            f"the server at {address} answered GET /api/version without a ray_version: is this the Ray dashboard's "
+            "port (8265)?"
         ) from None
 
 
 def _unreachable(address: str, failure: str) -> str:
     return (
-        f"no Ray dashboard answered at {address} (tried GET /api/version, {failure}): is the cluster up, and is this its dashboard "
+        f"no Ray dashboard answered at {address} (tried GET /api/version, {failure}): is the cluster up, and is this "
+        "its dashboard "
         "address? (`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/eir-head-svc 8265:8265` "
         "forwards it to http://127.0.0.1:8265; see cluster/README.md)"
     )
@@ -277,7 +326,7 @@ def _follow(client: Any, job_id: str, out: TextIO, secrets: list[str], poll_s: f
     """Stream the job's logs until it ends; its final status."""
     try:
         asyncio.run(_tail_logs(client, job_id, out, secrets))
-    except Exception as exc:  # noqa: BLE001 - the log stream is a convenience: a dropped websocket must not lose the outcome
+    except Exception as exc:
         print(mask(f"warning: log streaming stopped ({exc}); waiting for the job to end", secrets), file=sys.stderr)
     while (status := str(client.get_job_status(job_id))) not in TERMINAL_STATUSES:
         time.sleep(poll_s)
@@ -285,7 +334,9 @@ def _follow(client: Any, job_id: str, out: TextIO, secrets: list[str], poll_s: f
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    """Submit `python launch.py <args.launch_args>`; 0 if the job succeeded (or --no-wait), 1 if not, 2 if it never ran."""
+    """Submit `python launch.py <args.launch_args>`; 0 if the job succeeded (or --no-wait), 1 if not, 2 if it never
+    ran.
+    """
     environ = os.environ
     secrets = secrets_of({}, environ)
     try:
@@ -321,8 +372,10 @@ def run_submit(args: argparse.Namespace) -> int:
     try:
         status = _follow(client, job_id, sys.stdout, secrets)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (stop it: `ray job stop --address {address} {job_id}`)",
-              file=sys.stderr)
+        print(
+            f"\nstopped following; the job keeps running (stop it: `ray job stop --address {address} {job_id}`)",
+            file=sys.stderr,
+        )
         return 130
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED")
@@ -346,7 +399,8 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:
             then follow its logs. Exit code: 0 when the job SUCCEEDED, 1 when it FAILED or was
             STOPPED, 2 when it could not be submitted. MLFLOW_TRACKING_URI is passed to the job when set.
             Token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token); the token
-            is never printed. Results must go to shared storage on a multi-node cluster: run.output_dir=s3://... (cluster/README.md)."""
+            is never printed. Results must go to shared storage on a multi-node cluster: run.output_dir=s3://...
+            (cluster/README.md)."""
         ),
         epilog=textwrap.dedent(
             """\
@@ -359,11 +413,22 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--address", required=True, help="the cluster's Ray dashboard URL, e.g. http://127.0.0.1:8265")
-    parser.add_argument("--working-dir", default=str(REPO_ROOT),
-                        help=f"folder uploaded as the job's working directory (default: this repository, {REPO_ROOT})")
+    parser.add_argument(
+        "--working-dir",
+        default=str(REPO_ROOT),
+        help=f"folder uploaded as the job's working directory (default: this repository, {REPO_ROOT})",
+    )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following it")
-    parser.add_argument("--probe-timeout", type=float, default=5.0,
-                        help="seconds to wait for the dashboard to answer before giving up (default 5)")
-    parser.add_argument("launch_args", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                        help="the launch.py command to run on the cluster, e.g. -- run experiments/quickstart.yaml k=v")
+    parser.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the dashboard to answer before giving up (default 5)",
+    )
+    parser.add_argument(
+        "launch_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="the launch.py command to run on the cluster, e.g. -- run experiments/quickstart.yaml k=v",
+    )
     parser.set_defaults(func=run_submit)

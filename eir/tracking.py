@@ -55,11 +55,16 @@ PROBE_TIMEOUT_S = 5.0
 # MLflow retries a failed request 7 times with backoff factor 2 (about 4.6 minutes on a dead server)
 # and waits 120 s for each answer. These bounds (a user's own settings win) make a server that dies
 # mid-run fail within ~10 s when it refuses connections, ~1.5 min when it hangs.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 # What a TrackingError suggests: before anything ran, the setting; once a run logs, resuming it.
-OPEN_HINT = ("check MLFLOW_TRACKING_URI (and a server's credentials: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
-             "or MLFLOW_TRACKING_TOKEN)")
+OPEN_HINT = (
+    "check MLFLOW_TRACKING_URI (and a server's credentials: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+    "or MLFLOW_TRACKING_TOKEN)"
+)
 RESUME_HINT = "the run's files are kept: once the store answers again, continue with --resume"
 
 
@@ -152,7 +157,9 @@ def run_status(results_status: str) -> str:
     try:
         return MLFLOW_STATUS[results_status]
     except KeyError:
-        raise ValueError(f"no MLflow status for a run {results_status!r}: expected one of {sorted(MLFLOW_STATUS)}") from None
+        raise ValueError(
+            f"no MLflow status for a run {results_status!r}: expected one of {sorted(MLFLOW_STATUS)}"
+        ) from None
 
 
 def run_params(config: ExperimentConfig) -> dict[str, Any]:
@@ -195,12 +202,16 @@ class Tracker:
         with self._calling(f"opening experiment {experiment!r}", OPEN_HINT):
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location(self.uri, output_root))
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location(self.uri, output_root)
+                )
             else:
                 self.experiment_id = found.experiment_id
 
     def _error(self, what: str, exc: BaseException, hint: str = RESUME_HINT) -> TrackingError:
-        return TrackingError(f"the MLflow tracking store {shown_uri(self.uri)} failed while {what} ({_short(exc)}); {hint}")
+        return TrackingError(
+            f"the MLflow tracking store {shown_uri(self.uri)} failed while {what} ({_short(exc)}); {hint}"
+        )
 
     @contextlib.contextmanager
     def _calling(self, what: str, hint: str = RESUME_HINT) -> Iterator[None]:
@@ -210,8 +221,15 @@ class Tracker:
         except (MlflowException, OSError) as exc:
             raise self._error(what, exc, hint) from exc
 
-    def start(self, name: str, *, parent: str | None = None, tags: Mapping[str, str] | None = None,
-              description: str | None = None, run_id: str | None = None) -> str:
+    def start(
+        self,
+        name: str,
+        *,
+        parent: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        description: str | None = None,
+        run_id: str | None = None,
+    ) -> str:
         """A new run, or the existing `run_id` set back to running under `name` (resume); `tags` and
         `description` (markdown, the UI's description) are set either way."""
         all_tags = dict(tags or {})
@@ -229,7 +247,9 @@ class Tracker:
         return run_id
 
     def _check_resumable(self, run_id: str, name: str) -> None:
-        """A run id from mlflow_runs.json must name a live run of this store (not one of another MLFLOW_TRACKING_URI)."""
+        """A run id from mlflow_runs.json must name a live run of this store (not one of another
+        MLFLOW_TRACKING_URI).
+        """
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
@@ -241,8 +261,10 @@ class Tracker:
         if run is None or run.info.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"--resume: MLflow run {run_id} ({name}, named in the run's mlflow_runs.json) is "
-                f"{'missing from' if run is None else 'deleted in'} the tracking store {shown_uri(self.uri)}: resume with "
-                "the MLFLOW_TRACKING_URI the run started with, or delete mlflow_runs.json to log the rest as new MLflow runs"
+                f"{'missing from' if run is None else 'deleted in'} the tracking store {shown_uri(self.uri)}: resume "
+                "with "
+                "the MLFLOW_TRACKING_URI the run started with, or delete mlflow_runs.json to log the rest as new "
+                "MLflow runs"
             )
 
     def params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -280,15 +302,22 @@ class Tracker:
         """Step `step`'s per-class IoU as rows (step, class, IoU) of the run's MLflow table `per_class_iou.json`,
         which the UI compares across runs. A step logged before (a resume, a step trained again) has its
         rows replaced, never doubled."""
-        rows = pd.DataFrame({"step": [step] * len(per_class), "class": list(per_class),
-                             "IoU": [math.nan if v is None else float(v) for v in per_class.values()]})
+        rows = pd.DataFrame(
+            {
+                "step": [step] * len(per_class),
+                "class": list(per_class),
+                "IoU": [math.nan if v is None else float(v) for v in per_class.values()],
+            }
+        )
         with self._calling(f"logging {IOU_TABLE}"):
             existing = self._table(run_id, IOU_TABLE)
             if existing is None or step not in set(existing["step"]):
                 self.client.log_table(run_id, rows, IOU_TABLE)  # MLflow appends, and marks the table for the UI
                 return
             # Already listed: the file is rewritten whole, in log_table's own format (it is already marked).
-            table = pd.concat([existing[existing["step"] != step], rows], ignore_index=True).sort_values("step", kind="stable")
+            table = pd.concat([existing[existing["step"] != step], rows], ignore_index=True).sort_values(
+                "step", kind="stable"
+            )
             with tempfile.TemporaryDirectory(prefix="eir-table-") as folder:
                 path = os.path.join(folder, IOU_TABLE)
                 table.to_json(path, orient="split", index=False)
@@ -327,15 +356,21 @@ class Tracker:
                     self.finish(run.info.run_id, status)
                     closed.append(run.info.run_id)
         except (MlflowException, OSError, TrackingError) as exc:
-            log.warning("could not end MLflow run %s and its children as %s in %s: %s",
-                        run_id, status, shown_uri(self.uri), _short(exc))
+            log.warning(
+                "could not end MLflow run %s and its children as %s in %s: %s",
+                run_id,
+                status,
+                shown_uri(self.uri),
+                _short(exc),
+            )
         return closed
 
     def _children(self, experiment_id: str, run_id: str) -> list[Any]:
         found, token = [], None
         while True:
-            page = self.client.search_runs([experiment_id], f"tags.{MLFLOW_PARENT_RUN_ID} = '{run_id}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [experiment_id], f"tags.{MLFLOW_PARENT_RUN_ID} = '{run_id}'", max_results=1000, page_token=token
+            )
             found += list(page)
             token = page.token
             if not token:

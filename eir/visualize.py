@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from eir import storage  # noqa: E402
+from eir import storage
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> None:
@@ -104,7 +104,9 @@ def hbar_figure(values: dict[str, float], path, *, xlabel: str, title: str, colo
     save_figure(fig, path)
 
 
-def step_curves(runs: list[dict], task: str, metric: str = "mIoU_all") -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+def step_curves(
+    runs: list[dict], task: str, metric: str = "mIoU_all"
+) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     """(legend label, mean curve, sample-std curve or None for one seed) per method of one task.
 
     Runs of the same task and label (a run's `label`, else its method: several seeds) are averaged
@@ -135,7 +137,7 @@ def steps_figure(runs: list[dict], path, metric: str = "mIoU_all") -> None:
             if len(mean) == 1:  # joint: one point, drawn as a line across the final step
                 ax.axhline(mean[0], linestyle="--", color="grey", label=label)
                 continue
-            line, = ax.plot(range(len(mean)), mean, marker="o", label=label)
+            (line,) = ax.plot(range(len(mean)), mean, marker="o", label=label)
             if std is not None:
                 ax.fill_between(range(len(mean)), mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.set_title(task)
@@ -172,11 +174,16 @@ def pseudo_recall_figure(document: dict, path) -> None:
     classes = list(dict.fromkeys(name for s in document["steps"] for name in s["per_class"]))
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name in classes:
-        points = [(s["step"], s["per_class"][name]["recall"]) for s in document["steps"]
-                  if s["per_class"].get(name, {}).get("recall") is not None]
+        points = [
+            (s["step"], s["per_class"][name]["recall"])
+            for s in document["steps"]
+            if s["per_class"].get(name, {}).get("recall") is not None
+        ]
         if points:
             ax.plot(*zip(*points), marker="o", linewidth=1, label=name)
-    ax.plot(steps, [s["recall_old"] for s in document["steps"]], color="black", linewidth=2.5, marker="s", label="all old")
+    ax.plot(
+        steps, [s["recall_old"] for s in document["steps"]], color="black", linewidth=2.5, marker="s", label="all old"
+    )
     ax.set_title(f"{document['dataset']} {document['task']} {document['method']}: pseudo-label recall", fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")

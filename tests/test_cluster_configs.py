@@ -44,7 +44,7 @@ def _pip_requirements(command: str) -> list[str]:
     """The requirement arguments of the `pip install` in a shell command line (flags and paths dropped)."""
     segment = next(part for part in re.split(r"&&|;", command) if "pip install" in part)
     words = shlex.split(segment)
-    return [w for w in words[words.index("install") + 1:] if not w.startswith(("-", "~", "/", "."))]
+    return [w for w in words[words.index("install") + 1 :] if not w.startswith(("-", "~", "/", "."))]
 
 
 def _containers(pod_specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,7 +63,10 @@ def _group_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def test_every_cluster_yaml_parses() -> None:
     paths = sorted(CLUSTER.rglob("*.yaml"))
     assert {p.relative_to(CLUSTER).as_posix() for p in paths} >= {
-        "aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"
+        "aws.yaml",
+        "gcp.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
     }
     for path in paths:
         assert isinstance(_load(path), dict), f"{path} is not a YAML mapping"
@@ -72,8 +75,16 @@ def test_every_cluster_yaml_parses() -> None:
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
 def test_launcher_config_has_the_required_keys_and_a_gpu_node_type(path: Path) -> None:
     config = _load(path)
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands", "max_workers"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "max_workers",
+    ):
         assert config.get(key), f"{path.name}: {key} is missing or empty"
     types = config["available_node_types"]
     assert config["head_node_type"] in types
@@ -100,7 +111,9 @@ def test_launcher_setup_installs_the_pyproject_pins_and_the_project(path: Path) 
     commands = _load(path)["setup_commands"]
     installed = _pins([r for c in commands if "pip install" in c for r in _pip_requirements(c)])
     assert {name: installed.get(name) for name in PINNED} == {name: expected[name] for name in PINNED}
-    assert any(re.search(r"pip install .*-e ~/eir\b", c) for c in commands), f"{path.name}: the project is not installed"
+    assert any(re.search(r"pip install .*-e ~/eir\b", c) for c in commands), (
+        f"{path.name}: the project is not installed"
+    )
     assert _load(path)["file_mounts"].get("~/eir") == ".", f"{path.name}: the repository is not mounted at ~/eir"
 
 
@@ -113,8 +126,11 @@ def test_kuberay_manifest_has_a_head_and_an_autoscaling_gpu_group(name: str, kin
     spec = _cluster_specs(doc)
     assert spec["enableInTreeAutoscaling"] is True, f"{name}: the GPU group would never scale"
     assert all(c["name"] and c["image"] for c in _containers([spec["headGroupSpec"]])), f"{name}: no head container"
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if all(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in _containers([g]))]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if all(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in _containers([g]))
+    ]
     assert gpu_groups, f"{name}: no worker group limits nvidia.com/gpu"
     for group in gpu_groups:
         assert group["groupName"]
@@ -122,8 +138,10 @@ def test_kuberay_manifest_has_a_head_and_an_autoscaling_gpu_group(name: str, kin
         assert group["maxReplicas"] > group["minReplicas"], f"{name}: {group['groupName']} cannot autoscale"
         for container in _containers([group]):  # Kubernetes refuses a GPU request that differs from the limit
             resources = container["resources"]
-            assert resources.get("requests", {}).get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"]) == \
-                resources["limits"]["nvidia.com/gpu"]
+            assert (
+                resources.get("requests", {}).get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"])
+                == resources["limits"]["nvidia.com/gpu"]
+            )
 
 
 def test_kuberay_images_match_the_pyproject_ray_pin() -> None:

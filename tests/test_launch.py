@@ -12,7 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 COMMANDS = ["prepare", "run", "evaluate", "preview", "pseudo-labels", "sweep", "report", "submit", "bench", "cache"]
@@ -54,14 +61,25 @@ def test_help_explains_each_command(command: str, explains: list[str], capsys) -
 
 def test_run_help_lists_every_config_key() -> None:
     out = launch("run", "--help").stdout
-    for key in ("dataset.root", "task.name", "method.name", "train.epochs_incremental", "eval.protocol", "scaling.num_workers"):
+    for key in (
+        "dataset.root",
+        "task.name",
+        "method.name",
+        "train.epochs_incremental",
+        "eval.protocol",
+        "scaling.num_workers",
+    ):
         assert key in out
 
 
 def test_dry_run_prints_the_step_table(tmp_path: Path) -> None:
     result = launch(
-        "run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run",
-        f"run.output_dir={tmp_path}", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48",
+        "run",
+        str(REPO / "experiments" / "quickstart.yaml"),
+        "--dry-run",
+        f"run.output_dir={tmp_path}",
+        "dataset.synthetic_num_images=40",
+        "dataset.synthetic_image_size=48",
     )
     assert result.returncode == 0, result.stderr
     assert "train imgs" in result.stdout and "task:" in result.stdout
@@ -82,8 +100,13 @@ def test_bad_value_names_allowed_values() -> None:
 
 def test_overrides_may_follow_flags(tmp_path: Path) -> None:
     result = launch(
-        "run", str(REPO / "experiments" / "quickstart.yaml"), "--dry-run", f"run.output_dir={tmp_path}",
-        "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48", "task.name=15-5",
+        "run",
+        str(REPO / "experiments" / "quickstart.yaml"),
+        "--dry-run",
+        f"run.output_dir={tmp_path}",
+        "dataset.synthetic_num_images=40",
+        "dataset.synthetic_image_size=48",
+        "task.name=15-5",
     )
     assert result.returncode == 0, result.stderr
     assert "15-5" in result.stdout
@@ -133,9 +156,14 @@ def test_machine_errors_keep_their_traceback_only_under_verbose(tmp_path: Path, 
         (OSError(28, "No space left on device", "/d/x"), "/d/x: No space left on device"),
         (OSError(18, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
         (OSError(30, "Read-only file system"), "Read-only file system"),
-        (OSError("Cannot create directory '/r/x'.\nDetail: [errno 13] Permission denied"),
-         "Cannot create directory '/r/x'. Detail: [errno 13] Permission denied"),
-        (FileExistsError("run directory /r/x already exists: pass --resume"), "run directory /r/x already exists: pass --resume"),
+        (
+            OSError("Cannot create directory '/r/x'.\nDetail: [errno 13] Permission denied"),
+            "Cannot create directory '/r/x'. Detail: [errno 13] Permission denied",
+        ),
+        (
+            FileExistsError("run directory /r/x already exists: pass --resume"),
+            "run directory /r/x already exists: pass --resume",
+        ),
     ],
 )
 def test_errors_are_described_in_one_line(error: BaseException, line: str) -> None:
@@ -152,4 +180,6 @@ def test_an_os_error_from_a_ray_task_is_described_by_its_cause() -> None:
             super().__init__("ray::task() (pid=1)\nTraceback (most recent call last):\n  ...\n" + str(cause))
             self.cause = cause
 
-    assert describe_error(RemoteOSError(OSError(28, "No space left on device", "/d/x"))) == "/d/x: No space left on device"
+    assert (
+        describe_error(RemoteOSError(OSError(28, "No space left on device", "/d/x"))) == "/d/x: No space left on device"
+    )

@@ -15,7 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

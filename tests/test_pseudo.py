@@ -58,16 +58,22 @@ def test_bad_threshold_and_shapes() -> None:
 
 def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
     # rows = complete ground truth, columns = pseudo-label (0 = none); channels 1, 2 old, 3 new.
-    confusion = np.array([
-        [50, 5, 0, 0],   # background: 5 pixels wrongly claimed as channel 1
-        [10, 30, 0, 0],  # channel 1: 30 of 40 recovered
-        [20, 0, 0, 0],   # channel 2: none recovered, none claimed
-        [7, 0, 0, 0],    # a new-class pixel is never an old pixel to recover
-    ])
+    confusion = np.array(
+        [
+            [50, 5, 0, 0],  # background: 5 pixels wrongly claimed as channel 1
+            [10, 30, 0, 0],  # channel 1: 30 of 40 recovered
+            [20, 0, 0, 0],  # channel 2: none recovered, none claimed
+            [7, 0, 0, 0],  # a new-class pixel is never an old pixel to recover
+        ]
+    )
     quality = pseudo_label_quality(confusion, old_channels=[1, 2])
     assert quality["recall_old"] == pytest.approx(100 * 30 / 60)
     assert quality["precision_old"] == pytest.approx(100 * 30 / 35)
-    assert quality["per_channel"][1] == {"recall": pytest.approx(75.0), "precision": pytest.approx(100 * 30 / 35), "pixels": 40}
+    assert quality["per_channel"][1] == {
+        "recall": pytest.approx(75.0),
+        "precision": pytest.approx(100 * 30 / 35),
+        "pixels": 40,
+    }
     assert quality["per_channel"][2] == {"recall": 0.0, "precision": None, "pixels": 20}
 
 

@@ -11,19 +11,52 @@ from eir.report import write_report
 
 def _run(folder: Path, method: str, seed: int, final: float) -> None:
     folder.mkdir(parents=True)
-    steps = [{"step": 0, "mIoU_all": 60.0, "mIoU_old": 60.0, "mIoU_new": None, "hIoU": None},
-             {"step": 1, "mIoU_all": final, "mIoU_old": final + 5, "mIoU_new": final - 5, "hIoU": final - 1}]
-    (folder / "results.json").write_text(json.dumps({
-        "status": "finished", "dataset": "camvid", "task": "5-3", "task_setting": "overlapped",
-        "method": method, "seed": seed, "run_name": folder.name, "steps": steps}))
+    steps = [
+        {"step": 0, "mIoU_all": 60.0, "mIoU_old": 60.0, "mIoU_new": None, "hIoU": None},
+        {"step": 1, "mIoU_all": final, "mIoU_old": final + 5, "mIoU_new": final - 5, "hIoU": final - 1},
+    ]
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "status": "finished",
+                "dataset": "camvid",
+                "task": "5-3",
+                "task_setting": "overlapped",
+                "method": method,
+                "seed": seed,
+                "run_name": folder.name,
+                "steps": steps,
+            }
+        )
+    )
 
 
 def _sweep(folder: Path, ran_in: str, sizes: dict[str, int]) -> None:
-    trials = [{"trial_id": trial, "params": {"memory.size": size}, "metric": 1.0, "status": "finished",
-               "step0": "cache", "run_dir": f"{ran_in}/runs/{trial}"} for trial, size in sizes.items()]
-    (folder / "summary.json").write_text(json.dumps({
-        "sweep": "memory", "metric": "hIoU", "mode": "max", "trials": trials, "failed": [], "best": trials[0],
-        "step0_trained": 1, "step0_reused": len(trials) - 1}))
+    trials = [
+        {
+            "trial_id": trial,
+            "params": {"memory.size": size},
+            "metric": 1.0,
+            "status": "finished",
+            "step0": "cache",
+            "run_dir": f"{ran_in}/runs/{trial}",
+        }
+        for trial, size in sizes.items()
+    ]
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "sweep": "memory",
+                "metric": "hIoU",
+                "mode": "max",
+                "trials": trials,
+                "failed": [],
+                "best": trials[0],
+                "step0_trained": 1,
+                "step0_reused": len(trials) - 1,
+            }
+        )
+    )
 
 
 def test_sweep_trials_are_rows_of_their_own_even_after_the_sweep_dir_moved(tmp_path: Path) -> None:

@@ -152,12 +152,18 @@ def filled_dir(loc: storage.Location) -> None:
     storage.mark_complete(loc, {"rows": 2})
 
 
-FILLED_MARKER = {"rows": 2, "files": {
-    "nested/part-1.bin": {"size": 3, "sha256": hashlib.sha256(b"one").hexdigest()},
-    "part-0.bin": {"size": 4, "sha256": hashlib.sha256(b"zero").hexdigest()},
-}}
-FILLED_TREE = {COMPLETE_MARKER: (json.dumps(FILLED_MARKER, indent=2) + "\n").encode(),
-               "nested/part-1.bin": b"one", "part-0.bin": b"zero"}
+FILLED_MARKER = {
+    "rows": 2,
+    "files": {
+        "nested/part-1.bin": {"size": 3, "sha256": hashlib.sha256(b"one").hexdigest()},
+        "part-0.bin": {"size": 4, "sha256": hashlib.sha256(b"zero").hexdigest()},
+    },
+}
+FILLED_TREE = {
+    COMPLETE_MARKER: (json.dumps(FILLED_MARKER, indent=2) + "\n").encode(),
+    "nested/part-1.bin": b"one",
+    "part-0.bin": b"zero",
+}
 
 
 def test_publish_dir_local_is_a_rename(tmp_path: Path) -> None:
@@ -228,7 +234,9 @@ def test_replace_dir_local_swaps_a_non_empty_dir_and_leaves_nothing_aside(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp or set-aside folder is left"
 
 
-def test_replace_dir_local_puts_the_old_dir_back_when_the_move_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_dir_local_puts_the_old_dir_back_when_the_move_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _old_dir(tmp_path / "out")
     before = tree(tmp_path / "out")
     tmp = storage.resolve(tmp_path / ".out.tmp")

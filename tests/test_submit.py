@@ -8,6 +8,7 @@ instances on the machine belong to other tests and runs.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -68,8 +69,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _submit(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", RUNNER, "submit", *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, "submit", *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _free_port() -> int:
@@ -91,9 +99,14 @@ def test_entrypoint_quotes_each_argument_after_the_separator() -> None:
 def test_runtime_env_uploads_the_repo_and_passes_only_the_tracking_uri(tmp_path: Path) -> None:
     environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "x", "RAY_AUTH_TOKEN": "y"}
     env = build_runtime_env(REPO, environ)
-    assert env == {"working_dir": str(REPO), "excludes": upload_excludes(REPO),
-                   "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}
-    assert env["excludes"][-len(SECRET_EXCLUDES):] == SECRET_EXCLUDES, "the secrets come last: no .gitignore line undoes them"
+    assert env == {
+        "working_dir": str(REPO),
+        "excludes": upload_excludes(REPO),
+        "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+    }
+    assert env["excludes"][-len(SECRET_EXCLUDES) :] == SECRET_EXCLUDES, (
+        "the secrets come last: no .gitignore line undoes them"
+    )
     assert "env_vars" not in build_runtime_env(REPO, {})
     with pytest.raises(SubmitError, match="password"):
         build_runtime_env(REPO, {"MLFLOW_TRACKING_URI": "https://me:hunter2@mlflow.example.com"})
@@ -106,41 +119,121 @@ def test_the_upload_leaves_out_local_results_data_and_environments(tmp_path: Pat
     `eir/data` and `tests/data` packages, but no environment, results, prepared data, report or MLflow store."""
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
-    kept = ["launch.py", "pyproject.toml", "eir/data/ingest.py", "tests/data/test_ingest.py", "eir/report.py",
-            "experiments/quickstart.yaml"]
-    dropped = [".venv/bin/python", "outputs/run/results.json", "data/camvid/train/part-0.parquet", "report/report.md",
-               "mlruns/0/meta.yaml", "mlartifacts/1/model.pt", "mlflow.db", "outputs.db", ".git/HEAD",
-               "eir.egg-info/PKG-INFO", "eir/__pycache__/x.pyc", ".pytest_cache/v"]
+    kept = [
+        "launch.py",
+        "pyproject.toml",
+        "eir/data/ingest.py",
+        "tests/data/test_ingest.py",
+        "eir/report.py",
+        "experiments/quickstart.yaml",
+    ]
+    dropped = [
+        ".venv/bin/python",
+        "outputs/run/results.json",
+        "data/camvid/train/part-0.parquet",
+        "report/report.md",
+        "mlruns/0/meta.yaml",
+        "mlartifacts/1/model.pt",
+        "mlflow.db",
+        "outputs.db",
+        ".git/HEAD",
+        "eir.egg-info/PKG-INFO",
+        "eir/__pycache__/x.pyc",
+        ".pytest_cache/v",
+    ]
     for name in kept + dropped:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     uploaded: list[str] = []
-    _dir_travel(tmp_path, [_get_excludes(tmp_path, build_runtime_env(REPO, {})["excludes"])],
-                lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()), include_gitignore=False)
+    _dir_travel(
+        tmp_path,
+        [_get_excludes(tmp_path, build_runtime_env(REPO, {})["excludes"])],
+        lambda p: p.is_file() and uploaded.append(p.relative_to(tmp_path).as_posix()),
+        include_gitignore=False,
+    )
     assert sorted(uploaded) == sorted(kept)
 
 
 # A working dir holding every kind of secret the upload must leave out, at the root and deeper down,
 # beside the code it must keep (including code whose names merely sound secret).
 SECRET_FILES = [
-    ".env", ".env.production", ".envrc", "sub/.env", ".aws/credentials", ".aws/config", ".ssh/id_rsa", "deploy/id_rsa",
-    "deploy/id_rsa.pub", "id_ed25519", "keys/id_ecdsa", ".netrc", "certs/server.pem", "certs/server.key",
-    "certs/client.p12", ".ray/auth_token", "secrets/db_password.txt", "infra/terraform.tfstate",
-    "infra/terraform.tfstate.backup", ".git-credentials", ".docker/config.json", "home/.docker/config.json",
-    "credentials.json", "eir/credentials.json", ".kube/config", ".gcloud/credentials.db",
-    "home/.config/gcloud/application_default_credentials.json", "application_default_credentials.json",
+    ".env",
+    ".env.production",
+    ".envrc",
+    "sub/.env",
+    ".aws/credentials",
+    ".aws/config",
+    ".ssh/id_rsa",
+    "deploy/id_rsa",
+    "deploy/id_rsa.pub",
+    "id_ed25519",
+    "keys/id_ecdsa",
+    ".netrc",
+    "certs/server.pem",
+    "certs/server.key",
+    "certs/client.p12",
+    ".ray/auth_token",
+    "secrets/db_password.txt",
+    "infra/terraform.tfstate",
+    "infra/terraform.tfstate.backup",
+    ".git-credentials",
+    ".docker/config.json",
+    "home/.docker/config.json",
+    "credentials.json",
+    "eir/credentials.json",
+    ".kube/config",
+    ".gcloud/credentials.db",
+    "home/.config/gcloud/application_default_credentials.json",
+    "application_default_credentials.json",
 ]
 # How the scan names them: a matching folder once, with a slash (it is never entered), files by path.
-SECRETS_SHOWN = sorted([
-    ".env", ".env.production", ".envrc", "sub/.env", ".aws/", ".ssh/", "deploy/id_rsa", "deploy/id_rsa.pub",
-    "id_ed25519", "keys/id_ecdsa", ".netrc", "certs/server.pem", "certs/server.key", "certs/client.p12", ".ray/",
-    "secrets/", "infra/terraform.tfstate", "infra/terraform.tfstate.backup", ".git-credentials", ".docker/config.json",
-    "home/.docker/config.json", "credentials.json", "eir/credentials.json", ".kube/", ".gcloud/", "home/.config/gcloud/",
-    "application_default_credentials.json",
-])
-KEPT_FILES = ["launch.py", "pyproject.toml", "README.md", ".gitignore", "eir/__init__.py", "eir/submit.py",
-              "eir/data/ingest.py", "eir/train/experiment.py", "eir/env.py", "eir/keys.py", "experiments/quickstart.yaml",
-              "tests/test_submit.py", "tests/data/test_ingest.py", "cluster/aws.yaml"]
+SECRETS_SHOWN = sorted(
+    [
+        ".env",
+        ".env.production",
+        ".envrc",
+        "sub/.env",
+        ".aws/",
+        ".ssh/",
+        "deploy/id_rsa",
+        "deploy/id_rsa.pub",
+        "id_ed25519",
+        "keys/id_ecdsa",
+        ".netrc",
+        "certs/server.pem",
+        "certs/server.key",
+        "certs/client.p12",
+        ".ray/",
+        "secrets/",
+        "infra/terraform.tfstate",
+        "infra/terraform.tfstate.backup",
+        ".git-credentials",
+        ".docker/config.json",
+        "home/.docker/config.json",
+        "credentials.json",
+        "eir/credentials.json",
+        ".kube/",
+        ".gcloud/",
+        "home/.config/gcloud/",
+        "application_default_credentials.json",
+    ]
+)
+KEPT_FILES = [
+    "launch.py",
+    "pyproject.toml",
+    "README.md",
+    ".gitignore",
+    "eir/__init__.py",
+    "eir/submit.py",
+    "eir/data/ingest.py",
+    "eir/train/experiment.py",
+    "eir/env.py",
+    "eir/keys.py",
+    "experiments/quickstart.yaml",
+    "tests/test_submit.py",
+    "tests/data/test_ingest.py",
+    "cluster/aws.yaml",
+]
 # Left out by the .gitignore (whose negations try, and fail, to bring secrets back) and by EXCLUDES.
 OTHER_FILES = ["local_notes/todo.md", "train.log", ".venv/lib/certifi/cacert.pem", "outputs/run/results.json"]
 SECRET_TEXT = "eir-secret-content-7d41"
@@ -160,8 +253,12 @@ def _uploaded_by_ray(working_dir: Path, include_gitignore: bool) -> list[str]:
 
     kept: list[str] = []
     excludes = build_runtime_env(working_dir, {})["excludes"]
-    _dir_travel(working_dir, [_get_excludes(working_dir, excludes)],
-                lambda p: p.is_file() and kept.append(p.relative_to(working_dir).as_posix()), include_gitignore=include_gitignore)
+    _dir_travel(
+        working_dir,
+        [_get_excludes(working_dir, excludes)],
+        lambda p: p.is_file() and kept.append(p.relative_to(working_dir).as_posix()),
+        include_gitignore=include_gitignore,
+    )
     return sorted(kept)
 
 
@@ -178,13 +275,16 @@ def test_the_scan_names_each_secret_and_counts_the_rest(tmp_path: Path) -> None:
     scan = scan_upload(working_dir, upload_excludes(working_dir))
     assert scan == UploadScan(tuple(SECRETS_SHOWN), others=4)  # local_notes/, train.log, .venv, outputs
     lines = scan.summary()
-    assert lines[0] == (f"upload: left out {len(SECRETS_SHOWN)} path(s) that look like secrets (never uploaded): "
-                        + ", ".join(SECRETS_SHOWN))
+    assert lines[0] == (
+        f"upload: left out {len(SECRETS_SHOWN)} path(s) that look like secrets (never uploaded): "
+        + ", ".join(SECRETS_SHOWN)
+    )
     assert lines[1].startswith("upload: left out 4 other path(s)")
     assert SECRET_TEXT not in "\n".join(lines)
     clean = working_dir / "experiments"
     assert scan_upload(clean, upload_excludes(clean)).summary() == [
-        "upload: left out 0 other path(s) (environments, results, data, MLflow stores, caches, .gitignore patterns)"]
+        "upload: left out 0 other path(s) (environments, results, data, MLflow stores, caches, .gitignore patterns)"
+    ]
 
 
 def test_the_scan_ends_on_a_symlink_loop(tmp_path: Path) -> None:
@@ -273,7 +373,9 @@ def test_probe_reads_the_version_and_explains_401_and_403(fake_dashboard) -> Non
     address, seen, status = fake_dashboard
     assert check_dashboard(address, {}, 5, {}) == "2.60.0"
     status[0] = 401
-    with pytest.raises(SubmitError, match="answered 401.*set RAY_AUTH_MODE=token.*no token is sent unless RAY_AUTH_MODE=token"):
+    with pytest.raises(
+        SubmitError, match="answered 401.*set RAY_AUTH_MODE=token.*no token is sent unless RAY_AUTH_MODE=token"
+    ):
         check_dashboard(address, {}, 5, {"RAY_AUTH_TOKEN": SENTINEL})
     status[0] = 403
     with pytest.raises(SubmitError, match="answered 403.*the token sent was rejected") as info:
@@ -292,7 +394,9 @@ def test_probe_gives_up_on_a_server_that_never_answers() -> None:
         silent.listen(1)
         address = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(SubmitError, match=r"no Ray dashboard answered at .* \(tried GET /api/version, timed out after 1s\)"):
+        with pytest.raises(
+            SubmitError, match=r"no Ray dashboard answered at .* \(tried GET /api/version, timed out after 1s\)"
+        ):
             check_dashboard(address, {}, 1, {})
         assert time.monotonic() - start < 5
 
@@ -313,8 +417,11 @@ def test_token_mode_sends_rays_own_header_and_hides_the_token(fake_dashboard) ->
     """With RAY_AUTH_MODE=token the probe sends the header Ray's SDK sends; a rejection never shows the token."""
     address, seen, status = fake_dashboard
     status[0] = 403
-    result = _submit(["--address", address, "--", "run", "experiments/quickstart.yaml"],
-                     _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL), timeout=60)
+    result = _submit(
+        ["--address", address, "--", "run", "experiments/quickstart.yaml"],
+        _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "answered 403" in result.stderr
     assert seen and seen[0]["authorization"] == f"Bearer {SENTINEL}"
@@ -329,18 +436,26 @@ def test_token_from_the_home_token_file_is_sent_and_never_shown(fake_dashboard, 
     (tmp_path / ".ray" / "auth_token").write_text(SENTINEL + "\n")
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "launch.py").write_text("print('never runs')\n")
-    result = _submit(["--address", address, "--working-dir", str(tmp_path / "repo"), "--", "run", "x.yaml"],
-                     _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)), timeout=60)
+    result = _submit(
+        ["--address", address, "--working-dir", str(tmp_path / "repo"), "--", "run", "x.yaml"],
+        _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert {(r["method"], r["path"], r.get("authorization")) for r in seen} >= {
-        ("GET", "/api/version", f"Bearer {SENTINEL}"), ("POST", "/api/jobs/", f"Bearer {SENTINEL}")}
+        ("GET", "/api/version", f"Bearer {SENTINEL}"),
+        ("POST", "/api/jobs/", f"Bearer {SENTINEL}"),
+    }
     assert "did not accept the job" in result.stderr and '"authorization": "***"' in result.stderr
     assert SENTINEL not in result.stdout + result.stderr
 
 
 def test_token_mode_without_a_token_is_a_clear_error(tmp_path: Path) -> None:
-    result = _submit(["--address", "http://127.0.0.1:8265", "--", "run", "experiments/quickstart.yaml"],
-                     _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)), timeout=60)
+    result = _submit(
+        ["--address", "http://127.0.0.1:8265", "--", "run", "experiments/quickstart.yaml"],
+        _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "RAY_AUTH_MODE=token but Ray found no token" in result.stderr
     assert "Traceback" not in result.stderr
@@ -350,8 +465,11 @@ def test_a_refused_submission_exits_2_without_a_traceback(fake_dashboard, tmp_pa
     """The dashboard answers the probe, then refuses the job itself (here: HTTP 500 on POST /api/jobs/)."""
     address, seen, _ = fake_dashboard
     (tmp_path / "launch.py").write_text("print('never runs')\n")
-    result = _submit(["--address", address, "--working-dir", str(tmp_path), "--", "run", "x.yaml"],
-                     _env(RAY_AUTH_MODE="disabled"), timeout=60)
+    result = _submit(
+        ["--address", address, "--working-dir", str(tmp_path), "--", "run", "x.yaml"],
+        _env(RAY_AUTH_MODE="disabled"),
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert f"error: the cluster at {address} did not accept the job" in result.stderr
     assert "Traceback" not in result.stderr
@@ -372,7 +490,9 @@ def package_catcher() -> Iterator[tuple[str, list[bytes]]]:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            self._answer(404) if self.path.startswith("/api/packages/") else self._answer(200, b'{"ray_version": "2.60.0"}')
+            self._answer(404) if self.path.startswith("/api/packages/") else self._answer(
+                200, b'{"ray_version": "2.60.0"}'
+            )
 
         def do_PUT(self) -> None:
             packages.append(self.rfile.read(int(self.headers["Content-Length"])))
@@ -396,24 +516,48 @@ def test_the_package_ray_uploads_holds_the_code_and_no_secret(package_catcher, t
     """`submit` end to end: the Job SDK's real zip of the working dir, and what `submit` printed about it."""
     address, packages = package_catcher
     working_dir = _working_dir(tmp_path / "repo")
-    result = _submit(["--address", address, "--working-dir", str(working_dir), "--", "run", "x.yaml"],
-                     _env(RAY_AUTH_MODE="disabled"), timeout=120)
+    result = _submit(
+        ["--address", address, "--working-dir", str(working_dir), "--", "run", "x.yaml"],
+        _env(RAY_AUTH_MODE="disabled"),
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr  # the fake dashboard refuses the job once it has the package
     assert len(packages) == 1, result.stderr
     with zipfile.ZipFile(io.BytesIO(packages[0])) as package:
         files = sorted(name for name in package.namelist() if not name.endswith("/"))
     assert files == sorted(KEPT_FILES)
-    assert f"upload: left out {len(SECRETS_SHOWN)} path(s) that look like secrets (never uploaded): {', '.join(SECRETS_SHOWN)}" in result.stdout
+    assert (
+        f"upload: left out {len(SECRETS_SHOWN)} path(s) that look like secrets (never uploaded): "
+        f"{', '.join(SECRETS_SHOWN)}" in result.stdout
+    )
     assert "upload: left out 4 other path(s)" in result.stdout
     assert SECRET_TEXT not in result.stdout + result.stderr
 
 
-@pytest.mark.skipif("add_submit_parser" not in (REPO / "launch.py").read_text(), reason="launch.py does not wire `submit` yet")
+@pytest.mark.skipif(
+    "add_submit_parser" not in (REPO / "launch.py").read_text(), reason="launch.py does not wire `submit` yet"
+)
 def test_launch_py_submit_is_wired() -> None:
     address = f"http://127.0.0.1:{_free_port()}"
-    result = subprocess.run([sys.executable, "launch.py", "submit", "--address", address, "--", "run",
-                             "experiments/quickstart.yaml", "train.epochs=1"],
-                            check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "submit",
+            "--address",
+            address,
+            "--",
+            "run",
+            "experiments/quickstart.yaml",
+            "train.epochs=1",
+        ],
+        check=False,
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert f"no Ray dashboard answered at {address}" in result.stderr
 
@@ -436,7 +580,9 @@ def _processes_of(session: int, gcs_port: int) -> list[int]:
         state, _, _, sid = stat.rsplit(")", 1)[1].split()[:4]
         if state == "Z":  # exited, waiting to be reaped
             continue
-        if int(sid) == session or any(v.startswith(b"RAY_ADDRESS=") and v.endswith(f":{gcs_port}".encode()) for v in environ):
+        if int(sid) == session or any(
+            v.startswith(b"RAY_ADDRESS=") and v.endswith(f":{gcs_port}".encode()) for v in environ
+        ):
             found.append(int(entry))
     return found
 
@@ -444,15 +590,11 @@ def _processes_of(session: int, gcs_port: int) -> list[int]:
 def _stop_ray(head: subprocess.Popen[bytes], gcs_port: int) -> None:
     """SIGTERM `ray start --block` (it shuts its node down), then SIGKILL whatever of ours is left."""
     head.send_signal(signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
     for pid in _processes_of(head.pid, gcs_port):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     head.wait(timeout=10)
     deadline = time.monotonic() + 10
     while _processes_of(head.pid, gcs_port) and time.monotonic() < deadline:
@@ -497,18 +639,35 @@ def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_proper
     address = f"http://127.0.0.1:{dashboard_port}"
     head_env = _env(
         PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's python
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
         # Ray's memory monitor counts the whole machine, where other runs share the memory: off here.
         RAY_memory_monitor_refresh_ms="0",
     )
     log = tmp_path / "ray-head.log"
     with log.open("wb") as out:
         head = subprocess.Popen(
-            [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
-             f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-             "--num-cpus=8", "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(venv_bin / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs_port}",
+                f"--dashboard-port={dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+                "--num-cpus=8",
+                "--object-store-memory=300000000",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            env=head_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_for_dashboard(address, token, head, log, timeout_s=180)
@@ -517,11 +676,26 @@ def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_proper
         client_env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}")
         start = time.monotonic()
         result = _submit(
-            ["--address", address, "--", "run", "experiments/quickstart.yaml", f"run.output_dir={output_dir}",
-             "run.name=submitted", "dataset.synthetic_num_images=40", "dataset.synthetic_image_size=48",
-             "task.name=15-5", "model.weights=null", "train.epochs=1", "train.epochs_incremental=1",
-             "train.batch_size=8", "train.crop_size=48", "scaling.cpus_per_worker=1"],
-            client_env, timeout=720,
+            [
+                "--address",
+                address,
+                "--",
+                "run",
+                "experiments/quickstart.yaml",
+                f"run.output_dir={output_dir}",
+                "run.name=submitted",
+                "dataset.synthetic_num_images=40",
+                "dataset.synthetic_image_size=48",
+                "task.name=15-5",
+                "model.weights=null",
+                "train.epochs=1",
+                "train.epochs_incremental=1",
+                "train.batch_size=8",
+                "train.crop_size=48",
+                "scaling.cpus_per_worker=1",
+            ],
+            client_env,
+            timeout=720,
         )
         wall_s = time.monotonic() - start
         record_property("submit_wall_s", round(wall_s, 1))
@@ -538,10 +712,15 @@ def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_proper
         # A job that fails on the cluster (its config file does not exist there): exit 1, its status and message.
         failed = _submit(["--address", address, "--", "run", "experiments/missing.yaml"], client_env, timeout=300)
         assert failed.returncode == 1, (failed.stdout + failed.stderr)[-4000:]
-        assert re.search(r"job raysubmit_\w+ FAILED: .*config file experiments/missing\.yaml does not exist",
-                         failed.stderr, re.DOTALL), failed.stderr  # the message ends with the job's last log lines
+        assert re.search(
+            r"job raysubmit_\w+ FAILED: .*config file experiments/missing\.yaml does not exist",
+            failed.stderr,
+            re.DOTALL,
+        ), failed.stderr  # the message ends with the job's last log lines
         # --no-wait: the job id and exit 0 without following the logs, whatever becomes of the job.
-        detached = _submit(["--address", address, "--no-wait", "--", "run", "experiments/missing.yaml"], client_env, timeout=300)
+        detached = _submit(
+            ["--address", address, "--no-wait", "--", "run", "experiments/missing.yaml"], client_env, timeout=300
+        )
         assert detached.returncode == 0, (detached.stdout + detached.stderr)[-4000:]
         job_id = re.search(r"submitted job (raysubmit_\w+)", detached.stdout).group(1)
         assert "not waiting" in detached.stdout and "Running entrypoint" not in detached.stdout

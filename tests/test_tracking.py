@@ -48,7 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def remote_root(tmp_path: Path) -> storage.Location:
-    return storage.resolve(str(tmp_path / "bucket"), filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
+    return storage.resolve(
+        str(tmp_path / "bucket"), filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    )
 
 
 def test_local_root_keeps_database_and_artifacts_beside_the_runs(tmp_path: Path, monkeypatch) -> None:
@@ -100,7 +102,8 @@ def test_a_dead_tracking_server_fails_in_seconds(tmp_path: Path, monkeypatch) ->
     assert time.monotonic() - start < 5
     assert str(info.value) == (
         f"no MLflow tracking server answered at MLFLOW_TRACKING_URI={uri} (tried GET /health, connection refused): "
-        "start the server, correct MLFLOW_TRACKING_URI, or unset it to log to a sqlite file in run.output_dir")
+        "start the server, correct MLFLOW_TRACKING_URI, or unset it to log to a sqlite file in run.output_dir"
+    )
     assert isinstance(info.value, ConfigError), "launch.py turns it into one `error:` line and exit 2"
 
 
@@ -112,8 +115,11 @@ def test_a_silent_server_and_a_password_in_the_uri(tmp_path: Path, monkeypatch) 
         port = silent.getsockname()[1]
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://me:hunter2@127.0.0.1:{port}")
         start = time.monotonic()
-        with pytest.raises(TrackingError, match=rf"at MLFLOW_TRACKING_URI=http://me:\*\*\*@127.0.0.1:{port} "
-                                                r"\(tried GET /health, timed out after 1s\)") as info:
+        with pytest.raises(
+            TrackingError,
+            match=rf"at MLFLOW_TRACKING_URI=http://me:\*\*\*@127.0.0.1:{port} "
+            r"\(tried GET /health, timed out after 1s\)",
+        ) as info:
             Tracker(storage.resolve(str(tmp_path)), "eir-test", probe_timeout=1)
         assert time.monotonic() - start < 5
         assert "hunter2" not in str(info.value)
@@ -130,7 +136,9 @@ def short_lived_server() -> Iterator[tuple[str, Callable[[], None]]]:
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == "/api/2.0/mlflow/experiments/get-by-name":
-                body = json.dumps({"experiment": {"experiment_id": "1", "name": "eir-test", "lifecycle_stage": "active"}})
+                body = json.dumps(
+                    {"experiment": {"experiment_id": "1", "name": "eir-test", "lifecycle_stage": "active"}}
+                )
             elif path == "/health":
                 body = "OK"
             else:
@@ -167,8 +175,11 @@ def test_a_server_that_dies_mid_run_fails_within_seconds(short_lived_server, tmp
     assert {name: os.environ[name] for name in HTTP_LIMITS} == HTTP_LIMITS
     stop()
     start = time.monotonic()
-    with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} failed while logging metrics \(.*Connection refused.*\); "
-                                            "the run's files are kept: once the store answers again, continue with --resume$"):
+    with pytest.raises(
+        TrackingError,
+        match=rf"^the MLflow tracking store {uri} failed while logging metrics \(.*Connection refused.*\); "
+        "the run's files are kept: once the store answers again, continue with --resume$",
+    ):
         tracker.metrics("0123", {"loss": 1.0})
     assert time.monotonic() - start < 20
 
@@ -206,8 +217,11 @@ def test_a_server_that_refuses_the_api_names_the_setting_to_check(tmp_path: Path
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:
-        with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} failed while opening experiment "
-                                                r"'eir-test' \(UNAUTHENTICATED: .*\); check MLFLOW_TRACKING_URI \(and a server's credentials"):
+        with pytest.raises(
+            TrackingError,
+            match=rf"^the MLflow tracking store {uri} failed while opening experiment "
+            r"'eir-test' \(UNAUTHENTICATED: .*\); check MLFLOW_TRACKING_URI \(and a server's credentials",
+        ):
             Tracker(storage.resolve(str(tmp_path)), "eir-test")
     finally:
         server.shutdown()
@@ -242,8 +256,11 @@ def test_names_description_source_and_only_the_params_the_method_reads(tracker: 
     config = load_config(overrides=["method.name=finetune", "run.name=baseline", "seed=3"])
     inactive = inactive_keys(config)
     assert {"paste.probability", "memory.size", "pseudo.threshold"} <= inactive
-    parent = tracker.start(config.run.name, tags={**source_tags("0a1b2c3"), "eir.run_dir": "/runs/baseline"},
-                           description=run_description(config, "/runs/baseline/results.json"))
+    parent = tracker.start(
+        config.run.name,
+        tags={**source_tags("0a1b2c3"), "eir.run_dir": "/runs/baseline"},
+        description=run_description(config, "/runs/baseline/results.json"),
+    )
     tracker.params(parent, run_params(config))
     child = tracker.start(step_run_name(config.run.name, 1), parent=parent)
     run = _run(tracker, parent)
@@ -251,7 +268,8 @@ def test_names_description_source_and_only_the_params_the_method_reads(tracker: 
     assert _run(tracker, child).data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags["mlflow.note.content"] == (
         f"**finetune** on {config.dataset.name}, task {config.task.name} ({config.task.setting}), seed 3, "
-        f"eval protocol {config.eval.protocol}.\n\nResults: `/runs/baseline/results.json`")
+        f"eval protocol {config.eval.protocol}.\n\nResults: `/runs/baseline/results.json`"
+    )
     assert run.data.tags["mlflow.source.git.commit"] == "0a1b2c3"
     assert run.data.tags["mlflow.source.name"] == "launch.py"
     assert set(run.data.params) == set(config.flat()) - inactive
@@ -272,7 +290,12 @@ def test_finish_with_each_status(tracker: Tracker) -> None:
 
 
 def test_results_status_maps_to_the_mlflow_status() -> None:
-    assert [run_status(s) for s in ("finished", "failed", "interrupted", "stopped")] == [FINISHED, FAILED, KILLED, KILLED]
+    assert [run_status(s) for s in ("finished", "failed", "interrupted", "stopped")] == [
+        FINISHED,
+        FAILED,
+        KILLED,
+        KILLED,
+    ]
     with pytest.raises(ValueError, match="no MLflow status for a run 'running'"):
         run_status("running")
 
@@ -289,7 +312,14 @@ def test_close_tree_ends_every_run_still_running_below(tracker: Tracker) -> None
     other_step = tracker.start(step_run_name("other", 0), parent=other)
     assert sorted(tracker.close_tree(sweep, KILLED)) == sorted([sweep, trial, crashed])
     status = {run_id: _run(tracker, run_id).info.status for run_id in (sweep, trial, done, crashed, other, other_step)}
-    assert status == {sweep: KILLED, trial: KILLED, done: FINISHED, crashed: KILLED, other: "RUNNING", other_step: "RUNNING"}
+    assert status == {
+        sweep: KILLED,
+        trial: KILLED,
+        done: FINISHED,
+        crashed: KILLED,
+        other: "RUNNING",
+        other_step: "RUNNING",
+    }
     assert tracker.close_tree(sweep, FAILED) == [], "a closed tree stays as it was closed"
 
 
@@ -306,11 +336,17 @@ def test_resume_reuses_the_runs_and_refuses_unknown_ones(tracker: Tracker, tmp_p
     # Resumed: the same runs, RUNNING again, the step renamed to the current scheme, its new tags set.
     assert tracker.start("r", run_id=ids["parent"], description="again") == parent
     assert tracker.start(step_run_name("r", 0), parent=parent, run_id=ids["step_0"]) == child
-    assert _run(tracker, parent).info.status == "RUNNING" and _run(tracker, parent).data.tags["mlflow.note.content"] == "again"
+    assert (
+        _run(tracker, parent).info.status == "RUNNING"
+        and _run(tracker, parent).data.tags["mlflow.note.content"] == "again"
+    )
     assert _run(tracker, child).info.run_name == "r/step_0"
     assert len(tracker.client.search_runs([tracker.experiment_id])) == 2, "resume never duplicates a run"
-    with pytest.raises(TrackingError, match=r"^--resume: MLflow run 0{32} \(r, named in the run's mlflow_runs.json\) is "
-                                            r"missing from the tracking store sqlite:///.*: resume with the MLFLOW_TRACKING_URI"):
+    with pytest.raises(
+        TrackingError,
+        match=r"^--resume: MLflow run 0{32} \(r, named in the run's mlflow_runs.json\) is "
+        r"missing from the tracking store sqlite:///.*: resume with the MLFLOW_TRACKING_URI",
+    ):
         tracker.start("r", run_id="0" * 32)
     tracker.client.delete_run(child)
     with pytest.raises(TrackingError, match=r"is deleted in the tracking store .*delete mlflow_runs.json"):
@@ -329,18 +365,32 @@ def test_per_class_iou_table_compares_across_runs(tracker: Tracker) -> None:
     tracker.iou_table(eir_run, 0, {"background": 90.0, "car": 50.5})
     tracker.iou_table(eir_run, 1, {"background": 88.0, "car": 40.0, "tree": None})
     tracker.iou_table(finetune_run, 1, {"background": 80.0, "car": 2.0, "tree": 30.0})
-    assert _table(tracker, eir_run) == [[0, "background", 90.0], [0, "car", 50.5],
-                                        [1, "background", 88.0], [1, "car", 40.0], [1, "tree", None]]
+    assert _table(tracker, eir_run) == [
+        [0, "background", 90.0],
+        [0, "car", 50.5],
+        [1, "background", 88.0],
+        [1, "car", 40.0],
+        [1, "tree", None],
+    ]
     # Logged again (a resume, a step trained again): replaced, never doubled; the UI still knows it as a table.
     tracker.iou_table(eir_run, 0, {"background": 91.0, "car": 51.0})
-    assert _table(tracker, eir_run) == [[0, "background", 91.0], [0, "car", 51.0],
-                                        [1, "background", 88.0], [1, "car", 40.0], [1, "tree", None]]
-    assert json.loads(_run(tracker, eir_run).data.tags["mlflow.loggedArtifacts"]) == [{"path": IOU_TABLE, "type": "table"}]
+    assert _table(tracker, eir_run) == [
+        [0, "background", 91.0],
+        [0, "car", 51.0],
+        [1, "background", 88.0],
+        [1, "car", 40.0],
+        [1, "tree", None],
+    ]
+    assert json.loads(_run(tracker, eir_run).data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": IOU_TABLE, "type": "table"}
+    ]
     # MLflow's own reader puts both runs' tables side by side (what the UI's comparison shows).
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracker.uri)
     try:
-        both = tracker.client.load_table(tracker.experiment_id, IOU_TABLE, run_ids=[eir_run, finetune_run], extra_columns=["run_id"])
+        both = tracker.client.load_table(
+            tracker.experiment_id, IOU_TABLE, run_ids=[eir_run, finetune_run], extra_columns=["run_id"]
+        )
     finally:
         mlflow.set_tracking_uri(previous)
     car_at_1 = both[(both["step"] == 1) & (both["class"] == "car")]
@@ -354,17 +404,35 @@ def test_launch_run_with_a_dead_tracking_server_is_one_error_line_and_leaves_no_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))} | {"MLFLOW_TRACKING_URI": uri}
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"),
-         f"run.output_dir={tmp_path}", "run.name=dead", "dataset.synthetic_num_images=40",
-         "dataset.synthetic_image_size=48", "task.name=15-5", "model.weights=null"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "run",
+            str(REPO / "experiments" / "quickstart.yaml"),
+            f"run.output_dir={tmp_path}",
+            "run.name=dead",
+            "dataset.synthetic_num_images=40",
+            "dataset.synthetic_image_size=48",
+            "task.name=15-5",
+            "model.weights=null",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     elapsed = time.monotonic() - start
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [(f"error: no MLflow tracking server answered at MLFLOW_TRACKING_URI={uri} (tried GET /health, "
-                      "connection refused): start the server, correct MLFLOW_TRACKING_URI, or unset it to log to a "
-                      "sqlite file in run.output_dir")], result.stderr[-3000:]
+    assert errors == [
+        (
+            f"error: no MLflow tracking server answered at MLFLOW_TRACKING_URI={uri} (tried GET /health, "
+            "connection refused): start the server, correct MLFLOW_TRACKING_URI, or unset it to log to a "
+            "sqlite file in run.output_dir"
+        )
+    ], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "starting a local Ray instance" not in result.stderr, "the check comes before Ray starts"
     assert not (tmp_path / "dead" / "config.yaml").exists() and not (tmp_path / "dead" / "results.json").exists()

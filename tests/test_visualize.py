@@ -13,13 +13,23 @@ from eir.visualize import plt, step_curves, steps_figure
 
 
 def _run(method: str, seed: int, curve: list[float], task: str = "5-3") -> dict:
-    return {"dataset": "camvid", "task": task, "method": method, "seed": seed,
-            "steps": [{"step": i, "mIoU_all": v} for i, v in enumerate(curve)]}
+    return {
+        "dataset": "camvid",
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "steps": [{"step": i, "mIoU_all": v} for i, v in enumerate(curve)],
+    }
 
 
-RUNS = [_run("finetune", 0, [60.0, 10.0, 2.0]), _run("eir", 0, [60.0, 40.0, 28.0]), _run("eir", 1, [62.0, 44.0, 32.0]),
-        _run("eir", 2, [61.0, 42.0]),  # stopped before its last step: the mean covers the steps all seeds reached
-        _run("joint", 0, [40.0]), _run("eir", 0, [50.0, 49.0], task="6-1")]
+RUNS = [
+    _run("finetune", 0, [60.0, 10.0, 2.0]),
+    _run("eir", 0, [60.0, 40.0, 28.0]),
+    _run("eir", 1, [62.0, 44.0, 32.0]),
+    _run("eir", 2, [61.0, 42.0]),  # stopped before its last step: the mean covers the steps all seeds reached
+    _run("joint", 0, [40.0]),
+    _run("eir", 0, [50.0, 49.0], task="6-1"),
+]
 
 
 def test_step_curves_average_seeds_with_their_sample_std_best_first() -> None:

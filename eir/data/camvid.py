@@ -31,8 +31,18 @@ from eir.data.base import (
 CAMVID_INFO = DatasetInfo(
     "camvid",
     (
-        "background", "sky", "building", "pole", "road", "pavement", "tree", "signsymbol",
-        "fence", "car", "pedestrian", "bicyclist",
+        "background",
+        "sky",
+        "building",
+        "pole",
+        "road",
+        "pavement",
+        "tree",
+        "signsymbol",
+        "fence",
+        "car",
+        "pedestrian",
+        "bicyclist",
     ),
     future_label=0,
 )
@@ -65,9 +75,7 @@ class CamVidReader(SegmentationReader):
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise DatasetError(
-                    f"{self.split_file} line {number}: {line!r} (expected '<image path> <label path>')"
-                )
+                raise DatasetError(f"{self.split_file} line {number}: {line!r} (expected '<image path> <label path>')")
             image_path, label_path = (self._resolve(part) for part in parts)
             if image_path.stem in pairs:
                 raise DatasetError(f"{self.split_file} line {number}: id {image_path.stem!r} listed twice")
@@ -102,6 +110,4 @@ def check_raw_labels(raw: np.ndarray, path: Path) -> None:
     values = np.unique(raw)
     bad = values[values > RAW_UNLABELLED]
     if bad.size:
-        raise DatasetError(
-            f"label {path} holds raw values {bad.tolist()} (expected CamVid ids 0..{RAW_UNLABELLED})"
-        )
+        raise DatasetError(f"label {path} holds raw values {bad.tolist()} (expected CamVid ids 0..{RAW_UNLABELLED})")

@@ -117,7 +117,8 @@ class FolderReader(SegmentationReader):
             )
         warnings.warn(
             f"folder dataset {self.root} has no split lists (<split>.txt): split {self.split!r} uses every "
-            f"image in {self.image_dir}, so training and test images are the same"
+            f"image in {self.image_dir}, so training and test images are the same",
+            stacklevel=2,
         )
         return list(self._images)
 
@@ -127,9 +128,7 @@ class FolderReader(SegmentationReader):
     def read(self, sample_id: str) -> Sample:
         image_path = self._images.get(sample_id)
         if image_path is None:
-            raise DatasetError(
-                f"missing image for id {sample_id!r}: expected {self.image_dir / sample_id}.jpg or .png"
-            )
+            raise DatasetError(f"missing image for id {sample_id!r}: expected {self.image_dir / sample_id}.jpg or .png")
         image_bytes = read_file_bytes(image_path, "image")
         image, image_format = decode_image(image_bytes, image_path)
 

@@ -172,7 +172,9 @@ def walk_files(root: Path, exclude: set[Path]) -> Iterator[tuple[Path, os.stat_r
             with os.scandir(folder) as scan:
                 entries = sorted(scan, key=lambda entry: entry.name)
         except OSError as exc:
-            raise DatasetError(f"cannot list {shown(folder)} in dataset root {shown(root)}: {exc.strerror or exc}") from None
+            raise DatasetError(
+                f"cannot list {shown(folder)} in dataset root {shown(root)}: {exc.strerror or exc}"
+            ) from None
         subfolders = []
         for entry in entries:
             path = Path(entry.path)
@@ -185,8 +187,10 @@ def walk_files(root: Path, exclude: set[Path]) -> Iterator[tuple[Path, os.stat_r
                     continue
                 stat = entry.stat(follow_symlinks=False)
             except OSError as exc:  # ELOOP: a link to itself or a ring of links
-                raise DatasetError(f"cannot follow {shown(path)} in dataset root {shown(root)}: {exc.strerror or exc} "
-                                   "(expected a file or folder; remove or fix the symbolic link)") from None
+                raise DatasetError(
+                    f"cannot follow {shown(path)} in dataset root {shown(root)}: {exc.strerror or exc} "
+                    "(expected a file or folder; remove or fix the symbolic link)"
+                ) from None
             if not S_ISDIR(stat.st_mode):
                 yield path, stat
                 continue
@@ -209,15 +213,25 @@ class DamagedDatasetError(DatasetError):
     """A prepared dataset whose manifest is unreadable or whose files contradict it: redo it, never read it."""
 
     def __init__(self, location: Location, problem: str) -> None:
-        super().__init__(f"prepared dataset {location.uri} is damaged: {problem}; prepare it again "
-                         "(`launch.py prepare ... --overwrite`) or remove the folder")
+        super().__init__(
+            f"prepared dataset {location.uri} is damaged: {problem}; prepare it again "
+            "(`launch.py prepare ... --overwrite`) or remove the folder"
+        )
         self.problem = problem
 
 
 # Manifest keys and the JSON types they must have (bool is no int here: JSON true is not a count).
 _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
-    "dataset": str, "split": str, "num_rows": int, "checksum": str, "shards": list, "class_names": list,
-    "future_label": int, "background_is_class": bool, "image_scale": (int, float), "source": str,
+    "dataset": str,
+    "split": str,
+    "num_rows": int,
+    "checksum": str,
+    "shards": list,
+    "class_names": list,
+    "future_label": int,
+    "background_is_class": bool,
+    "image_scale": (int, float),
+    "source": str,
     "source_fingerprint": str,
 }
 
@@ -240,7 +254,8 @@ def read_manifest(location: Location) -> Manifest:
     data = _manifest_data(location, path)
     if data.get("format_version") != FORMAT_VERSION:
         raise DatasetError(
-            f"{path.uri} has format_version {data.get('format_version')!r}; this eir reads {FORMAT_VERSION}: re-run prepare"
+            f"{path.uri} has format_version {data.get('format_version')!r}; this eir reads {FORMAT_VERSION}: re-run "
+            "prepare"
         )
     _check_manifest(location, data)
     info = DatasetInfo(
@@ -280,11 +295,17 @@ def _check_manifest(location: Location, data: dict[str, Any]) -> None:
             raise DamagedDatasetError(location, f"{MANIFEST} lacks the key {key!r}")
         value = data[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DamagedDatasetError(location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
+            raise DamagedDatasetError(
+                location, f"{MANIFEST} key {key!r} is {value!r}, expected a {getattr(kind, '__name__', 'number')}"
+            )
     if not 0 <= data["future_label"] <= IGNORE_LABEL:
-        raise DamagedDatasetError(location, f"{MANIFEST} future_label is {data['future_label']}, expected a label value 0..{IGNORE_LABEL}")
+        raise DamagedDatasetError(
+            location, f"{MANIFEST} future_label is {data['future_label']}, expected a label value 0..{IGNORE_LABEL}"
+        )
     if not 0 < data["image_scale"] <= 1 or data["num_rows"] < 0:
-        raise DamagedDatasetError(location, f"{MANIFEST} has image_scale {data['image_scale']} and num_rows {data['num_rows']}")
+        raise DamagedDatasetError(
+            location, f"{MANIFEST} has image_scale {data['image_scale']} and num_rows {data['num_rows']}"
+        )
     if not _HEX.fullmatch(data["checksum"]):  # it names the split folder: no path may hide in it
         raise DamagedDatasetError(location, f"{MANIFEST} checksum {data['checksum']!r} is not a hex digest")
     names = data["class_names"]
@@ -293,11 +314,20 @@ def _check_manifest(location: Location, data: dict[str, Any]) -> None:
     check_class_names(names, f"{location.join(MANIFEST).uri} class_names")
     shards = data["shards"]
     for shard in shards:
-        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("rows"), int)
-                and "/" not in shard["file"] and shard["file"] not in ("", ".", "..")):
-            raise DamagedDatasetError(location, f"{MANIFEST} lists the shard {shard!r}, expected {{\"file\": NAME, \"rows\": N}}")
+        if not (
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and isinstance(shard.get("rows"), int)
+            and "/" not in shard["file"]
+            and shard["file"] not in ("", ".", "..")
+        ):
+            raise DamagedDatasetError(
+                location, f'{MANIFEST} lists the shard {shard!r}, expected {{"file": NAME, "rows": N}}'
+            )
     if sum(shard["rows"] for shard in shards) != data["num_rows"]:
-        raise DamagedDatasetError(location, f"its shards hold {sum(s['rows'] for s in shards)} rows, {MANIFEST} says {data['num_rows']}")
+        raise DamagedDatasetError(
+            location, f"its shards hold {sum(s['rows'] for s in shards)} rows, {MANIFEST} says {data['num_rows']}"
+        )
     present = set(storage.list_dir(location))
     missing = [shard["file"] for shard in shards if shard["file"] not in present]
     if missing:
@@ -379,8 +409,9 @@ def write_prepared(
     samples = (reader.read(i) for i in listed)
     label_space = label_space_bytes(info.class_names, info.future_label, info.background_is_class)
     try:
-        shards, digests, total, checksum = _write_shards((sample_to_row(s, image_scale) for s in samples), folder, shard_rows,
-                                                label_space)
+        shards, digests, total, checksum = _write_shards(
+            (sample_to_row(s, image_scale) for s in samples), folder, shard_rows, label_space
+        )
     finally:  # a bad sample ends the bar on its own line before the error is printed (a generator: closable)
         getattr(listed, "close", lambda: None)()
     if total != len(ids):  # a converter that asserts its counts (mmsegmentation-style)
@@ -403,8 +434,9 @@ def write_prepared(
     storage.write_json_atomic(folder.join(MANIFEST), manifest)
     # The marker vouches for the shards' sizes and checksums; the manifest is checked by its own
     # structure, since `_record_source` may rewrite it.
-    storage.mark_complete(folder, {"rows": total, "checksum": checksum}, files=[shard["file"] for shard in shards],
-                          known=digests)
+    storage.mark_complete(
+        folder, {"rows": total, "checksum": checksum}, files=[shard["file"] for shard in shards], known=digests
+    )
     return checksum
 
 
@@ -440,7 +472,9 @@ def _existing_output(out: Location, overwrite: bool) -> Manifest | None:
     """
     if not is_prepared(out):
         if storage.list_dir(out) and not overwrite:
-            raise FileExistsError(f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it")
+            raise FileExistsError(
+                f"{out.uri} exists but is not a complete prepared dataset; pass --overwrite to replace it"
+            )
         return None
     try:
         return read_manifest(out)
@@ -478,8 +512,16 @@ def ingest(
     make_output_folder(tmp, out)
     started = time.perf_counter()
     try:
-        checksum = write_prepared(reader, tmp, split=split, source=source, image_scale=image_scale,
-                                  shard_rows=shard_rows, progress=progress, fingerprint=fingerprint)
+        checksum = write_prepared(
+            reader,
+            tmp,
+            split=split,
+            source=source,
+            image_scale=image_scale,
+            shard_rows=shard_rows,
+            progress=progress,
+            fingerprint=fingerprint,
+        )
         existing = _existing_output(out, overwrite)
         if existing is not None:
             if existing.checksum == checksum:
@@ -494,8 +536,13 @@ def ingest(
     finally:
         storage.delete_dir(tmp)
     manifest = read_manifest(out)
-    log.info("prepared %s: %d rows in %d shards, %.1fs", out.uri, manifest.num_rows, len(manifest.shards),
-             time.perf_counter() - started)
+    log.info(
+        "prepared %s: %d rows in %d shards, %.1fs",
+        out.uri,
+        manifest.num_rows,
+        len(manifest.shards),
+        time.perf_counter() - started,
+    )
     return manifest
 
 

@@ -92,8 +92,14 @@ class SampleMaker:
     preview shows is exactly what the trainer receives.
     """
 
-    def __init__(self, spec: StreamSpec, arrays: list, by_channel: dict[int, np.ndarray], rng: np.random.Generator,
-                 scaled_cache: dict | None = None):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        arrays: list,
+        by_channel: dict[int, np.ndarray],
+        rng: np.random.Generator,
+        scaled_cache: dict | None = None,
+    ):
         self.spec, self.arrays, self.by_channel, self.rng = spec, arrays, by_channel, rng
         self.scaled_cache = {} if scaled_cache is None else scaled_cache
         self.augment = JointAugment(spec.crop_size, scale=spec.scale)
@@ -218,7 +224,9 @@ class PseudoLabeler:
     `pseudo` column (uint8 PNG of old channels, 0 = none), computed on the un-augmented image.
     """
 
-    def __init__(self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, threshold: float, use_gpu: bool):
+    def __init__(
+        self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, threshold: float, use_gpu: bool
+    ):
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_step_model(model_uri, backbone, output_stride).to(self.device)

@@ -49,7 +49,11 @@ def _fingerprint(dataset: str, root: Path, split: str, image_scale: float, outpu
     leaves them out, so it never reads files being written (by us or a parallel trial).
     """
     if not root.is_dir():
-        what = "is a symbolic link that leads nowhere or loops" if root.is_symlink() else "does not exist or is not a folder"
+        what = (
+            "is a symbolic link that leads nowhere or loops"
+            if root.is_symlink()
+            else "does not exist or is not a folder"
+        )
         raise DatasetError(f"dataset root {root} {what} (dataset {dataset!r})")
     exclude = [out.path for out in outputs if out.is_local]
     return source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale}, exclude)
@@ -95,7 +99,9 @@ def _root_location(root: str) -> Location:
     try:
         return storage.resolve(root)
     except ValueError as exc:  # pyarrow.ArrowInvalid: an unknown scheme or a malformed URI
-        raise DatasetError(f"dataset root {root}: {exc} (expected a local folder or a URI such as s3://bucket/path)") from None
+        raise DatasetError(
+            f"dataset root {root}: {exc} (expected a local folder or a URI such as s3://bucket/path)"
+        ) from None
 
 
 def _prepared_at(root: Location, split: str) -> Manifest | None:
@@ -134,9 +140,13 @@ def ensure_prepared(
         manifest = _prepared_at(_root_location(root), split)
         if manifest is not None:
             if not output_root.is_local and "://" not in root:
-                log.warning("dataset.root=%s is a prepared dataset on this machine's disk while run.output_dir=%s is "
-                            "remote: workers on other nodes cannot read it; prepare it onto shared storage "
-                            "(`launch.py prepare ... --out s3://...`) or give the raw folder", root, output_root.uri)
+                log.warning(
+                    "dataset.root=%s is a prepared dataset on this machine's disk while run.output_dir=%s is "
+                    "remote: workers on other nodes cannot read it; prepare it onto shared storage "
+                    "(`launch.py prepare ... --out s3://...`) or give the raw folder",
+                    root,
+                    output_root.uri,
+                )
             return manifest
         if "://" in root:
             raise DatasetError(
@@ -200,13 +210,19 @@ def _indexed(datasets: Location, index: Location) -> Manifest | None:
         recorded = f"not JSON: {exc}"
     folder = recorded.get("folder") if isinstance(recorded, dict) else None
     if not isinstance(folder, str) or "/" in folder or folder in ("", ".", ".."):
-        log.warning("dataset cache index %s is damaged (expected {\"folder\": NAME}, found %.200r): not used; the "
-                    "next ingest of this dataset rewrites it", index.uri, recorded)
+        log.warning(
+            'dataset cache index %s is damaged (expected {"folder": NAME}, found %.200r): not used; the '
+            "next ingest of this dataset rewrites it",
+            index.uri,
+            recorded,
+        )
         return None
     entry = datasets.join(folder)
     manifest = _sound_entry(entry)
     if manifest is None:
-        log.info("the dataset cache entry %s named by %s is gone, incomplete or damaged: not used", entry.uri, index.uri)
+        log.info(
+            "the dataset cache entry %s named by %s is gone, incomplete or damaged: not used", entry.uri, index.uri
+        )
     return manifest
 
 
@@ -221,8 +237,12 @@ def _sound_entry(entry: Location) -> Manifest | None:
             aside = storage.quarantine(entry)
         except FileNotFoundError:  # a parallel process moved it first
             return None
-        log.warning("dataset cache entry %s is damaged (%s): moved out of use to %s and ingested again",
-                    entry.uri, exc.problem, aside.uri)
+        log.warning(
+            "dataset cache entry %s is damaged (%s): moved out of use to %s and ingested again",
+            entry.uri,
+            exc.problem,
+            aside.uri,
+        )
         return None
 
 
@@ -246,8 +266,15 @@ def _cached_ingest(
     make_output_folder(staging, datasets)
     log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, datasets.uri)
     try:
-        checksum = write_prepared(open_reader(dataset, root, split), staging, split=split, source=str(root.resolve()),
-                                  image_scale=image_scale, progress=progress, fingerprint=fingerprint)
+        checksum = write_prepared(
+            open_reader(dataset, root, split),
+            staging,
+            split=split,
+            source=str(root.resolve()),
+            image_scale=image_scale,
+            progress=progress,
+            fingerprint=fingerprint,
+        )
         entry = datasets.join(f"{dataset}-{split}-{checksum[:16]}")
         if _sound_entry(entry) is not None:
             log.info("%s already holds this content (checksum %s): keeping it", entry.uri, checksum[:12])

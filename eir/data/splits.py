@@ -73,11 +73,14 @@ def _stored(loc: Location, num_steps: int) -> dict[str, Any] | None:
         problem = f"not JSON ({exc})"
     else:
         ids = data.get("ids") if isinstance(data, dict) else None
-        if not (isinstance(ids, list) and len(ids) == num_steps
-                and all(isinstance(step, list) and all(isinstance(i, str) for i in step) for step in ids)):
-            problem = f"expected {num_steps} lists of ids under \"ids\""
+        if not (
+            isinstance(ids, list)
+            and len(ids) == num_steps
+            and all(isinstance(step, list) and all(isinstance(i, str) for i in step) for step in ids)
+        ):
+            problem = f'expected {num_steps} lists of ids under "ids"'
         elif not isinstance(data.get("checksum"), str):
-            problem = "no \"checksum\""
+            problem = 'no "checksum"'
         else:
             return data
     log.warning("split file %s is damaged (%s): computing it again", loc.uri, problem)

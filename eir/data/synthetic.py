@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from eir import storage
 from eir.progress import progress as progress_bar
 
@@ -84,7 +85,7 @@ def _class_specs() -> tuple[SyntheticClass, ...]:
 
 
 SYNTHETIC_CLASSES: tuple[SyntheticClass, ...] = _class_specs()
-SYNTHETIC_CLASS_NAMES: tuple[str, ...] = ("background",) + tuple(c.name for c in SYNTHETIC_CLASSES)
+SYNTHETIC_CLASS_NAMES: tuple[str, ...] = ("background", *(c.name for c in SYNTHETIC_CLASSES))
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,7 @@ class SyntheticScene:
     objects: tuple[SyntheticObject, ...]  # in drawing order (later ones on top)
 
 
-def _object_frame(
-    size: int, cx: float, cy: float, angle: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _object_frame(size: int, cx: float, cy: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates in an object's rotated frame, centred on the object.
 
     Textures are computed in this frame too, so stripes and checks turn with the shape.
@@ -142,9 +141,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.n
     raise ValueError(f"unknown shape {shape!r}; expected one of {_SHAPES}")
 
 
-def _texture_shade(
-    texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
-) -> np.ndarray:
+def _texture_shade(texture: str, u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
     """Per-pixel brightness factor in [_DARK_SHADE, 1.1] that draws the texture in the object's frame."""
     phase_u, phase_v = rng.uniform(0.0, period, size=2)
     pu, pv = u + phase_u, v + phase_v
@@ -313,9 +310,7 @@ class _Params:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction}: expected 0 <= val_fraction < 1")
         if not 1 <= self.max_objects <= 254:
-            raise ValueError(
-                f"max_objects={self.max_objects}: expected 1..254 (instance ids are uint8, 255 = ignore)"
-            )
+            raise ValueError(f"max_objects={self.max_objects}: expected 1..254 (instance ids are uint8, 255 = ignore)")
 
     def record(self) -> dict[str, object]:
         return {"generator": "eir.data.synthetic", "version": GENERATOR_VERSION, **asdict(self)}
@@ -386,10 +381,9 @@ def generate_synthetic(
     params = _Params(int(seed), int(num_images), int(image_size), float(val_fraction), int(max_objects))
     params.check()
     out = Path(out)
-    if out.exists() and not _is_empty_dir(out):
-        if not overwrite or _existing_params(out) == params.record():
-            _check_matches(out, params)  # raises unless the same dataset is there
-            return out
+    if out.exists() and not _is_empty_dir(out) and (not overwrite or _existing_params(out) == params.record()):
+        _check_matches(out, params)  # raises unless the same dataset is there
+        return out
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

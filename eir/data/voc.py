@@ -31,9 +31,27 @@ from eir.data.base import (
 VOC_INFO = DatasetInfo(
     "voc",
     (
-        "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-        "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-        "sheep", "sofa", "train", "tvmonitor",
+        "background",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
     ),
     future_label=0,
 )
@@ -104,9 +122,7 @@ class VOCReader(SegmentationReader):
         for path in candidates:
             if path.is_file():
                 return path
-        raise DatasetError(
-            f"missing image for id {sample_id!r}: expected {candidates[0]} (or {candidates[1].name})"
-        )
+        raise DatasetError(f"missing image for id {sample_id!r}: expected {candidates[0]} (or {candidates[1].name})")
 
     def _label_path(self, sample_id: str) -> Path:
         name = f"{sample_id}.png"
@@ -158,6 +174,8 @@ def parse_id_lines(text: str, path: Path) -> list[str]:
         if any(ord(char) < 32 for char in sample_id):
             raise DatasetError(f"{path} line {number}: {line!r} holds control characters (expected an image id)")
         if sample_id in ids:
-            raise DatasetError(f"{path} line {number}: id {sample_id!r} is listed twice (first on line {ids[sample_id]})")
+            raise DatasetError(
+                f"{path} line {number}: id {sample_id!r} is listed twice (first on line {ids[sample_id]})"
+            )
         ids[sample_id] = number
     return list(ids)

@@ -123,7 +123,9 @@ class Method:
         weights = self.loss_weights(inputs.shape.step)
         if set(terms) != set(weights):
             raise RuntimeError(f"method {self.name!r}: loss terms {sorted(terms)} but weights for {sorted(weights)}")
-        total = sum((weights[name] * value for name, value in terms.items()), torch.zeros((), device=inputs.logits.device))
+        total = sum(
+            (weights[name] * value for name, value in terms.items()), torch.zeros((), device=inputs.logits.device)
+        )
         return total, terms
 
     def init_new_head(self, model: IncrementalDeepLabV3, num_classes: int) -> None:
@@ -131,5 +133,7 @@ class Method:
         model.add_step_head(num_classes, init="random")
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits B x C x H x W → class map B x H x W. Default: sigmoid heads, foreground argmax, 0.5 background rule."""
+        """Logits B x C x H x W → class map B x H x W. Default: sigmoid heads, foreground argmax, 0.5 background
+        rule.
+        """
         return sigmoid_predict(logits)

@@ -61,14 +61,18 @@ def _check_inputs(image: np.ndarray, label: np.ndarray, instances_map: np.ndarra
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image of {source_id!r}: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
     if label.shape != image.shape[:2]:
-        raise ValueError(f"label of {source_id!r} is {label.shape}, image is {image.shape[:2]}: expected the same H x W")
+        raise ValueError(
+            f"label of {source_id!r} is {label.shape}, image is {image.shape[:2]}: expected the same H x W"
+        )
     if instances_map is not None and instances_map.shape != label.shape:
         raise ValueError(
             f"instance map of {source_id!r} is {instances_map.shape}, label is {label.shape}: expected the same H x W"
         )
 
 
-def _instance(image: np.ndarray, mask: np.ndarray, box: tuple[slice, slice], class_id: int, source_id: str, step: int) -> Instance:
+def _instance(
+    image: np.ndarray, mask: np.ndarray, box: tuple[slice, slice], class_id: int, source_id: str, step: int
+) -> Instance:
     """An Instance from a mask already cut to `box` (a pair of slices into the image)."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))

@@ -63,11 +63,7 @@ def index_by_channel(class_ids: np.ndarray, class_to_channel: np.ndarray) -> dic
     if class_to_channel.shape != (256,):
         raise ValueError(f"class_to_channel must be a 256-entry LUT, got shape {class_to_channel.shape}")
     channels = class_to_channel[np.asarray(class_ids, dtype=np.int64)]
-    return {
-        int(c): np.flatnonzero(channels == c)
-        for c in np.unique(channels)
-        if c not in (0, IGNORE_LABEL)
-    }
+    return {int(c): np.flatnonzero(channels == c) for c in np.unique(channels) if c not in (0, IGNORE_LABEL)}
 
 
 def potential_classes(label: np.ndarray, pseudo: np.ndarray, k: int) -> list[int]:

@@ -13,13 +13,15 @@ from PIL import Image
 from eir.data.codec import MEAN_PIXEL
 
 
-def replay_canvas(crop: np.ndarray, mask: np.ndarray, channel: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def replay_canvas(
+    crop: np.ndarray, mask: np.ndarray, channel: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A size x size mean-grey canvas with the instance scaled to 50–100 % of the side, placed at random.
 
     Returns (image H x W x 3 uint8, label H x W uint8 with `channel` inside the mask).
     """
     height, width = mask.shape
-    target = int(round(size * rng.uniform(0.5, 1.0)))
+    target = round(size * rng.uniform(0.5, 1.0))
     factor = target / max(height, width)
     new_h, new_w = max(1, min(size, round(height * factor))), max(1, min(size, round(width * factor)))
     scaled = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.BILINEAR))

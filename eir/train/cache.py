@@ -41,7 +41,14 @@ def code_version() -> str:
     return f"{eir.__version__}-step0v{STEP0_CODE_VERSION}"
 
 
-def step0_key(flat_config: dict[str, Any], *, train_split_checksum: str, test_split_checksum: str, step0_classes: list[int], scaling: dict[str, Any]) -> dict[str, Any]:
+def step0_key(
+    flat_config: dict[str, Any],
+    *,
+    train_split_checksum: str,
+    test_split_checksum: str,
+    step0_classes: list[int],
+    scaling: dict[str, Any],
+) -> dict[str, Any]:
     """Everything step 0's result depends on, as a JSON-able dict (hashed into the cache path)."""
     return {
         "config": {key: flat_config[key] for key in STEP0_KEYS},
@@ -77,7 +84,13 @@ def list_entries(output_root: Location) -> list[dict[str, Any]]:
             key = None
         if not isinstance(key, dict) or not isinstance(key.get("config", {}), dict):
             key, problems = {}, [*problems, "key.json is not a JSON object of settings"]
-        state = ("DAMAGED: " + "; ".join(problems)) if problems else "complete" if storage.is_complete(loc) else "INCOMPLETE"
+        state = (
+            ("DAMAGED: " + "; ".join(problems))
+            if problems
+            else "complete"
+            if storage.is_complete(loc)
+            else "INCOMPLETE"
+        )
         rows.append({"hash": name, "state": state, **key.get("config", {})})
     return rows
 

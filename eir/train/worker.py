@@ -64,8 +64,12 @@ def restore_state(checkpoint: ray.train.Checkpoint | None, step: int, rank: int)
         problems = storage.damaged_files(storage.resolve(folder))
         if problems:
             if rank == 0:
-                log.warning("[step %d] the epoch checkpoint %s is damaged (%s): the step restarts from its first epoch",
-                            step, checkpoint.path, "; ".join(problems))
+                log.warning(
+                    "[step %d] the epoch checkpoint %s is damaged (%s): the step restarts from its first epoch",
+                    step,
+                    checkpoint.path,
+                    "; ".join(problems),
+                )
             return None
         return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
@@ -95,7 +99,10 @@ def train_step_worker(plan_dict: dict) -> None:
     if plan.freeze_batchnorm:
         core.freeze_batchnorm()
     optimizer = torch.optim.SGD(
-        core.param_groups(plan.lr, plan.weight_decay, plan.old_weight_decay), lr=plan.lr, momentum=plan.momentum, nesterov=True
+        core.param_groups(plan.lr, plan.weight_decay, plan.old_weight_decay),
+        lr=plan.lr,
+        momentum=plan.momentum,
+        nesterov=True,
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -123,9 +130,11 @@ def train_step_worker(plan_dict: dict) -> None:
     # The stream holds every epoch in one execution (eir.data.pipeline.train_stream): one
     # iterator for the whole step, cut into epochs by count. After a restart from the epoch-k
     # checkpoint the stream starts over and the remaining epochs take its first batches.
-    stream = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
-    ))
+    stream = iter(
+        ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
+        )
+    )
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
@@ -135,7 +144,12 @@ def train_step_worker(plan_dict: dict) -> None:
         data_wait, ready = 0.0, time.perf_counter()
         for batch in itertools.islice(stream, epoch_iterations[epoch]):
             data_wait += time.perf_counter() - ready
-            if plan.fail_at_iteration == iteration and rank == 0 and plan.fault_marker and not os.path.exists(plan.fault_marker):
+            if (
+                plan.fail_at_iteration == iteration
+                and rank == 0
+                and plan.fault_marker
+                and not os.path.exists(plan.fault_marker)
+            ):
                 open(plan.fault_marker, "w").close()
                 os._exit(1)  # a lost worker, once: Ray Train restarts the group from the last checkpoint
             factor = plan.lr_factor(iteration, total_iters)
@@ -196,11 +210,17 @@ def train_step_worker(plan_dict: dict) -> None:
                 f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
                 f"ETA {metrics['eta_s'] / 60:.1f} min"
             )
-        final = {"confusion": _evaluate(core, method, plan, device, rank, world, amp)} if epoch == plan.epochs - 1 else {}
+        final = (
+            {"confusion": _evaluate(core, method, plan, device, rank, world, amp)} if epoch == plan.epochs - 1 else {}
+        )
         _report({**metrics, **final}, core, optimizer, scaler, epoch, iteration, rank, plan, resumed_at, history)
     if start_epoch >= plan.epochs:  # restarted after the last checkpoint: only the scores are missing
         # Reported with a checkpoint: Train's result carries the metrics of the latest checkpoint only.
-        scores = {"epoch": plan.epochs, "restarts": len(resumed_at), "confusion": _evaluate(core, method, plan, device, rank, world, amp)}
+        scores = {
+            "epoch": plan.epochs,
+            "restarts": len(resumed_at),
+            "confusion": _evaluate(core, method, plan, device, rank, world, amp),
+        }
         _report(scores, core, optimizer, scaler, plan.epochs - 1, iteration, rank, plan, resumed_at, history)
 
 
@@ -208,9 +228,14 @@ def loss_inputs(batch: dict[str, torch.Tensor], plan: StepPlan, outputs, old_out
     """A stream batch and the model outputs as the method's loss reads them (float32 logits)."""
     (logits, features), (old_logits, old_features) = _split(outputs), _split(old_outputs)
     return LossInputs(
-        logits=logits.float(), label=batch["label"].long(), shape=plan.shape,
-        paste_class=batch.get("paste_class"), paste_weight=batch.get("paste_weight"),
-        old_logits=None if old_logits is None else old_logits.float(), features=features, old_features=old_features,
+        logits=logits.float(),
+        label=batch["label"].long(),
+        shape=plan.shape,
+        paste_class=batch.get("paste_class"),
+        paste_weight=batch.get("paste_weight"),
+        old_logits=None if old_logits is None else old_logits.float(),
+        features=features,
+        old_features=old_features,
     )
 
 
@@ -229,8 +254,15 @@ def _evaluate(
     batches = shard.iter_batches(batch_size=plan.eval_batch, batch_format="numpy")
     matrix = torch.from_numpy(
         confusion_on_batches(
-            core, batches, plan.num_channels, device, rank=rank, world_size=world, amp=amp,
-            progress=plan.progress and rank == 0, total=math.ceil(plan.num_eval_rows / plan.eval_batch),
+            core,
+            batches,
+            plan.num_channels,
+            device,
+            rank=rank,
+            world_size=world,
+            amp=amp,
+            progress=plan.progress and rank == 0,
+            total=math.ceil(plan.num_eval_rows / plan.eval_batch),
             predict=method.predict,
         )
     )
@@ -241,8 +273,16 @@ def _evaluate(
 
 
 def _report(
-    metrics: dict, core: torch.nn.Module, optimizer, scaler, epoch: int, iteration: int, rank: int, plan: StepPlan,
-    resumed_at: list[int], history: list[dict],
+    metrics: dict,
+    core: torch.nn.Module,
+    optimizer,
+    scaler,
+    epoch: int,
+    iteration: int,
+    rank: int,
+    plan: StepPlan,
+    resumed_at: list[int],
+    history: list[dict],
 ) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (model, optimiser, scaler, position, history).
 

@@ -100,8 +100,9 @@ def grey_png(width: int, height: int, *, full_data: bool, extra: bytes = b"") ->
     row = bytes(width + 1)  # filter byte 0, then the row's pixels
     rows = b"".join(compressor.compress(row) for _ in range(height if full_data else 1))
     data = rows + compressor.flush(zlib.Z_FINISH if full_data else zlib.Z_SYNC_FLUSH)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + extra + png_chunk(b"IDAT", data)
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + extra + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +259,9 @@ def test_a_bomb_mask_is_refused_too(tmp_path: Path, bomb_png: bytes) -> None:
 
 def test_a_bomb_beyond_pillows_own_limit_is_a_dataset_error(tmp_path: Path) -> None:
     huge = grey_png(20_000, 20_000, full_data=False)  # 400 MP: Pillow itself raises here
-    with pytest.raises(DatasetError, match=r"image .*y\.png is refused before decoding: Image size \(400000000 pixels\)"):
+    with pytest.raises(
+        DatasetError, match=r"image .*y\.png is refused before decoding: Image size \(400000000 pixels\)"
+    ):
         decode_image(huge, tmp_path / "y.png")
 
 
@@ -283,13 +286,23 @@ def test_a_symlink_loop_in_the_dataset_root_is_named(tmp_path: Path, capsys) -> 
     root = folder_dataset(tmp_path / "raw")
     (root / "images" / "again").symlink_to(root)
     (root / "images" / "twice").symlink_to(root)  # two loops: following them is 2^40 folders
-    with pytest.raises(DatasetError, match=rf"symbolic link loop in dataset root {root}: {root}/images/again leads back"):
+    with pytest.raises(
+        DatasetError, match=rf"symbolic link loop in dataset root {root}: {root}/images/again leads back"
+    ):
         source_fingerprint(root, "train", {})
     err = fails(capsys, *prepare_argv(root, tmp_path / "out"))
     assert "symbolic link loop" in err and "images/again" in err
-    err = fails(capsys, "run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), "--dry-run",
-                f"run.output_dir={tmp_path / 'runs'}", "dataset.name=folder", f"dataset.root={root}",
-                "dataset.test_split=train", "task.name=1-1")
+    err = fails(
+        capsys,
+        "run",
+        str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
+        "--dry-run",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "dataset.name=folder",
+        f"dataset.root={root}",
+        "dataset.test_split=train",
+        "task.name=1-1",
+    )
     assert "symbolic link loop" in err
 
 
@@ -369,8 +382,14 @@ def refuse_to_read(*args: object, **kwargs: object) -> SegmentationReader:
         (lambda entry: (entry / MANIFEST).write_text("{not json"), f"{MANIFEST} is not JSON"),
         (lambda entry: (entry / MANIFEST).write_text("[1, 2]"), f"{MANIFEST} holds a list, expected an object"),
         (lambda entry: (entry / MANIFEST).write_bytes(b'{"format_version": 1, "\xff"}'), f"{MANIFEST} is not JSON"),
-        (lambda entry: _edit_manifest(entry, lambda m: m.pop("class_names")), f"{MANIFEST} lacks the key 'class_names'"),
-        (lambda entry: _edit_manifest(entry, lambda m: m.update(num_rows="2")), "key 'num_rows' is '2', expected a int"),
+        (
+            lambda entry: _edit_manifest(entry, lambda m: m.pop("class_names")),
+            f"{MANIFEST} lacks the key 'class_names'",
+        ),
+        (
+            lambda entry: _edit_manifest(entry, lambda m: m.update(num_rows="2")),
+            "key 'num_rows' is '2', expected a int",
+        ),
         (lambda entry: (entry / "part-00000.parquet").unlink(), "shard(s) part-00000.parquet listed in"),
         (lambda entry: _truncate(entry / "part-00000.parquet"), "part-00000.parquet has 100 bytes, expected"),
         (lambda entry: _edit_manifest(entry, lambda m: m["shards"][0].update(file="../../x")), "lists the shard"),
@@ -432,8 +451,11 @@ def test_a_corrupt_shard_of_the_right_size_names_the_shard_and_the_folder(
     shard.write_bytes(shard.read_bytes()[:-4] + b"XXXX")  # its footer magic gone; sizes cannot tell
     monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
     manifest = ensure_prepared("folder", str(root), "train", output_root, progress=False)
-    with pytest.raises(DamagedDatasetError, match=rf"prepared dataset {entry} is damaged: shard part-00000\.parquet "
-                                                  r"cannot be read .*remove the folder"):
+    with pytest.raises(
+        DamagedDatasetError,
+        match=rf"prepared dataset {entry} is damaged: shard part-00000\.parquet "
+        r"cannot be read .*remove the folder",
+    ):
         read_metadata(manifest)
 
 
@@ -443,9 +465,17 @@ def test_a_damaged_prepared_root_is_an_error_naming_it(tmp_path: Path, capsys) -
     assert launch.main(prepare_argv(root, out)) == 0
     capsys.readouterr()
     (out / "train" / MANIFEST).write_text("{")
-    err = fails(capsys, "run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), "--dry-run",
-                f"run.output_dir={tmp_path / 'runs'}", "dataset.name=folder", f"dataset.root={out}",
-                "dataset.test_split=train", "task.name=1-1")
+    err = fails(
+        capsys,
+        "run",
+        str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
+        "--dry-run",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "dataset.name=folder",
+        f"dataset.root={out}",
+        "dataset.test_split=train",
+        "task.name=1-1",
+    )
     assert f"prepared dataset {out}/train is damaged: {MANIFEST} is not JSON" in err
     err = fails(capsys, *prepare_argv(root, out))  # the user's folder: replaced only when asked
     assert f"prepared dataset {out}/train is damaged" in err and "--overwrite" in err
@@ -496,8 +526,16 @@ def test_a_damaged_split_file_is_computed_again(cached: tuple[Path, storage.Loca
 
 
 def test_a_root_uri_pyarrow_cannot_open_is_named(tmp_path: Path, capsys) -> None:
-    err = fails(capsys, "run", str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"), "--dry-run",
-                f"run.output_dir={tmp_path}", "dataset.name=folder", "dataset.root=foo://bucket/data", "task.name=1-1")
+    err = fails(
+        capsys,
+        "run",
+        str(Path(launch.__file__).parent / "experiments" / "quickstart.yaml"),
+        "--dry-run",
+        f"run.output_dir={tmp_path}",
+        "dataset.name=folder",
+        "dataset.root=foo://bucket/data",
+        "task.name=1-1",
+    )
     assert "dataset root foo://bucket/data: Unrecognized filesystem type" in err
 
 
@@ -511,12 +549,16 @@ def test_a_prepare_output_under_a_file_is_named(tmp_path: Path, capsys) -> None:
 def test_an_empty_image_file_says_what_it_is(tmp_path: Path) -> None:
     root = folder_dataset(tmp_path / "raw")
     (root / "images" / "a.png").write_bytes(b"")
-    with pytest.raises(DatasetError, match=r"unreadable image .*images/a\.png: not a format Pillow recognises, 0 bytes"):
+    with pytest.raises(
+        DatasetError, match=r"unreadable image .*images/a\.png: not a format Pillow recognises, 0 bytes"
+    ):
         FolderReader(root, "train").read("a")
 
 
 def test_a_nul_byte_in_a_listed_path_is_a_dataset_error(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_text("/x/train/a\x00.png /x/trainannot/a.png\n")
     reader = CamVidReader(tmp_path, "train")
-    with pytest.raises(DatasetError, match=r"cannot read image .*train/a\\x00\.png'?: a file name cannot hold a NUL byte"):
+    with pytest.raises(
+        DatasetError, match=r"cannot read image .*train/a\\x00\.png'?: a file name cannot hold a NUL byte"
+    ):
         reader.read(reader.ids()[0])

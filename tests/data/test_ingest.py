@@ -141,10 +141,15 @@ def test_manifest_describes_the_shards(prepared: Manifest, raw: Path) -> None:
 
 
 def test_checksum_is_the_hash_of_label_space_and_row_contents(prepared: Manifest) -> None:
-    """checksum = sha256(label space JSON, then per row sha256(sha256(id) sha256(image) sha256(label) sha256(instances)))."""
+    """checksum = sha256(label space JSON, then per row sha256(sha256(id) sha256(image) sha256(label)
+    sha256(instances))).
+    """
     info = prepared.info
-    space = {"class_names": list(info.class_names), "future_label": info.future_label,
-             "background_is_class": info.background_is_class}
+    space = {
+        "class_names": list(info.class_names),
+        "future_label": info.future_label,
+        "background_is_class": info.background_is_class,
+    }
     expected = hashlib.sha256(json.dumps(space, sort_keys=True).encode())
     for row in read_rows(prepared).to_pylist():
         row_digest = hashlib.sha256()

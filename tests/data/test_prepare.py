@@ -55,7 +55,9 @@ def test_raw_root_is_ingested_once_into_the_cache(
     fingerprint = source_fingerprint(raw, "train", {"dataset": "synthetic", "image_scale": 1.0})
     assert (manifest.split, manifest.num_rows, manifest.source_fingerprint) == ("train", 24, fingerprint)
     assert manifest.source == str(raw.resolve())
-    assert storage.read_json(storage.resolve(index_file(tmp_path / "outputs", raw, "train"))) == {"folder": expected.name}
+    assert storage.read_json(storage.resolve(index_file(tmp_path / "outputs", raw, "train"))) == {
+        "folder": expected.name
+    }
 
     monkeypatch.setattr(prepare, "open_reader", refuse_to_read)
     assert ensure_prepared("synthetic", str(raw), "train", output_root, progress=False) == manifest
@@ -148,8 +150,12 @@ def test_a_cache_entry_is_keyed_by_what_the_labels_mean(tmp_path: Path) -> None:
     assert after.checksum != before.checksum and after.location != before.location
 
 
-def test_a_damaged_index_entry_is_named_and_rewritten(raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The index only points at an entry: a damaged one is reported, the split ingested again and the index rewritten."""
+def test_a_damaged_index_entry_is_named_and_rewritten(
+    raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The index only points at an entry: a damaged one is reported, the split ingested again and the index
+    rewritten.
+    """
     first = ensure_prepared("synthetic", str(raw), "val", storage.resolve(tmp_path), progress=False)
     index = index_file(tmp_path, raw, "val")
     index.write_text("[]")
@@ -186,7 +192,9 @@ def test_a_prepared_folder_is_used_as_is(prepared_out: Path, tmp_path: Path, mon
     direct = ensure_prepared("synthetic", str(prepared_out / "train"), "train", output_root)
     assert direct.location.path == str(prepared_out / "train") and direct.split == "train"
     # The parent of `launch.py prepare`'s split folders works too, locally and as a URI.
-    assert ensure_prepared("synthetic", str(prepared_out), "val", output_root).location.path == str(prepared_out / "val")
+    assert ensure_prepared("synthetic", str(prepared_out), "val", output_root).location.path == str(
+        prepared_out / "val"
+    )
     by_uri = ensure_prepared("synthetic", f"file://{prepared_out}", "val", output_root)
     assert by_uri.location.path == str(prepared_out / "val") and by_uri.split == "val"
     assert list(tmp_path.iterdir()) == []  # nothing cached, nothing generated

@@ -238,7 +238,12 @@ def test_ade_info() -> None:
     names = ADE20K_INFO.class_names
     assert ADE20K_INFO.num_classes == 150 and len(set(names)) == 151
     assert (names[0], names[1], names[3], names[13], names[21], names[150]) == (
-        "background", "wall", "sky", "person", "car", "flag",
+        "background",
+        "wall",
+        "sky",
+        "person",
+        "car",
+        "flag",
     )
     assert ADE20K_INFO.future_label == 255 and not ADE20K_INFO.background_is_class
 
@@ -247,9 +252,7 @@ def test_ade_generated_and_out_of_range(tmp_path: Path) -> None:
     write_rgb(tmp_path / "images" / "training" / "x.jpg", 2, 2)
     annotations = tmp_path / "annotations" / "training"
     write_index(annotations / "x.png", np.array([[0, 1], [150, 7]]))
-    np.testing.assert_array_equal(
-        ADE20KReader(tmp_path, "train").read("x").label, np.array([[255, 1], [150, 7]])
-    )
+    np.testing.assert_array_equal(ADE20KReader(tmp_path, "train").read("x").label, np.array([[255, 1], [150, 7]]))
     write_index(annotations / "x.png", np.array([[0, 151], [150, 7]]))
     with pytest.raises(DatasetError, match=r"training/x\.png holds values \[151\]"):
         ADE20KReader(tmp_path, "training").read("x")

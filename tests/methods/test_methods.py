@@ -51,8 +51,11 @@ def fixed_batch(step: int = 1, paste: bool = False) -> LossInputs:
     paste_weight = torch.zeros(batch, height, width)
     paste_weight[1, 2:4, 1:3] = 0.6
     return LossInputs(
-        logits=logits, label=label, shape=StepShape(step, (3, 2) if step else (5,)),  # six channels either way
-        paste_class=paste_class if paste else None, paste_weight=paste_weight if paste else None,
+        logits=logits,
+        label=label,
+        shape=StepShape(step, (3, 2) if step else (5,)),  # six channels either way
+        paste_class=paste_class if paste else None,
+        paste_weight=paste_weight if paste else None,
         old_logits=old_logits,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,14 @@ import pytest
 from eir import storage
 from eir.train import cache
 
-KEY = {"config": {"seed": 0}, "train_split": "a", "test_split": "b", "step0_classes": [0, 1], "scaling": {"num_workers": 1}, "code": "x"}
+KEY = {
+    "config": {"seed": 0},
+    "train_split": "a",
+    "test_split": "b",
+    "step0_classes": [0, 1],
+    "scaling": {"num_workers": 1},
+    "code": "x",
+}
 
 
 def test_entry_is_a_content_hash_of_the_key(tmp_path: Path) -> None:
@@ -43,7 +51,7 @@ def test_concurrent_holders_never_overlap(ray_session, tmp_path: Path) -> None:
     ray.get([hold.remote(uri, str(log_path), f"t{i}", 1.0) for i in range(3)])
     intervals = sorted((float(a), float(b)) for _, a, b in (line.split() for line in log_path.read_text().splitlines()))
     assert len(intervals) == 3
-    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, f"two holders at once: {intervals}"
 
 

@@ -134,8 +134,11 @@ def test_the_trainer_follows_the_plans_schedule_and_decay(finetune_run: dict, ou
             for k, v in json.loads((output_dir / "finetune" / "step_0" / "plan.json").read_text()).items()
         }
     )
-    total = sum(iterations_per_epoch(plan.rows_per_epoch, plan.per_worker_batch, plan.epochs,
-                                     min_last_batch=plan.min_last_batch))
+    total = sum(
+        iterations_per_epoch(
+            plan.rows_per_epoch, plan.per_worker_batch, plan.epochs, min_last_batch=plan.min_last_batch
+        )
+    )
     last = plan.lr_factor(total - 1, total)  # the factor of the last iteration: after the warm-up, on the poly decay
     assert last != pytest.approx(max(0.0, 1 - (total - 1) / total) ** 0.9), "warm-up shifts the decay"
     assert groups(0)["backbone"]["lr"] == pytest.approx(plan.lr * last)

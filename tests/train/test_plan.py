@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -35,10 +36,27 @@ def test_a_training_batchnorm_never_gets_a_one_image_last_batch(rows: int, batch
 
 def _plan(step: int, warmup_fraction: float = 0.0) -> StepPlan:
     return StepPlan(
-        step=step, head_sizes=(15, 5)[: step + 1], backbone="mobilenet_v2", weights=None, output_stride=16,
-        previous_model=None, epochs=1, global_batch=8, per_worker_batch=8, lr=0.01,
-        momentum=0.9, weight_decay=1e-4, num_train_rows=8, rows_per_epoch=8, num_eval_rows=8, eval_batch=8,
-        old_channels=(), new_channels=(), amp=False, seed=0, warmup_fraction=warmup_fraction,
+        step=step,
+        head_sizes=(15, 5)[: step + 1],
+        backbone="mobilenet_v2",
+        weights=None,
+        output_stride=16,
+        previous_model=None,
+        epochs=1,
+        global_batch=8,
+        per_worker_batch=8,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        num_train_rows=8,
+        rows_per_epoch=8,
+        num_eval_rows=8,
+        eval_batch=8,
+        old_channels=(),
+        new_channels=(),
+        amp=False,
+        seed=0,
+        warmup_fraction=warmup_fraction,
     )
 
 
@@ -52,7 +70,7 @@ def test_warmup_ramps_linearly_then_decays_to_zero() -> None:
     factors = [plan.lr_factor(i, 100) for i in range(101)]
     assert factors[:20] == pytest.approx([(i + 1) / 20 for i in range(20)])
     assert factors[20] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5**0.9) and factors[100] == 0.0
-    assert all(a >= b for a, b in zip(factors[19:], factors[20:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[19:]))
 
 
 def test_old_parameters_lose_weight_decay_only_at_incremental_steps() -> None:
