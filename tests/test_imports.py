@@ -203,17 +203,10 @@ def test_the_pure_core_imports_without_ray_in_a_fresh_interpreter() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# Modules still holding unexplained imports inside functions when this test was written (owned by
-# other parts of issue 18): remove a name once its module is clean, never add one.
-NOT_YET_CLEAN: tuple[str, ...] = ()
-
-
 def test_an_import_inside_a_function_says_why() -> None:
     """Such an import is allowed where a heavy optional dependency justifies it, with a comment saying so."""
     unexplained = []
     for module, path in MODULE_FILES.items():
-        if module.startswith(NOT_YET_CLEAN):
-            continue
         lines = path.read_text().splitlines()
         for function in ast.walk(ast.parse("\n".join(lines))):
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -72,6 +72,11 @@ def build_memory(
     summary["bytes"] = store.nbytes
     store.write(memory_file(step_dir, spec.kind))
     log.info(
-        "step %d: stored %d %s (budget %d), per class %s", step, len(store), spec.kind, spec.size, summary["histogram"]
+        "step %d: stored %d %s (memory.size %d), per class %s",
+        step,
+        len(store),
+        spec.kind,
+        spec.size,
+        summary["histogram"],
     )
     return summary
