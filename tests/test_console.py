@@ -37,7 +37,10 @@ CHATTER = (
 
 def _console(tmp_path: Path, name: str, overrides: list[str], verbose: bool) -> list[str]:
     """A run's console as a terminal shows it: colour codes gone, each line as its last carriage return left it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "EIR_VERBOSE")}
+    # As a user's shell has it: not the variables earlier tests in this process set (RAY_DATA_LOG_LEVEL is how
+    # the quiet console reaches Ray Data's workers).
+    inherited = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "EIR_VERBOSE", "RAY_DATA_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env |= {"EIR_RAY_NUM_CPUS": "4", **({"EIR_VERBOSE": "1"} if verbose else {})}
     command = [sys.executable, str(REPO / "launch.py"), "run", str(REPO / "experiments" / "quickstart.yaml"), *TINY,
                *overrides, f"run.output_dir={tmp_path}", f"run.name={name}"]  # fmt: skip
