@@ -1,27 +1,38 @@
-"""`launch.py prepare` and the top-level help, run as a user runs them: a subprocess."""
+"""`launch.py prepare` and the top-level help, through the command line's own entry point.
+
+In-process (`launch.main`), with the console captured: the same argument parsing, messages and exit
+codes a user gets, without a Python start-up per call (tests/test_launch.py runs `launch.py` as a
+subprocess where the process boundary itself is what is tested).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import launch as cli
 from eir import storage
 from eir.data.ingest import read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def launch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def launch(*args: str) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's --help and usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return Outcome(code, out.getvalue(), err.getvalue())
 
 
 def test_prepare_synthetic_writes_both_splits(tmp_path: Path) -> None:
