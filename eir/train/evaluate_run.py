@@ -23,7 +23,6 @@ from eir.data.registry import dataset_info
 from eir.data.splits import select_ids
 from eir.metrics import reduce_scores
 from eir.model import load_step_model
-from eir.tasks import get_task
 from eir.train.evaluate import confusion_on_batches
 from eir.train.planner import RunLayout, run_method
 from eir.train.results import results_document, step_row
@@ -82,17 +81,9 @@ def evaluate_run(
     manifest = ensure_prepared(dataset, root, split, output_root, image_scale=config.dataset.image_scale)
     info = manifest.info
     check_label_space(run, config, info.class_names, f"{dataset}/{split} at {root}")
-    task = get_task(
-        dataset,
-        config.task.name,
-        config.task.setting,
-        num_classes=info.num_classes,
-        class_order=config.task.class_order,
-        future_label=info.future_label,
-    )
-    layout = RunLayout.of(config, task)
+    layout = RunLayout.for_dataset(config, dataset, info.num_classes, info.future_label)
     eval_step = layout.eval_step(step)
-    ids = select_ids(task, manifest, purpose="test")[eval_step]
+    ids = select_ids(layout.task, manifest, purpose="test")[eval_step]
     model = load_step_model(
         run.join(f"step_{step}", "model.pt").uri,
         config.model.backbone,
@@ -118,7 +109,7 @@ def evaluate_run(
         scores,
         class_names=info.class_names,
         channels=layout.channels,
-        seen_classes=task.classes_seen(eval_step),
+        seen_classes=layout.task.classes_seen(eval_step),
         train_images=0,
         source=f"evaluate {dataset}/{split}",
     )

@@ -23,7 +23,7 @@ from eir.config import ExperimentConfig
 from eir.data.stream_spec import StreamSpec
 from eir.methods import Method, build_method, method_class
 from eir.replay.paste import PasteConfig
-from eir.tasks import Task
+from eir.tasks import Task, get_task
 from eir.train.plan import StepPlan
 
 MemoryKind = Literal["instances", "images"]
@@ -39,6 +39,19 @@ class RunLayout:
     @classmethod
     def of(cls, config: ExperimentConfig, task: Task) -> RunLayout:
         return cls(task, method_class(config.method.name).joint)
+
+    @classmethod
+    def for_dataset(cls, config: ExperimentConfig, dataset: str, num_classes: int, future_label: int) -> RunLayout:
+        """The config's task on a prepared dataset of `num_classes` (its manifest's label space)."""
+        task = get_task(
+            dataset,
+            config.task.name,
+            config.task.setting,
+            num_classes=num_classes,
+            class_order=config.task.class_order,
+            future_label=future_label,
+        )
+        return cls.of(config, task)
 
     @functools.cached_property
     def schedule(self) -> Task:

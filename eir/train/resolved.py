@@ -18,7 +18,7 @@ from eir.data.prepare import ensure_prepared
 from eir.data.splits import StepSplits, step_splits
 from eir.metrics import StepScores
 from eir.storage import Location
-from eir.tasks import Task, get_task
+from eir.tasks import Task
 from eir.train.planner import FaultInjection, PreviousStep, RunFacts, RunLayout, StepDesign, plan_step
 from eir.train.results import step_row
 
@@ -109,15 +109,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
     }
     train_manifest, test_manifest = prepared[data.train_split], prepared[data.test_split]
     info = train_manifest.info
-    task = get_task(
-        data.name,
-        config.task.name,
-        config.task.setting,
-        num_classes=info.num_classes,
-        class_order=config.task.class_order,
-        future_label=info.future_label,
-    )
-    layout = RunLayout.of(config, task)
+    layout = RunLayout.for_dataset(config, data.name, info.num_classes, info.future_label)
     return Experiment(
         config=config,
         output_root=root,
@@ -126,7 +118,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
         test_manifest=test_manifest,
         layout=layout,
         train_splits=step_splits(layout.schedule, train_manifest, root, purpose="train"),
-        test_splits=step_splits(task, test_manifest, root, purpose="test"),
+        test_splits=step_splits(layout.task, test_manifest, root, purpose="test"),
         progress=progress,
     )
 
