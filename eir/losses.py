@@ -141,3 +141,38 @@ def region_mask(label: torch.Tensor, new_classes: Sequence[int] | torch.Tensor, 
     classes = torch.as_tensor(new_classes, dtype=torch.long, device=label.device)
     is_new = torch.isin(label.long(), classes)
     return (~is_new if mode == "complement" else is_new).float()
+
+
+def unbiased_cross_entropy_map(
+    logits: torch.Tensor, label: torch.Tensor, background_channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel softmax cross-entropy with MiB's background (B x H x W), and the valid-pixel mask.
+
+    The background of step t is everything the current labels do not name, so a pixel labelled 0
+    scores log Σ_{c < background_channels} p_c: background *or* any old class (MiB's unbiased
+    cross-entropy, `background_channels` = the step t−1 model's channels). A pixel labelled c ≥ 1
+    scores log p_c; 255 is ignored (loss 0, not valid). `background_channels=1` is the plain softmax
+    cross-entropy (step 0, and PLOP, whose background pixels carry old-class pseudo-labels).
+    """
+    if logits.dim() != 4 or label.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"logits must be B x C x H x W and label B x H x W, got {tuple(logits.shape)}, {tuple(label.shape)}"
+        )
+    channels = logits.shape[1]
+    if not 1 <= background_channels <= channels:
+        raise ValueError(f"background_channels must lie in 1..{channels}, got {background_channels}")
+    label = label.long()
+    valid = label != IGNORE_LABEL
+    _check_classes(label[valid], channels, "label")
+    logits = logits.float()
+    log_total = torch.logsumexp(logits, dim=1)
+    log_background = torch.logsumexp(logits[:, :background_channels], dim=1)
+    own = torch.gather(logits, 1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
+    log_p = torch.where(label == 0, log_background, own) - log_total
+    return torch.where(valid, -log_p, 0.0), valid
+
+
+def unbiased_cross_entropy(logits: torch.Tensor, label: torch.Tensor, background_channels: int) -> torch.Tensor:
+    """`unbiased_cross_entropy_map` averaged over the valid pixels; 0 (with a zero gradient) when none is."""
+    per_pixel, valid = unbiased_cross_entropy_map(logits, label, background_channels)
+    return per_pixel.sum() / valid.sum().clamp(min=1)

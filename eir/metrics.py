@@ -44,6 +44,16 @@ def predict(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(confident, index + 1, torch.zeros_like(index))
 
 
+def softmax_predict(logits: torch.Tensor) -> torch.Tensor:
+    """Class map from softmax-head logits (B x C x H x W) -> B x H x W int64: the argmax over 0..C-1.
+
+    The rule of MiB and PLOP, whose background channel competes with every class.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"softmax_predict expects logits of shape B x C x H x W, got {tuple(logits.shape)}")
+    return logits.argmax(dim=1)
+
+
 @overload
 def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_LABEL

@@ -46,6 +46,7 @@ def build_model(
     output_stride: int = 16,
     weights: str | None = "imagenet",
     new_head_init: str = "random",
+    detach_background: bool = True,
 ) -> IncrementalDeepLabV3:
     """DeepLabV3 with heads for the given steps (`classes_per_step[t]` = |C_t|).
 
@@ -59,7 +60,10 @@ def build_model(
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     body, channels = _build_backbone(backbone, output_stride, weights)
-    return IncrementalDeepLabV3(body, channels, classes_per_step, output_stride, new_head_init)
+    stage_ends = _STAGE_ENDS["mobilenet_v2" if backbone == "mobilenet_v2" else "resnet"]
+    return IncrementalDeepLabV3(
+        body, channels, classes_per_step, output_stride, new_head_init, stage_ends, detach_background
+    )
 
 
 def _build_backbone(name: str, output_stride: int, weights: str | None) -> tuple[nn.Module, int]:
@@ -154,9 +158,15 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outputs, dim=1))
 
 
-# Intermediate activations `forward` can return: the backbone's output (stride 8 or 16) and the
-# decoder's (ASPP + 3x3 conv, what the heads read).
-FEATURES = ("backbone", "decoder")
+# Intermediate activations `forward` can return: the backbone's output (stride 8 or 16); the outputs of
+# its four stages (PLOP's Local POD reads them: ResNet's layer1..layer4, MobileNetV2's blocks ending at
+# strides 4, 8, 16 and its last conv); the decoder's (ASPP + 3x3 conv, what the heads read); and the
+# heads' scores split by the sign of their weights, without bias, at the decoder's resolution (DKD's
+# decomposed distillation reads them).
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+FEATURES = ("backbone", *STAGES, "decoder", "positive_logits", "negative_logits")
+# The index (in the backbone's nn.Sequential) of the module that ends each stage.
+_STAGE_ENDS = {"mobilenet_v2": (3, 6, 13, 18), "resnet": (4, 5, 6, 7)}
 
 
 class IncrementalDeepLabV3(nn.Module):
@@ -169,6 +179,8 @@ class IncrementalDeepLabV3(nn.Module):
         classes_per_step: Sequence[int],
         output_stride: int,
         new_head_init: str = "random",
+        stage_ends: Sequence[int] = (),
+        detach_background: bool = True,
     ) -> None:
         super().__init__()
         if not classes_per_step or any(n < 1 for n in classes_per_step):
@@ -176,6 +188,8 @@ class IncrementalDeepLabV3(nn.Module):
         _check_init(new_head_init)
         self.new_head_init = new_head_init
         self.output_stride = output_stride
+        self.stage_ends = tuple(stage_ends)
+        self.detach_background = detach_background
         self._batchnorm_frozen = False
         self.backbone = backbone
         rates = [rate * 16 // output_stride for rate in ASPP_RATES_AT_OS16]
@@ -212,14 +226,36 @@ class IncrementalDeepLabV3(nn.Module):
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown feature(s) {sorted(unknown)}; the model provides {', '.join(FEATURES)}")
-        backbone = self.backbone(x)
+        found: dict[str, torch.Tensor] = {}
+        wants_stages = any(name in STAGES for name in features)
+        if wants_stages and len(self.stage_ends) != len(STAGES):
+            raise ValueError("this model was built without its backbone's stage boundaries (build it with build_model)")
+        backbone = x
+        for index, module in enumerate(self.backbone):
+            backbone = module(backbone)
+            if wants_stages and index in self.stage_ends:
+                found[STAGES[self.stage_ends.index(index)]] = backbone
         decoded = self.decoder(backbone)
-        logits = [self.heads[0](decoded.detach())] + [head(decoded) for head in self.heads[1:]]
+        background_input = decoded.detach() if self.detach_background else decoded
+        logits = [self.heads[0](background_input)] + [head(decoded) for head in self.heads[1:]]
         upsampled = F.interpolate(torch.cat(logits, dim=1), size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not features:
             return upsampled
-        found = {"backbone": backbone, "decoder": decoded}
+        found.update(backbone=backbone, decoder=decoded)
+        if "positive_logits" in features or "negative_logits" in features:
+            found["positive_logits"], found["negative_logits"] = self._decomposed_scores(background_input, decoded)
         return upsampled, {name: found[name] for name in features}
+
+    def _decomposed_scores(
+        self, background_input: torch.Tensor, decoded: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every channel's score from its head's positive (resp. negative) weights only, without bias (DKD)."""
+        positive, negative = [], []
+        for index, head in enumerate(self.heads):
+            features = background_input if index == 0 else decoded
+            positive.append(F.conv2d(features, head.weight.clamp(min=0)))
+            negative.append(F.conv2d(features, head.weight.clamp(max=0)))
+        return torch.cat(positive, dim=1), torch.cat(negative, dim=1)
 
     def add_step_head(self, num_classes: int, init: str | None = None) -> None:
         """Append a head for a new step; `init` defaults to the model's `new_head_init`.

@@ -101,7 +101,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
             "seed",
         }
     )
-    assert cache.STEP0_CODE_VERSION == 2
+    assert cache.STEP0_CODE_VERSION == 3
 
 
 @pytest.mark.parametrize(

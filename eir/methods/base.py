@@ -82,8 +82,15 @@ class Method:
     option_keys: ClassVar[tuple[str, ...]] = ()
     # Trains every class in one step (the joint upper bound), scored with the final step's protocol.
     joint: ClassVar[bool] = False
-    # Intermediate activations the loss needs (names the model knows: "backbone", "decoder").
+    # Intermediate activations the loss needs (names in eir.model.FEATURES).
     features: ClassVar[tuple[str, ...]] = ()
+    # What step 0 is trained with. Methods of one family train the same step 0 from the same config, so
+    # they share its step-0 cache entry; another family (softmax cross-entropy, DKD's BCE) never reuses it.
+    # None: the method's own name (a method that declares no family shares its step 0 with no other).
+    step0_family: ClassVar[str | None] = None
+    # The background head reads detached decoder features (DKD's auxiliary classifier, kept by every
+    # sigmoid method here) or, False, the features themselves (softmax methods: background is a class).
+    detach_background: ClassVar[bool] = True
 
     registry: ClassVar[dict[str, type[Method]]] = {}
 
@@ -104,6 +111,11 @@ class Method:
     def options_from(cls, flat_config: Mapping[str, Any]) -> dict[str, Any]:
         """The method's options out of a flat (`section.key`) config."""
         return {key: flat_config[key] for key in cls.option_keys}
+
+    def step0_identity(self) -> dict[str, Any]:
+        """What step 0's training depends on beyond the config's step-0 keys: the loss family and the
+        options the family's step-0 loss reads. Part of the step-0 cache key."""
+        return {"family": self.step0_family or self.name}
 
     def needs_old_model(self, step: int) -> bool:
         """Whether the loss reads the frozen step t−1 model's outputs (`LossInputs.old_logits`)."""

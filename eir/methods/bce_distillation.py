@@ -25,6 +25,8 @@ NO_EXTRAS = {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": Fa
 class BceDistillation(Method):
     """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1."""
 
+    step0_family = "bce"
+
     option_keys = ("loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init")
 
     def needs_old_model(self, step: int) -> bool:

@@ -34,7 +34,8 @@ STEP0_KEYS = step0_keys()
 # optimiser, evaluation). An explicit number rather than a hash of the source: a hash would throw
 # the cache away on every unrelated edit (an EIR-only change, a log line), which defeats the cache
 # across the sessions that long benchmarks span.
-STEP0_CODE_VERSION = 2  # 2: the key gained train.warmup_fraction, loss.bce_weight and scaling.use_gpu
+# 2: the key gained train.warmup_fraction, loss.bce_weight and scaling.use_gpu; 3: the method's step-0 loss family.
+STEP0_CODE_VERSION = 3
 
 
 def code_version() -> str:
@@ -48,10 +49,15 @@ def step0_key(
     test_split_checksum: str,
     step0_classes: list[int],
     scaling: dict[str, Any],
+    loss: dict[str, Any],
 ) -> dict[str, Any]:
-    """Everything step 0's result depends on, as a JSON-able dict (hashed into the cache path)."""
+    """Everything step 0's result depends on, as a JSON-able dict (hashed into the cache path).
+
+    `loss` is the method's `step0_identity()`: methods of one loss family share step 0, others never do.
+    """
     return {
         "config": {key: flat_config[key] for key in STEP0_KEYS},
+        "loss": loss,
         "train_split": train_split_checksum,
         "test_split": test_split_checksum,
         "step0_classes": step0_classes,

@@ -42,7 +42,7 @@ from eir.tracking import (
 from eir.train import cache
 from eir.train.artifacts import log_step_artifacts
 from eir.train.memory import build_memory, load_memory, memory_file
-from eir.train.planner import FaultInjection, PreviousStep, StepDesign
+from eir.train.planner import FaultInjection, PreviousStep, StepDesign, run_method
 from eir.train.resolved import Experiment, resolve
 from eir.train.results import git_sha, numeric_scores, results_document, scores_table, step_table
 from eir.train.rundir import check_run_dir, require_existing_run
@@ -76,6 +76,7 @@ def step0_cache_key(exp: Experiment) -> dict[str, Any]:
         test_split_checksum=exp.test_splits.checksum,
         step0_classes=list(exp.schedule.steps[0]),
         scaling={"num_workers": cfg.scaling.num_workers, "use_gpu": cfg.scaling.use_gpu},  # GPU: AMP
+        loss=run_method(cfg).step0_identity(),
     )
 
 

@@ -45,9 +45,11 @@ def build_old_model(plan: StepPlan) -> torch.nn.Module:
 def build_step_model(plan: StepPlan, method: Method) -> torch.nn.Module:
     """Step 0: ImageNet backbone + heads of C_0. Step t: step t−1's weights, plus the method's new head for C_t."""
     if plan.step == 0:
-        return build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
-    model = build_old_model(plan)
-    method.init_new_head(model, plan.head_sizes[-1])
+        model = build_model(plan.backbone, plan.head_sizes, output_stride=plan.output_stride, weights=plan.weights)
+    else:
+        model = build_old_model(plan)
+        method.init_new_head(model, plan.head_sizes[-1])
+    model.detach_background = method.detach_background
     return model
 
 
