@@ -230,6 +230,10 @@ def knob(
     return field(default=default, metadata={"knob": Knob(check, doc, step0, active)})
 
 
+def _is_ade20k(config: ExperimentConfig) -> bool:
+    return config.dataset.name == "ade20k"
+
+
 def _keeps_memory(config: ExperimentConfig) -> bool:
     return config.memory.kind != "none"
 
@@ -265,6 +269,14 @@ class DatasetConfig:
         1.0,
         Check("0 < scale <= 1", lambda v: 0 < v <= 1, (0.0, 1.5)),
         "resize at ingest (0.5 = half size); part of the ingest cache key",
+    )
+    ade_ignore_other: bool = knob(
+        False,
+        CHOICE,
+        "ADE20K raw label 0 ('other'): false = background class 0, trained and scored among the old classes "
+        "(DKD's code, which EIR forks); true = ignore (255) in training and test labels, scored nowhere "
+        "(METHOD.md §1.1); part of the ingest cache key",
+        active=_is_ade20k,
     )
     synthetic_num_images: int = knob(
         600,

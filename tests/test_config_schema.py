@@ -150,7 +150,16 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
     ],
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:
-    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == inactive
+    # dataset.ade_ignore_other is inactive on every dataset but ade20k (the default is synthetic).
+    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == inactive | {"dataset.ade_ignore_other"}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "task", "active"), [("ade20k", "100-50", True), ("voc", "15-1", False), ("camvid", "5-3", False)]
+)
+def test_ade_ignore_other_is_active_on_ade20k_only(dataset: str, task: str, active: bool) -> None:
+    config = load_config(overrides=[f"dataset.name={dataset}", "dataset.root=/data/raw", f"task.name={task}"])
+    assert ("dataset.ade_ignore_other" not in inactive_keys(config)) == active
 
 
 def test_paste_max_instances_agrees_with_the_paste_module() -> None:

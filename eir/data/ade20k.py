@@ -3,13 +3,21 @@
     images/{training,validation}/<id>.jpg
     annotations/{training,validation}/<id>.png   8-bit grey, 0 = "other", 1..150 = classes
 
-Raw 0 ("other") carries no class, so it becomes ignore (255); 1..150 are already canonical.
-There is no background class: label 0 never occurs in canonical ADE labels until the task
-masking turns unseen classes into it.
+1..150 are already canonical. What raw 0 ("other": every pixel outside the 150 classes) becomes is
+a convention the papers disagree on (METHOD.md §1.1), chosen by `dataset.ade_ignore_other`:
+
+- false (the default; DKD's released ADE loader, which EIR forks): raw 0 stays 0, the background
+  class: trained as channel 0 and scored among the old classes.
+- true (MiB, PLOP): raw 0 becomes ignore (255) and no label is 0 until the task masking turns
+  unseen classes into it, so class 0 is scored nowhere (`background_is_class=False`).
+
+The choice is made here, at ingest: the two conventions are different prepared datasets (their
+labels and label spaces differ, hence their content checksums), keyed apart in the ingest cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 from pathlib import Path
 
@@ -183,30 +191,40 @@ ADE20K_CLASSES = (
     "flag",
 )
 
-ADE20K_INFO = DatasetInfo(
-    "ade20k",
-    ("background", *ADE20K_CLASSES),
-    future_label=IGNORE_LABEL,
-    background_is_class=False,
-)
+# Future classes become ignore in test labels under both conventions: DKD's ADE config tests with
+# masking_value 255, and raw 0 is not a future class (it stays 0 under DKD's, is 255 under MiB's).
+ADE20K_INFO = DatasetInfo("ade20k", ("background", *ADE20K_CLASSES), future_label=IGNORE_LABEL)
+ADE20K_INFO_IGNORE_OTHER = dataclasses.replace(ADE20K_INFO, background_is_class=False)
 
 SPLIT_FOLDERS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 
-# Raw 0 ("other") -> ignore; 1..150 unchanged; 255 (already ignore in some exports) stays ignore.
-_RAW_TO_CANONICAL = np.arange(256, dtype=np.uint8)
-_RAW_TO_CANONICAL[0] = IGNORE_LABEL
+
+def ade20k_info(ignore_other: bool) -> DatasetInfo:
+    """The label space under one convention for raw 0 (`dataset.ade_ignore_other`)."""
+    return ADE20K_INFO_IGNORE_OTHER if ignore_other else ADE20K_INFO
+
+
+def _raw_to_canonical(ignore_other: bool) -> np.ndarray:
+    """Raw -> canonical LUT: 1..150 and 255 (already ignore in some exports) unchanged; raw 0 -> 255 or kept."""
+    lut = np.arange(256, dtype=np.uint8)
+    if ignore_other:
+        lut[0] = IGNORE_LABEL
+    return lut
 
 
 class ADE20KReader(SegmentationReader):
-    """One split ("train"/"training" or "val"/"validation") of ADEChallengeData2016."""
+    """One split ("train"/"training" or "val"/"validation") of ADEChallengeData2016.
 
-    info = ADE20K_INFO
+    `ignore_other`: raw 0 becomes 255 (MiB's convention) instead of background 0 (DKD's).
+    """
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    def __init__(self, root: str | Path, split: str, *, ignore_other: bool = False) -> None:
         if split not in SPLIT_FOLDERS:
             raise DatasetError(f"unknown ADE20K split {split!r}; expected one of {sorted(SPLIT_FOLDERS)}")
         self.root = Path(root)
         self.split = split
+        self.info = ade20k_info(ignore_other)
+        self._lut = _raw_to_canonical(ignore_other)
         folder = SPLIT_FOLDERS[split]
         self.image_dir = self.root / "images" / folder
         self.label_dir = self.root / "annotations" / folder
@@ -235,5 +253,5 @@ class ADE20KReader(SegmentationReader):
         raw = decode_index_png(read_file_bytes(label_path, "annotation"), label_path, "annotation")
         check_same_size(image, raw, image_path, label_path)
         check_label_range(raw, self.info.num_classes, label_path)
-        label = _RAW_TO_CANONICAL[raw]
+        label = self._lut[raw]
         return Sample(sample_id, image, label, None, image_bytes, image_format)

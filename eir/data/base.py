@@ -90,8 +90,8 @@ class DatasetInfo:
 
     `future_label` is what classes not yet seen become in *test* labels (METHOD.md §1:
     0 on VOC/CamVid/synthetic, 255 on ADE20K). `background_is_class` is False where
-    label 0 carries no ground truth of its own (ADE20K: raw 0 is "other", mapped to
-    ignore), so metrics can leave class 0 out of their means there.
+    label 0 carries no ground truth of its own (ADE20K with `dataset.ade_ignore_other`:
+    raw 0 "other" mapped to ignore), so metrics can leave class 0 out of their means there.
     """
 
     name: str

@@ -42,11 +42,16 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "_index"
 
 
-def _fingerprint(dataset: str, root: Path, split: str, image_scale: float, outputs: list[Location]) -> str:
-    """The source fingerprint of a raw split; it also keys the dataset and the scale it is ingested at.
+def _fingerprint(
+    dataset: str, root: Path, split: str, image_scale: float, ade_ignore_other: bool, outputs: list[Location]
+) -> str:
+    """The source fingerprint of a raw split; it also keys the dataset and the reader settings it is ingested with.
 
-    `outputs` are where this command writes: when they lie inside the dataset root, the walk
-    leaves them out, so it never reads files being written (by us or a parallel trial).
+    Those are the scale and, for ADE20K only, what raw 0 becomes (`dataset.ade_ignore_other`): the
+    two conventions must never share a cache entry. Other datasets' fingerprints leave that key out,
+    so their existing cache entries stay found. `outputs` are where this command writes: when they
+    lie inside the dataset root, the walk leaves them out, so it never reads files being written
+    (by us or a parallel trial).
     """
     if not root.is_dir():
         what = (
@@ -56,7 +61,10 @@ def _fingerprint(dataset: str, root: Path, split: str, image_scale: float, outpu
         )
         raise DatasetError(f"dataset root {root} {what} (dataset {dataset!r})")
     exclude = [out.path for out in outputs if out.is_local]
-    return source_fingerprint(root, split, {"dataset": dataset, "image_scale": image_scale}, exclude)
+    options: dict[str, object] = {"dataset": dataset, "image_scale": image_scale}
+    if dataset == "ade20k":
+        options["ade_ignore_other"] = ade_ignore_other
+    return source_fingerprint(root, split, options, exclude)
 
 
 def prepare_split(
@@ -66,14 +74,15 @@ def prepare_split(
     out: Location,
     *,
     image_scale: float = 1.0,
+    ade_ignore_other: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Ingest one split of a raw dataset into `out` (idempotent, atomic)."""
     root = Path(root)
-    fingerprint = _fingerprint(dataset, root, split, image_scale, [out.parent, out])
+    fingerprint = _fingerprint(dataset, root, split, image_scale, ade_ignore_other, [out.parent, out])
     return ingest(
-        open_reader(dataset, root, split),
+        open_reader(dataset, root, split, ade_ignore_other=ade_ignore_other),
         out,
         split=split,
         source=str(root.resolve()),
@@ -104,11 +113,12 @@ def _root_location(root: str) -> Location:
         ) from None
 
 
-def _prepared_at(root: Location, split: str) -> Manifest | None:
+def _prepared_at(root: Location, split: str, ade_ignore_other: bool) -> Manifest | None:
     """The prepared `split` at root, or at root/<split> as `launch.py prepare` writes it; None if neither.
 
-    Checked the same way for local paths and URIs, so a prepared folder of the wrong split is
-    an error wherever it lives rather than silently used.
+    Checked the same way for local paths and URIs, so a prepared folder of the wrong split, or an
+    ADE20K folder of the other convention for raw 0, is an error wherever it lives rather than
+    silently used.
     """
     for candidate in (root, root.join(split)):
         if is_prepared(candidate):
@@ -117,8 +127,22 @@ def _prepared_at(root: Location, split: str) -> Manifest | None:
                 raise DatasetError(
                     f"{candidate.uri} is the prepared {manifest.split!r} split, but split {split!r} was asked for"
                 )
+            _check_ade_convention(manifest, ade_ignore_other)
             return manifest
     return None
+
+
+def _check_ade_convention(manifest: Manifest, ade_ignore_other: bool) -> None:
+    """A prepared ADE20K split must hold raw 0 the way `dataset.ade_ignore_other` asks (its manifest says how)."""
+    if manifest.dataset != "ade20k" or manifest.info.background_is_class != ade_ignore_other:
+        return
+    held = "as background class 0 (DKD's convention)" if ade_ignore_other else "ignored (255, MiB's convention)"
+    raise DatasetError(
+        f"{manifest.location.uri} was prepared with ADE20K's raw label 0 {held}, but dataset.ade_ignore_other="
+        f"{str(ade_ignore_other).lower()} asks for the other convention: set dataset.ade_ignore_other="
+        f"{str(not ade_ignore_other).lower()}, or give the raw ADEChallengeData2016 folder as dataset.root "
+        "(each convention is ingested into a cache entry of its own)"
+    )
 
 
 def ensure_prepared(
@@ -128,16 +152,17 @@ def ensure_prepared(
     output_root: Location,
     *,
     image_scale: float = 1.0,
+    ade_ignore_other: bool = False,
     synthetic: tuple[int, int, int] = (600, 112, 0),
     progress: bool = True,
 ) -> Manifest:
     """The prepared dataset for (dataset, root, split), ingesting into the cache on first use.
 
     `synthetic` is (num_images, image_size, seed), used when dataset is "synthetic" and no root
-    is given: the data is generated first.
+    is given: the data is generated first. `ade_ignore_other` is `dataset.ade_ignore_other`.
     """
     if root:
-        manifest = _prepared_at(_root_location(root), split)
+        manifest = _prepared_at(_root_location(root), split, ade_ignore_other)
         if manifest is not None:
             if not output_root.is_local and "://" not in root:
                 log.warning(
@@ -160,7 +185,7 @@ def ensure_prepared(
         root = str(raw)
     if not root:
         raise DatasetError(f"dataset.root is empty: dataset {dataset!r} needs the raw dataset folder")
-    return _cached_ingest(dataset, Path(root), split, output_root, image_scale, progress)
+    return _cached_ingest(dataset, Path(root), split, output_root, image_scale, ade_ignore_other, progress)
 
 
 def find_prepared(
@@ -170,6 +195,7 @@ def find_prepared(
     output_root: Location,
     *,
     image_scale: float = 1.0,
+    ade_ignore_other: bool = False,
     synthetic: tuple[int, int, int] = (600, 112, 0),
 ) -> Manifest | None:
     """What `ensure_prepared` would return, if it exists already; None otherwise.
@@ -178,7 +204,7 @@ def find_prepared(
     (its label space) without paying for an ingest, or failing where the raw data is gone.
     """
     if root:
-        manifest = _prepared_at(_root_location(root), split)
+        manifest = _prepared_at(_root_location(root), split, ade_ignore_other)
         if manifest is not None or "://" in root:
             return manifest
         raw = Path(root)
@@ -188,7 +214,7 @@ def find_prepared(
         return None
     if not raw.is_dir():
         return None
-    fingerprint = _fingerprint(dataset, raw, split, image_scale, [output_root])
+    fingerprint = _fingerprint(dataset, raw, split, image_scale, ade_ignore_other, [output_root])
     return _indexed(output_root.join("datasets"), _index_file(output_root, dataset, split, fingerprint))
 
 
@@ -247,7 +273,13 @@ def _sound_entry(entry: Location) -> Manifest | None:
 
 
 def _cached_ingest(
-    dataset: str, root: Path, split: str, output_root: Location, image_scale: float, progress: bool
+    dataset: str,
+    root: Path,
+    split: str,
+    output_root: Location,
+    image_scale: float,
+    ade_ignore_other: bool,
+    progress: bool,
 ) -> Manifest:
     """The cache entry for a raw split: found through the fingerprint index, or ingested and published.
 
@@ -257,7 +289,7 @@ def _cached_ingest(
     and the next call decodes nothing.
     """
     datasets = output_root.join("datasets")
-    fingerprint = _fingerprint(dataset, root, split, image_scale, [output_root])
+    fingerprint = _fingerprint(dataset, root, split, image_scale, ade_ignore_other, [output_root])
     index = _index_file(output_root, dataset, split, fingerprint)
     manifest = _indexed(datasets, index)
     if manifest is not None:
@@ -267,7 +299,7 @@ def _cached_ingest(
     log.info("ingesting %s/%s from %s into the dataset cache %s", dataset, split, root, datasets.uri)
     try:
         checksum = write_prepared(
-            open_reader(dataset, root, split),
+            open_reader(dataset, root, split, ade_ignore_other=ade_ignore_other),
             staging,
             split=split,
             source=str(root.resolve()),

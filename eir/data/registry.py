@@ -27,13 +27,13 @@ def dataset_info(name: str, root: str | Path) -> DatasetInfo:
     return info_from_class_names(root, name)
 
 
-def open_reader(name: str, root: str | Path, split: str) -> SegmentationReader:
-    """A reader for one split of a named dataset at root."""
+def open_reader(name: str, root: str | Path, split: str, *, ade_ignore_other: bool = False) -> SegmentationReader:
+    """A reader for one split of a named dataset at root; `ade_ignore_other` only concerns ADE20K (its raw 0)."""
     _check_name(name)
     if name == "voc":
         return VOCReader(root, split)
     if name == "ade20k":
-        return ADE20KReader(root, split)
+        return ADE20KReader(root, split, ignore_other=ade_ignore_other)
     if name == "camvid":
         return CamVidReader(root, split)
     if name == "folder":

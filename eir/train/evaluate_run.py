@@ -78,7 +78,14 @@ def evaluate_run(
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, protocol=protocol))
 
     output_root = storage.resolve(config.run.output_dir)
-    manifest = ensure_prepared(dataset, root, split, output_root, image_scale=config.dataset.image_scale)
+    manifest = ensure_prepared(
+        dataset,
+        root,
+        split,
+        output_root,
+        image_scale=config.dataset.image_scale,
+        ade_ignore_other=config.dataset.ade_ignore_other,
+    )
     info = manifest.info
     check_label_space(run, config, info.class_names, f"{dataset}/{split} at {root}")
     layout = RunLayout.for_dataset(config, dataset, info.num_classes, info.future_label)
@@ -131,7 +138,13 @@ def run_class_names(config: ExperimentConfig) -> tuple[tuple[str, ...], str] | N
     synthetic = (data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed)
     try:
         manifest = find_prepared(
-            data.name, data.root, data.train_split, output_root, image_scale=data.image_scale, synthetic=synthetic
+            data.name,
+            data.root,
+            data.train_split,
+            output_root,
+            image_scale=data.image_scale,
+            ade_ignore_other=data.ade_ignore_other,
+            synthetic=synthetic,
         )
         if manifest is not None:
             return manifest.info.class_names, f"its training data {manifest.location.uri}"

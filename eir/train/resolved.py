@@ -102,6 +102,7 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
             split,
             root,
             image_scale=data.image_scale,
+            ade_ignore_other=data.ade_ignore_other,
             synthetic=(data.synthetic_num_images, data.synthetic_image_size, data.synthetic_seed),
             progress=progress,
         )

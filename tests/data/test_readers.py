@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eir.data.ade20k import ADE20K_INFO, ADE20KReader
+from eir.data.ade20k import ADE20K_INFO, ADE20K_INFO_IGNORE_OTHER, ADE20KReader
 from eir.data.base import DatasetError
 from eir.data.camvid import CAMVID_INFO, CamVidReader
 from eir.data.folder import FolderReader
@@ -226,12 +226,20 @@ def test_ade_reads_shared_samples(tmp_path: Path, shared_data: Path) -> None:
     assert ADE20KReader(root, "validation").ids() == ADE_IDS
     sample = reader.read("ADE_val_00000003")
     raw = np.array(Image.open(root / "annotations" / "validation" / "ADE_val_00000003.png"))
-    expected = raw.copy()
-    expected[raw == 0] = IGNORE_LABEL
-    np.testing.assert_array_equal(sample.label, expected)
-    assert np.unique(sample.label).tolist() == [1, 2, 3, 5, 7, 12, 21, 44, 81, 88, 97, 103, 255]
+    np.testing.assert_array_equal(sample.label, raw)  # DKD's convention: raw 0 ("other") is background 0
+    assert np.unique(sample.label).tolist() == [0, 1, 2, 3, 5, 7, 12, 21, 44, 81, 88, 97, 103]
     assert sample.image.shape == (300, 400, 3)
     assert sample.image_format == "jpeg" and sample.instances is None
+    assert reader.info is ADE20K_INFO
+
+    ignoring = ADE20KReader(root, "val", ignore_other=True)
+    expected = raw.copy()
+    expected[raw == 0] = IGNORE_LABEL
+    np.testing.assert_array_equal(ignoring.read("ADE_val_00000003").label, expected)
+    assert np.unique(expected).tolist() == [1, 2, 3, 5, 7, 12, 21, 44, 81, 88, 97, 103, 255]
+    assert ignoring.info is ADE20K_INFO_IGNORE_OTHER
+    assert open_reader("ade20k", root, "val", ade_ignore_other=True).info is ADE20K_INFO_IGNORE_OTHER
+    assert open_reader("ade20k", root, "val").info is ADE20K_INFO
 
 
 def test_ade_info() -> None:
@@ -245,14 +253,19 @@ def test_ade_info() -> None:
         "car",
         "flag",
     )
-    assert ADE20K_INFO.future_label == 255 and not ADE20K_INFO.background_is_class
+    # Future classes are ignored in test labels under both conventions; only one has a background class.
+    assert ADE20K_INFO.future_label == ADE20K_INFO_IGNORE_OTHER.future_label == 255
+    assert ADE20K_INFO.background_is_class and not ADE20K_INFO_IGNORE_OTHER.background_is_class
+    assert ADE20K_INFO_IGNORE_OTHER.class_names == names
 
 
 def test_ade_generated_and_out_of_range(tmp_path: Path) -> None:
     write_rgb(tmp_path / "images" / "training" / "x.jpg", 2, 2)
     annotations = tmp_path / "annotations" / "training"
     write_index(annotations / "x.png", np.array([[0, 1], [150, 7]]))
-    np.testing.assert_array_equal(ADE20KReader(tmp_path, "train").read("x").label, np.array([[255, 1], [150, 7]]))
+    np.testing.assert_array_equal(ADE20KReader(tmp_path, "train").read("x").label, np.array([[0, 1], [150, 7]]))
+    ignoring = ADE20KReader(tmp_path, "train", ignore_other=True)
+    np.testing.assert_array_equal(ignoring.read("x").label, np.array([[255, 1], [150, 7]]))
     write_index(annotations / "x.png", np.array([[0, 151], [150, 7]]))
     with pytest.raises(DatasetError, match=r"training/x\.png holds values \[151\]"):
         ADE20KReader(tmp_path, "training").read("x")
