@@ -33,7 +33,7 @@ from eir.train.experiment import run_experiment
 from eir.train.preview import write_preview
 from eir.train.pseudo_quality import quality_table, score_pseudo_labels
 from eir.train.rundir import RunDirError
-from eir.train.sweep import run_sweep
+from eir.train.sweep import dry_run_sweep, run_sweep
 from eir.visualize import pseudo_recall_figure
 
 log = logging.getLogger("eir")
@@ -115,6 +115,9 @@ def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        dry_run_sweep(args.sweep, args.overrides)
+        return 0
     summary = run_sweep(args.sweep, args.overrides, resume=args.resume)
     return 0 if summary["trials"] else 1
 
@@ -127,7 +130,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
-    BENCHMARKS[args.name](quick=args.quick, overrides=args.overrides, limit=args.limit, methods=methods)
+    BENCHMARKS[args.name](
+        quick=args.quick, overrides=args.overrides, limit=args.limit, methods=methods, rerun=args.rerun
+    )
     return 0
 
 
@@ -282,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/camvid_memory.yaml")
     sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every trial, print the step table and which trials train or reuse a step 0; train nothing",
+    )
     sweep.set_defaults(func=_cmd_sweep)
 
     report = sub.add_parser(
@@ -289,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Markdown tables and PNG plots from run dirs, sweep dirs, or folders of them",
         description="Collect every finished results.json under DIR... and write report.md (final and per-step "
         "mIoU all/old/new/hIoU, mean ± std over seeds) and PNG plots (mIoU per step per method; for sweeps, the "
-        "metric against each knob) to --out; for sweeps the files are also attached to the sweep's MLflow run.",
+        "metric against each knob) to --out. A sweep over method.name and seed also gets its method table (step 0, "
+        "final all/old/new/hIoU, mean over steps; mean ± sample std and n per cell, from the trials finished so "
+        "far) in report.md, as <sweep>_method_table.csv/.json, and its per-step plot. For sweeps the files are "
+        "also attached to the sweep's MLflow run.",
     )
     report.add_argument("dirs", nargs="+", help="run directories, sweep directories, or folders holding them")
     report.add_argument("--out", default="report", help="output folder (default ./report)")
@@ -315,7 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods",
         default=None,
-        help="accuracy benchmarks: only these methods now, comma-separated (e.g. eir,image_replay)",
+        help="accuracy benchmarks: only these methods now, comma-separated (e.g. mib,plop,dkd,dkd_m)",
+    )
+    bench.add_argument(
+        "--rerun",
+        action="store_true",
+        help="accuracy benchmarks, with --methods, after changing those methods: move their recorded rows to "
+        "'superseded' and train them again in new run dirs (continue an interrupted rerun without --rerun)",
     )
     bench.set_defaults(func=_cmd_bench)
 

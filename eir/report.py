@@ -2,8 +2,11 @@
 
 A setting that ran with several seeds is shown as mean ± std. Plots: the standard continual
 segmentation figure (mIoU after each step, one line per method) and, for a sweep, the sweep's
-metric against each swept knob. When the input is a sweep with an MLflow parent run, the same
-files are attached to it, at the tracking URI the sweep recorded in `mlflow_sweep.json`.
+metric against each swept knob. A sweep whose trials differ by method and seed only also gets its
+method table (`eir.method_table`: Markdown in report.md, CSV and JSON beside it, and its per-step
+plot), rendered from whatever its trials have finished so far. When the input is a sweep with an
+MLflow parent run, the same files are attached to it, at the tracking URI the sweep recorded in
+`mlflow_sweep.json`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from eir import storage
+from eir import method_table, storage
 from eir.config import ConfigError
 from eir.tracking import bound_http_retries, check_reachable, tracking_uri
 from eir.visualize import knob_figure, steps_figure
@@ -56,21 +58,24 @@ def _missing(document: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
 
 
 def _read_run(path: Path) -> dict[str, Any]:
-    """A results.json, checked for what the tables read (a finished run's steps and their scores)."""
+    """A results.json, checked for what the tables read: its steps and their scores (a finished run's for
+    every table, an unfinished one's for the cells of a method table it has reached)."""
     advice = "restore it, or move its run folder out of the folders given to report"
     document = _read_object(path, advice)
-    if document.get("status") != "finished":
-        return document  # unfinished runs are left out of the tables: nothing else of them is read
+    finished = document.get("status") == "finished"
     missing = _missing(document, RUN_KEYS)
     steps = document.get("steps")
-    if not missing and (not isinstance(steps, list) or not steps or not all(isinstance(step, dict) for step in steps)):
+    if not missing and (
+        not isinstance(steps, list) or (finished and not steps) or not all(isinstance(step, dict) for step in steps)
+    ):
         missing = ["steps (a list of per-step scores)"]
     if not missing:
         missing = sorted({key for step in steps for key in _missing(step, METRICS)})
     if not missing and not all(_is_score(step[key]) for step in steps for key in METRICS):
         missing = ["numeric scores"]
     if missing:
-        raise ReportError(f"{path} is damaged (a finished run without {', '.join(missing)}); {advice}")
+        state = document.get("status") or "unfinished"
+        raise ReportError(f"{path} is damaged (a {state} run without {', '.join(missing)}); {advice}")
     return document
 
 
@@ -97,7 +102,8 @@ def _read_sweep(path: Path) -> dict[str, Any]:
 
 
 def collect(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(runs, sweeps): every finished results.json under the paths, and every sweep summary.
+    """(runs, sweeps): every results.json under the paths, finished or not (a sweep's unfinished
+    trials fill the method-table cells they have reached), and every sweep summary.
 
     A damaged results.json or summary.json stops the report with its name, rather than being
     skipped: a table that silently lost one seed or one trial shows wrong means with nothing to
@@ -112,20 +118,30 @@ def collect(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             )
         for results in sorted(root.rglob("results.json")) if root.is_dir() else [root]:
             document = _read_run(results)
-            if document.get("status") == "finished":
-                document["path"] = str(results.parent)
-                runs.append(document)
+            document["path"] = str(results.parent)
+            runs.append(document)
         for summary in sorted(root.rglob("summary.json")) if root.is_dir() else []:
             sweep = _read_sweep(summary)
             sweep["path"] = str(summary.parent)
             sweeps.append(sweep)
-    if not runs:
-        raise ReportError(f"no finished run under {', '.join(paths)} (no results.json with status 'finished')")
     return runs, sweeps
 
 
-def _params_of(run: dict[str, Any], sweeps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The swept params of a trial's run ({} for a plain run).
+def _finished(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [run for run in runs if run.get("status") == "finished"]
+
+
+def sweep_folder(run: dict[str, Any]) -> Path | None:
+    """The sweep folder a run is a trial of (`<sweep>/runs/<trial id>` beside the sweep's summary.json, or
+    its mlflow_sweep.json while the sweep has not ended yet); None for a plain run."""
+    folder = Path(run["path"]).parent.parent
+    if Path(run["path"]).parent.name != "runs":
+        return None
+    return folder if (folder / "summary.json").is_file() or (folder / "mlflow_sweep.json").is_file() else None
+
+
+def _trial_of(run: dict[str, Any], sweeps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A trial's entry in its sweep's summary (None for a plain run, or a trial the summary does not list yet).
 
     Matched by where the trial's run dir lies in its sweep dir now (`runs/<trial id>`), not by the
     summary's absolute `run_dir`: that names the directory the sweep ran in, which a copied or
@@ -134,28 +150,45 @@ def _params_of(run: dict[str, Any], sweeps: list[dict[str, Any]]) -> dict[str, A
     for sweep in sweeps:
         for trial in sweep["trials"]:
             if (Path(sweep["path"]) / "runs" / trial["trial_id"]).resolve() == Path(run["path"]).resolve():
-                return trial["params"]
-    return {}
+                return trial
+    return None
+
+
+def _label_params(label: str) -> dict[str, Any]:
+    """The swept values in a trial's run name (`memory.size=25,seed=1`: a sweep names each trial's run by
+    them), for a trial its sweep's summary does not list yet: the sweep was stopped, or is still running."""
+    params: dict[str, Any] = {}
+    for part in label.split(","):
+        key, _, text = part.partition("=")
+        try:
+            params[key] = json.loads(text)
+        except json.JSONDecodeError:
+            params[key] = text
+    return params
 
 
 def label_runs(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> None:
     """Give each run its swept `params`, their text as `setting` ("–" for a plain run) and a `label`
     (method, plus the setting of a sweep trial), so trials of one method stay apart in tables and
-    figures while seeds of one setting group."""
+    figures while seeds of one setting group (neither the method nor the seed is part of a setting);
+    a trial its sweep's summary lists also gets the trial's `wall_s`."""
     for run in runs:
-        run["params"] = _params_of(run, sweeps)
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()))
+        trial = _trial_of(run, sweeps)
+        if trial is not None:
+            run["params"], run["wall_s"] = trial["params"], trial.get("time_total_s")
+        else:
+            run["params"] = _label_params(run["run_name"]) if sweep_folder(run) and run.get("run_name") else {}
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(run["params"].items()) if k not in method_table.SWEPT)
         run["setting"] = knobs or "–"
         run["label"] = f"{run['method']} ({knobs})" if knobs else run["method"]
 
 
 def _fmt(values: list[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
+    stats = method_table.spread(values)
+    if stats is None:
         return "–"
-    if len(present) == 1:
-        return f"{present[0]:.2f}"
-    return f"{np.mean(present):.2f} ± {np.std(present, ddof=1):.2f}"
+    mean, std, _ = stats
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def _in_order(params: dict[str, Any]) -> tuple:
@@ -207,46 +240,88 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
 
 
 def write_report(paths: list[str], out: str) -> list[str]:
-    runs, sweeps = collect(paths)
-    label_runs(runs, sweeps)
+    documents, sweeps = collect(paths)
+    label_runs(documents, sweeps)
+    runs = _finished(documents)
+    names = {Path(s["path"]).resolve(): s["sweep"] for s in sweeps}  # sweep folder -> the sweep's name
+    methods = _method_tables(documents, names)
+    if not runs and not methods:
+        raise ReportError(f"no finished run under {', '.join(paths)} (no results.json with status 'finished')")
     os.makedirs(out, exist_ok=True)
     written = []
     markdown = os.path.join(out, "report.md")
-    storage.write_bytes_atomic(storage.resolve(markdown), tables(runs, sweeps).encode())
+    text = (tables(runs, sweeps) if runs else "") + "".join("\n" + method_table.markdown(t) for t, _ in methods)
+    storage.write_bytes_atomic(storage.resolve(markdown), text.lstrip("\n").encode())
     written.append(markdown)
-    steps_png = os.path.join(out, "miou_per_step.png")
-    steps_figure(runs, steps_png)
-    written.append(steps_png)
+    if runs:
+        steps_png = os.path.join(out, "miou_per_step.png")
+        steps_figure(runs, steps_png)
+        written.append(steps_png)
     for sweep in sweeps:
         points = [(t["params"], t["metric"]) for t in sweep["trials"] if t["metric"] is not None]
         for knob in sorted({k for params, _ in points for k in params}):
-            # Names from a summary file become one file name inside `out`, whatever they contain.
-            path = os.path.join(
-                out, re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}") + ".png"
-            )
+            path = os.path.join(out, _file_name(f"{sweep['sweep']}_{sweep['metric']}_vs_{knob}") + ".png")
             knob_figure([(p.get(knob), m) for p, m in points], knob, sweep["metric"], path)
             written.append(path)
-        _attach_to_mlflow(sweep, written)
+    for table, trials in methods:
+        written += _write_method_table(table, trials, out)
+    for folder in sorted({f.resolve() for f in map(sweep_folder, documents) if f} | set(names)):
+        _attach_to_mlflow(names.get(folder, folder.name), folder, written)
     return written
 
 
-def _attach_to_mlflow(sweep: dict[str, Any], files: list[str]) -> None:
+def _file_name(text: str) -> str:
+    """Names from a summary file or a run become one file name inside `out`, whatever they contain."""
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def _method_tables(
+    documents: list[dict[str, Any]], names: dict[Path, str]
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(table, trials) of every sweep among the inputs whose trials differ by method and seed only."""
+    by_folder: dict[Path, list[dict[str, Any]]] = defaultdict(list)
+    for run in documents:
+        folder = sweep_folder(run)
+        if folder is not None:
+            by_folder[folder.resolve()].append(run)
+    return [
+        (method_table.method_table(names.get(folder, folder.name), trials), trials)
+        for folder, trials in sorted(by_folder.items())
+        if method_table.is_method_sweep(trials)
+    ]
+
+
+def _write_method_table(table: dict[str, Any], trials: list[dict[str, Any]], out: str) -> list[str]:
+    """The table as CSV and JSON (its Markdown is in report.md) and its plot: mIoU all after each step,
+    one line per method, mean ± sample std over its finished trials."""
+    stem = os.path.join(out, _file_name(table["sweep"]))
+    storage.write_bytes_atomic(storage.resolve(f"{stem}_method_table.csv"), method_table.csv_text(table).encode())
+    storage.write_json_atomic(storage.resolve(f"{stem}_method_table.json"), table)
+    written = [f"{stem}_method_table.csv", f"{stem}_method_table.json"]
+    finished = _finished(trials)
+    if finished:  # a method sweep's runs are labelled by their method (`label_runs`): one line per method
+        steps_figure(finished, f"{stem}_mIoU_all_per_step.png")
+        written.append(f"{stem}_mIoU_all_per_step.png")
+    return written
+
+
+def _attach_to_mlflow(name: str, folder: Path, files: list[str]) -> None:
     """Attach the report to the sweep's MLflow parent run, at the tracking URI the sweep recorded.
 
     Sweeps from before the URI was recorded fall back to MLFLOW_TRACKING_URI, then the default
     store under the sweep's output dir. The report's files are written by then, so a store that
     cannot be reached (or a damaged mlflow_sweep.json) is a warning, not a failed report.
     """
-    ids_path = Path(sweep["path"]) / "mlflow_sweep.json"
+    ids_path = folder / "mlflow_sweep.json"
     if not ids_path.is_file():
         return
     try:
         ids = _read_object(ids_path, "the report is not attached to MLflow")
-        uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(Path(sweep["path"]).parents[1]))
+        uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(folder.parents[1]))
         bound_http_retries()  # a dead server costs seconds, not MLflow's minutes of retries
         check_reachable(uri)
         client = MlflowClient(uri)
         for path in files:
             client.log_artifact(ids["parent"], path, "report")
     except (ReportError, MlflowException, OSError, ValueError, KeyError) as exc:
-        log.warning("report written, but not attached to sweep %s's MLflow run: %s", sweep["sweep"], exc)
+        log.warning("report written, but not attached to sweep %s's MLflow run: %s", name, exc)

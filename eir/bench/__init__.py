@@ -13,13 +13,14 @@ def _accuracy(name: str) -> Callable[..., Any]:
         overrides: list[str] | None = None,
         limit: int | None = None,
         methods: list[str] | None = None,
+        rerun: bool = False,
     ) -> Any:
         # Imported when this benchmark runs: `launch.py` imports this package, not every benchmark.
         from eir.bench.accuracy import run_accuracy
 
         if quick:
             raise ValueError(f"{name} has no --quick form: it is an accuracy benchmark (rerun to continue it)")
-        return run_accuracy(name, overrides, limit, methods)
+        return run_accuracy(name, overrides, limit, methods, rerun)
 
     return run
 
@@ -32,9 +33,10 @@ def _performance(name: str) -> Callable[..., Any]:
         overrides: list[str] | None = None,
         limit: int | None = None,
         methods: list[str] | None = None,
+        rerun: bool = False,
     ) -> Any:
-        if limit is not None or methods:
-            raise ValueError(f"{name}: --limit and --methods apply to accuracy benchmarks only")
+        if limit is not None or methods or rerun:
+            raise ValueError(f"{name}: --limit, --methods and --rerun apply to accuracy benchmarks only")
         return getattr(importlib.import_module(f"eir.bench.{name}"), f"run_{name}")(quick, overrides)
 
     return run

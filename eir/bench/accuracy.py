@@ -1,9 +1,10 @@
 """Accuracy benchmarks: every method of a task, run to the end, compared at each step.
 
-Runs go one after the other in one Ray instance; step 0 is trained once per task and seed and
-taken from the step-0 cache by every other method. A run already recorded in the results file
-is skipped, and an interrupted run resumes from its run directory, so the benchmark can span
-sessions: rerun the same command and it continues.
+Runs go one after the other in one Ray instance; step 0 is trained once per task, seed and loss
+family and taken from the step-0 cache by every other method of the family. A run already
+recorded in the results file is skipped, and an interrupted run resumes from its run directory,
+so the benchmark can span sessions: rerun the same command and it continues. A method added to
+`eir.methods` joins the plan by itself; its rows land beside the recorded ones.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from eir import storage
 from eir.bench.common import environment, read_results, results_path, write_results
 from eir.config import load_config
+from eir.method_table import spread
+from eir.methods import METHOD_NAMES
 from eir.train.experiment import run_experiment
 from eir.train.rundir import config_differences, read_run_config
 from eir.visualize import steps_figure
@@ -26,7 +27,10 @@ from eir.visualize import steps_figure
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 # The bounds first: every other method is read against them.
-INCREMENTAL = ["finetune", "joint", "image_replay", "instance_replay", "eir_no_rskd", "eir"]
+BOUNDS = ("finetune", "joint")
+EVERY_METHOD = [*BOUNDS, *(name for name in METHOD_NAMES if name not in BOUNDS)]
+# The methods run with seeds 1 and 2 as well: the issue's order goals are judged beyond their seed spread.
+SEEDED = ("finetune", "image_replay", "eir")
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,9 @@ class Planned:
 
 def _plan(name: str) -> list[Planned]:
     if name == "accuracy_camvid":
-        first = [Planned("experiments/camvid_5-3.yaml", m, 0) for m in INCREMENTAL]
-        second = [Planned("experiments/camvid_6-1.yaml", m, 0) for m in INCREMENTAL]
-        seeds = [
-            Planned("experiments/camvid_5-3.yaml", m, s) for s in (1, 2) for m in ("finetune", "image_replay", "eir")
-        ]
+        first = [Planned("experiments/camvid_5-3.yaml", m, 0) for m in EVERY_METHOD]
+        second = [Planned("experiments/camvid_6-1.yaml", m, 0) for m in EVERY_METHOD]
+        seeds = [Planned("experiments/camvid_5-3.yaml", m, s) for s in (1, 2) for m in SEEDED]
         # The seeds before 6-1: the goal "beyond the seed spread" is read from them.
         return first + seeds + second
     if name == "accuracy_synthetic":
@@ -67,34 +69,48 @@ def run_entry(document: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
         "mean_mIoU_all_over_steps": document["mean_mIoU_all_over_steps"],
         "steps": document["steps"],
         "run_name": document["run_name"],
+        "git_sha": document.get("git_sha"),  # the code that trained it: a method changed later is told apart
         "wall_s": None if wall_s is None else round(wall_s, 1),
     }
 
 
 def run_accuracy(
-    name: str, extra_overrides: list[str] | None = None, limit: int | None = None, methods: list[str] | None = None
+    name: str,
+    extra_overrides: list[str] | None = None,
+    limit: int | None = None,
+    methods: list[str] | None = None,
+    rerun: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark's planned runs in order; `limit` caps how many runs are trained this time and
-    `methods` restricts this invocation to some methods (to see the one in question first)."""
-    unknown = sorted(set(methods or []) - set(INCREMENTAL))
+    `methods` restricts this invocation to some methods (to see the one in question first).
+
+    `rerun` (with `methods`), after a change to those methods: their recorded rows move to the file's
+    `superseded` list at once, and their runs are trained again in run dirs of their own
+    (`<run name>_v2`, `_v3` after a second rerun). Continue an interrupted rerun without `rerun`.
+    """
+    unknown = sorted(set(methods or []) - set(METHOD_NAMES))
     if unknown:
-        raise ValueError(f"--methods: unknown method(s) {unknown}; expected some of {INCREMENTAL}")
+        raise ValueError(f"--methods: unknown method(s) {unknown}; expected some of {', '.join(EVERY_METHOD)}")
+    if rerun and not methods:
+        raise ValueError("--rerun needs --methods: the methods whose recorded runs are trained again")
     path = results_path(name)
     document = read_results(path) or {"benchmark": name, "runs": []}
-    done = {(r["task"], r["method"], r["seed"]) for r in document["runs"]}
-    for planned in _plan(name):
-        if methods and planned.method not in methods:
-            continue
-        base = load_config(REPO / planned.config)
+    planned_runs = [(p, load_config(REPO / p.config)) for p in _plan(name) if not methods or p.method in methods]
+    if rerun and _supersede(document, {planned.key(base.task.name) for planned, base in planned_runs}):
+        _publish(name, path, document, extra_overrides)  # before training: a rerun is continued without --rerun
+    done = set(map(_key, document["runs"]))
+    for planned, base in planned_runs:
         task = base.task.name
-        if planned.key(task) in done:
+        key = planned.key(task)
+        if key in done:
             log.info("%s %s seed %d: already in %s, skipped", task, planned.method, planned.seed, path.name)
             continue
         suffix = "" if planned.seed == 0 else f"_seed{planned.seed}"
+        version = 1 + sum(_key(row) == key for row in document.get("superseded", []))
         overrides = [
             f"method.name={planned.method}",
             f"seed={planned.seed}",
-            f"run.name={base.run.name}_{planned.method}{suffix}",
+            f"run.name={base.run.name}_{planned.method}{suffix}{'' if version == 1 else f'_v{version}'}",
             *planned.overrides,
             *(extra_overrides or []),
         ]
@@ -127,6 +143,20 @@ def run_accuracy(
     return document
 
 
+def _key(row: dict[str, Any]) -> tuple[str, str, int]:
+    return (row["task"], row["method"], row["seed"])
+
+
+def _supersede(document: dict[str, Any], keys: set[tuple[str, str, int]]) -> bool:
+    """Move the recorded rows of `keys` to the file's `superseded` list, stamped with the date and the commit
+    that superseded them (their own `git_sha` says what trained them); whether any row moved."""
+    moved = [row for row in document["runs"] if _key(row) in keys]
+    stamp = {key: value for key, value in environment().items() if key in ("date", "git_sha")}
+    document["runs"] = [row for row in document["runs"] if _key(row) not in keys]
+    document.setdefault("superseded", []).extend({**row, "superseded": stamp} for row in moved)
+    return bool(moved)
+
+
 def _publish(name: str, path: Path, document: dict[str, Any], extra_overrides: list[str] | None) -> None:
     """Write the results file and its figure, the goals recomputed from every run recorded so far."""
     document["goals"] = accuracy_goals(document["runs"])
@@ -146,10 +176,7 @@ def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, 
 
 def _final_stats(items: list[dict[str, Any]], key: str) -> tuple[float, float | None, int] | None:
     """Mean, sample std (None for one seed) and seed count of a final-step score, or None when unscored."""
-    values = [r["final"][key] for r in items if r["final"][key] is not None]
-    if not values:
-        return None
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None), len(values)
+    return spread([r["final"][key] for r in items])
 
 
 # The issue's order goal: each method above the next on these final-step scores.

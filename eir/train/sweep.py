@@ -54,7 +54,10 @@ from eir.raysession import ensure_ray, started_locally
 from eir.runlock import hold
 from eir.tasks import TaskError, get_task
 from eir.tracking import FAILED, FINISHED, KILLED, Tracker, uri_without_credentials
-from eir.train.experiment import run_experiment
+from eir.train import cache
+from eir.train.experiment import run_experiment, step0_cache_entry
+from eir.train.resolved import resolve
+from eir.train.results import step_table
 from eir.weights import imagenet_file
 
 log = logging.getLogger(__name__)
@@ -230,6 +233,11 @@ def check_trial_configs(spec: SweepSpec, path: Path) -> list[ExperimentConfig]:
     Beyond `MAX_CHECKED_COMBINATIONS`, each value is checked with the other keys at their first
     value instead (a cross-key conflict then surfaces in its trial).
     """
+    return [config for _, config in checked_trials(spec, path)]
+
+
+def checked_trials(spec: SweepSpec, path: Path) -> list[tuple[dict[str, Any], ExperimentConfig]]:
+    """(params, config) of every combination `check_trial_configs` checks, in the sweep file's order."""
     keys = list(spec.space)
     options = [_candidates(spec.space[key]) for key in keys]
     if math.prod(map(len, options)) <= MAX_CHECKED_COMBINATIONS:
@@ -241,7 +249,7 @@ def check_trial_configs(spec: SweepSpec, path: Path) -> list[ExperimentConfig]:
     for combination in combinations:
         params = dict(zip(keys, combination, strict=True))
         try:
-            configs.append(spec.config(params))
+            configs.append((params, spec.config(params)))
         except ConfigError as exc:
             raise ConfigError(f"sweep file {path}, trial {trial_label(params)}: {exc}") from exc
     return configs
@@ -338,6 +346,52 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         storage.write_json_atomic(folder.join("summary.json"), summary)
     print(summary_table(summary))
     return summary
+
+
+def dry_run_sweep(path: str | Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """`launch.py sweep --dry-run`: what the sweep would run, training nothing and starting no Ray.
+
+    Every trial config is checked as `run_sweep` checks it, the dataset's splits are prepared (as
+    `run --dry-run` does: the step table needs them) and each trial is resolved to the step-0 cache
+    entry it would use, so the listing says which trials train a step 0 and which take one from the
+    cache (one per loss family and seed in a method sweep). For a space that samples (choice, ranges)
+    the listing is the candidate combinations checked, not the trials Tune will draw.
+    """
+    spec = read_sweep(path, extra)
+    trials = checked_trials(spec, Path(path))
+    folder = sweep_dir(trials[0][1], spec)
+    print(
+        f"dry run of sweep {spec.name}: nothing is trained and Ray is not started; the dataset's splits are "
+        f"prepared in {storage.resolve(trials[0][1].run.output_dir).join('datasets').uri} if they are not there yet"
+    )
+    rows: list[dict[str, Any]] = []
+    shown = None  # the step table of the first incremental trial (a joint trial has one step)
+    trainer: dict[str, str] = {}  # step-0 cache entry -> the first trial that uses it
+    for params, config in trials:
+        config.run.name = trial_label(params)
+        exp = resolve(config, progress=False, run_dir=folder.join("runs", config.run.name))
+        if shown is None or (shown.is_joint and not exp.is_joint):
+            shown = exp
+        entry = step0_cache_entry(exp)
+        if entry is None:
+            step0 = "none (one joint step)"
+        elif cache.lookup(entry):
+            step0 = "in the cache"
+        else:
+            step0 = f"shared with {trainer[entry.uri]}" if entry.uri in trainer else "trains"
+            trainer.setdefault(entry.uri, config.run.name)
+        rows.append({"name": config.run.name, "params": params, "step0": step0})
+    print(step_table(shown.facts, shown.train_manifest.info.class_names))
+    sampled = any("grid" not in dist for dist in spec.space.values())
+    what = "candidate combinations (Tune samples its trials from these)" if sampled else "trials"
+    print(f"{len(rows)} {what}, every config checked; sweep dir {folder.uri}")
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        print(f"  {row['name']:<{width}}  step 0 {row['step0']}")
+    trained = sum(row["step0"] == "trains" for row in rows)
+    # Tune's order may differ from the listing's: whichever trial of a group starts first trains, the others wait.
+    print(f"step 0 trained {trained}× for {len(rows)} {what}")
+    return {"sweep": spec.name, "trials": rows, "step0_trained": trained, "dir": folder.uri}
 
 
 def _start_parent(spec: SweepSpec, tracker: Any, ids_loc: storage.Location) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 import launch
-from eir.bench import BENCHMARKS
-from eir.bench.accuracy import accuracy_goals, accuracy_table, goals_table, run_accuracy
+from eir.bench import BENCHMARKS, accuracy
+from eir.bench.accuracy import _plan, accuracy_goals, accuracy_table, goals_table, run_accuracy
+from eir.methods import METHOD_NAMES
 from eir.visualize import hbar_figure
 
 
@@ -111,3 +113,97 @@ def test_goals_report_a_method_below_the_next_and_skip_unscored_pairs() -> None:
     below = goals["eir_above_image_replay_mIoU_all"]  # 1.1 ± 0.14 against 5.2 ± 0.28: clearly below
     assert below["above"] is False and below["beyond_seed_spread"] is True and below["met"] is False
     assert "NOT above, beyond the seed spread" in goals_table({"camvid 5-3": goals})
+
+
+# ---------------------------------------------------------------- every registered method, resumable, rows kept
+
+
+def test_the_camvid_plan_takes_every_registered_method_bounds_first() -> None:
+    plan = _plan("accuracy_camvid")
+    for config in ("experiments/camvid_5-3.yaml", "experiments/camvid_6-1.yaml"):
+        methods = [p.method for p in plan if p.config == config and p.seed == 0]
+        assert sorted(methods) == sorted(METHOD_NAMES) and methods[:2] == ["finetune", "joint"]
+    seeded = sorted((p.method, p.seed) for p in plan if p.seed > 0)
+    assert seeded == sorted((m, s) for m in ("finetune", "image_replay", "eir") for s in (1, 2))
+
+
+@pytest.fixture
+def fake_bench(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """The accuracy benchmark with its results file in tmp_path and a stand-in for training that returns a
+    finished run's document (final mIoU = 10 × seed + 1) and records the run names it was asked to train."""
+    trained: list[str] = []
+
+    def train(config, resume: bool) -> dict:
+        trained.append(config.run.name)
+        final = {"mIoU_all": 10.0 * config.seed + 1, "mIoU_old": 1.0, "mIoU_new": 1.0, "hIoU": 1.0}
+        return {
+            "dataset": config.dataset.name,
+            "task": config.task.name,
+            "task_setting": config.task.setting,
+            "method": config.method.name,
+            "seed": config.seed,
+            "mean_mIoU_all_over_steps": 1.0,
+            "steps": [{"step": 0, **final}],
+            "run_name": config.run.name,
+            "git_sha": "new",
+        }
+
+    monkeypatch.setattr(accuracy, "results_path", lambda name: tmp_path / f"{name}.json")
+    monkeypatch.setattr(accuracy, "run_experiment", train)
+    return tmp_path / "accuracy_camvid.json", trained
+
+
+def _recorded(method: str, seed: int, task: str = "5-3") -> dict:
+    row = _scored(method, seed, 2.5, 0.5)
+    steps = [{"step": 0, **row["final"]}]
+    return {**row, "task": task, "task_setting": "overlapped", "steps": steps, "git_sha": "old", "run_name": "old"}
+
+
+def test_new_methods_land_beside_the_recorded_rows_and_a_rerun_skips_them(fake_bench, tmp_path: Path) -> None:
+    path, trained = fake_bench
+    old = [_recorded("finetune", 0), _recorded("image_replay", 0)]
+    path.write_text(json.dumps({"benchmark": "accuracy_camvid", "runs": old}))
+    outputs = [f"run.output_dir={tmp_path / 'outputs'}"]
+    new = [m for m in accuracy.EVERY_METHOD if m not in ("finetune", "image_replay")]  # in the plan's order
+
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", ",".join(new), "--limit", "2"])
+    assert trained == [f"camvid_5-3_{m}" for m in new[:2]], "the plan's order, --limit 2 runs"
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", ",".join(new)])
+    expected = {("5-3", m, 0) for m in new} | {("6-1", m, 0) for m in new} | {("5-3", "eir", 1), ("5-3", "eir", 2)}
+    document = json.loads(path.read_text())
+    assert document["runs"][:2] == old, "the recorded rows stay as they were"
+    assert {(r["task"], r["method"], r["seed"]) for r in document["runs"][2:]} == expected
+    assert len(trained) == len(expected), "nothing trained twice across the two invocations"
+    assert all(r["git_sha"] == "new" for r in document["runs"][2:])
+
+    trained.clear()
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", ",".join(new)])
+    assert trained == [] and len(json.loads(path.read_text())["runs"]) == 2 + len(expected)
+
+
+def test_rerun_supersedes_a_changed_methods_rows_and_continues_without_it(fake_bench, tmp_path: Path) -> None:
+    path, trained = fake_bench
+    old = [_recorded("finetune", 0), _recorded("image_replay", 0), _recorded("image_replay", 1)]
+    path.write_text(json.dumps({"benchmark": "accuracy_camvid", "runs": old}))
+    outputs = [f"run.output_dir={tmp_path / 'outputs'}"]
+    with pytest.raises(ValueError, match="--rerun needs --methods"):
+        run_accuracy("accuracy_camvid", outputs, rerun=True)
+
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", "image_replay", "--rerun", "--limit", "1"])
+    document = json.loads(path.read_text())
+    assert document["runs"] == [old[0]] + [r for r in document["runs"][1:] if r["git_sha"] == "new"]
+    assert [(r["method"], r["seed"], r["git_sha"]) for r in document["superseded"]] == [
+        ("image_replay", 0, "old"),
+        ("image_replay", 1, "old"),
+    ]
+    assert trained == ["camvid_5-3_image_replay_v2"], "a run dir of its own, not the old run's"
+
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", "image_replay"])  # continue, no --rerun
+    assert trained == [
+        "camvid_5-3_image_replay_v2",
+        "camvid_5-3_image_replay_seed1_v2",
+        "camvid_5-3_image_replay_seed2",
+        "camvid_6-1_image_replay",
+    ]
+    document = json.loads(path.read_text())
+    assert len(document["superseded"]) == 2 and len(document["runs"]) == 5
