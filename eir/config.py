@@ -242,6 +242,10 @@ def _stores_instances(config: ExperimentConfig) -> bool:
     return config.memory.kind == "instances"
 
 
+def _stores_images(config: ExperimentConfig) -> bool:
+    return config.memory.kind == "images"
+
+
 def _pseudo_labels(config: ExperimentConfig) -> bool:
     return config.pseudo.enabled
 
@@ -355,6 +359,13 @@ class ReplayConfig:
         0.0,
         Check("null or a share in [0, 1)", lambda v: v is None or 0 <= v < 1, (1.0, -0.5)),
         "share of stored-instance samples in the stream; null = every stored instance once per epoch (M / (N + M))",
+    )
+    image_labels: Literal["stored", "current"] = knob(
+        "stored",
+        CHOICE,
+        "labels of a replayed image: the classes learned by the step that stored it (later ones -> 0), "
+        "or the current step's only (old ones -> 0: DKD-M's masking)",
+        active=_stores_images,
     )
 
 

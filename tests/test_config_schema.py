@@ -119,6 +119,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.hard",
                 "paste.max_instances",
                 "loss.rskd_region",
+                "replay.image_labels",
             },
         ),
         (
@@ -143,10 +144,11 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.hard",
                 "paste.max_instances",
                 "loss.rskd_region",
+                "replay.image_labels",
             },
         ),
-        ("eir_no_rskd", {"loss.rskd_region"}),
-        ("eir", set()),
+        ("eir_no_rskd", {"loss.rskd_region", "replay.image_labels"}),
+        ("eir", {"replay.image_labels"}),
     ],
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:

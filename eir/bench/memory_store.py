@@ -68,7 +68,7 @@ def run_memory_store(quick: bool = False, overrides: list[str] | None = None) ->
                     )
                     build_instances = time.perf_counter() - started
                     started = time.perf_counter()
-                    images = build_image_store(rows, classes, size, None, seed=0)
+                    images = build_image_store(rows, classes, size, None, seed=0, step=0)
                     build_images = time.perf_counter() - started
                 entry = {
                     "M": size,

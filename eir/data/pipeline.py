@@ -25,12 +25,14 @@ from eir.data.transforms import JointAugment, center_crop_eval, decode_map, deco
 from eir.labels import NO_PASTE
 from eir.model import load_step_model
 from eir.pseudo import merge_pseudo, pseudo_labels
+from eir.replay.image_store import STORED_STEP
 from eir.replay.paste import index_by_channel, paste_instances
 from eir.replay.replay_sample import replay_canvas
 from eir.replay.store import InstanceStore
 from eir.storage import Location
 
 ROW_COLUMNS = ["id", "image", "label"]
+NOT_STORED = -1  # the `stored_step` of the step's own rows beside replayed images: they take the train LUT
 
 
 def _read_files(locations: list[Location], fs) -> ray.data.Dataset:
@@ -58,6 +60,33 @@ def read_manifest_rows(manifest: Manifest, ids: list[str]) -> ray.data.Dataset:
         return table.filter(pc.is_in(table["id"], value_set=wanted))
 
     return ds.map_batches(keep, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def with_stored_images(rows: ray.data.Dataset, stored: pa.Table, *, pseudo: bool) -> ray.data.Dataset:
+    """The step's rows and image replay's stored images (an image store's table) as one dataset of one schema.
+
+    A stored image carries the step it was stored at, which picks its look-up table
+    (`StreamSpec.row_lut`); the step's own rows carry NOT_STORED (the train LUT). When the step's
+    rows carry pseudo-labels (`pseudo`), a stored image gets a null one: replayed images are not
+    pseudo-labelled (METHOD.md §4.1). One schema, because Ray Data fills a column a block lacks
+    only when it meets a block that has it in the same batch: a batch of stored rows alone would
+    lack `pseudo` (and a batch of the step's rows alone `stored_step`).
+    """
+    columns = [*ROW_COLUMNS, "pseudo"] if pseudo else ROW_COLUMNS
+    replayed = stored.select(ROW_COLUMNS)
+    if pseudo:
+        replayed = replayed.append_column("pseudo", pa.nulls(stored.num_rows, pa.binary()))
+    replayed = replayed.append_column(stored.schema.field(STORED_STEP), stored.column(STORED_STEP))
+
+    def mark_own(table: pa.Table) -> pa.Table:
+        return table.append_column(
+            replayed.schema.field(STORED_STEP), pa.array(np.full(table.num_rows, NOT_STORED), pa.int16())
+        )
+
+    own = rows.select_columns(columns).map_batches(
+        mark_own, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+    )
+    return own.union(ray.data.from_arrow(replayed))
 
 
 _STORES: dict[str, tuple[list, dict[int, np.ndarray], dict]] = {}
@@ -106,9 +135,16 @@ class SampleMaker:
         self.no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
         self.no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
 
-    def __call__(self, image_bytes: bytes, label_bytes: bytes, pseudo_bytes: bytes | None = None) -> list[Sample]:
+    def __call__(
+        self,
+        image_bytes: bytes,
+        label_bytes: bytes,
+        pseudo_bytes: bytes | None = None,
+        stored_step: int = NOT_STORED,
+    ) -> list[Sample]:
+        """The row's samples; `stored_step` >= 0: a replayed image stored at that step (its own LUT)."""
         spec = self.spec
-        image, label = decode_rgb(image_bytes), spec.lut[decode_map(label_bytes)]
+        image, label = decode_rgb(image_bytes), spec.row_lut(stored_step)[decode_map(label_bytes)]
         if pseudo_bytes is not None:
             image_c, label_c, pseudo_c = self.augment(image, label, decode_map(pseudo_bytes))
         else:
@@ -146,10 +182,16 @@ def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np
     torch.set_num_threads(1)
     arrays, by_channel, scaled = _store_arrays(spec) if spec.store is not None else ([], {}, {})
     make = SampleMaker(spec, arrays, by_channel, np.random.default_rng(), scaled)
+    stored = batch.get(STORED_STEP)  # only beside replayed images (`with_stored_images`)
     samples = [
         sample
         for row in range(len(batch["image"]))
-        for sample in make(batch["image"][row], batch["label"][row], batch["pseudo"][row] if spec.pseudo else None)
+        for sample in make(
+            batch["image"][row],
+            batch["label"][row],
+            batch["pseudo"][row] if spec.pseudo else None,
+            NOT_STORED if stored is None else int(stored[row]),
+        )
     ]
     columns = ("image", "label", "paste_class", "paste_weight") if spec.emits_paste_maps else ("image", "label")
     return {name: np.stack([getattr(s, name) for s in samples]) for name in columns}

@@ -27,7 +27,20 @@ class StreamSpec:
     old_channels: tuple[int, ...] = ()
     class_to_channel: np.ndarray | None = None  # stored class ids → channels
     replay_per_row: float = 0.0  # expected instance-replay samples emitted per input row
+    # image replay: stored_luts[s] relabels an image stored at step s (`row_lut`); () without image replay
+    stored_luts: tuple[np.ndarray, ...] = ()
     store: Any = None  # ObjectRef[bytes] of the InstanceStore
+
+    def row_lut(self, stored_step: int) -> np.ndarray:
+        """The LUT of one row: the train LUT for the step's own rows (`stored_step` < 0), else its storing step's."""
+        if stored_step < 0:
+            return self.lut
+        if stored_step >= len(self.stored_luts):
+            raise ValueError(
+                f"a replayed image stored at step {stored_step}, but the stream has look-up tables for images "
+                f"stored at {len(self.stored_luts)} earlier step(s) (expected a storing step before the current one)"
+            )
+        return self.stored_luts[stored_step]
 
     @property
     def emits_paste_maps(self) -> bool:

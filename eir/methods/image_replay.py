@@ -1,7 +1,12 @@
-"""Image replay: M stored training images join each later step's stream.
+"""Image replay: M stored training images join each later step's stream (METHOD.md §4.1).
 
-The stored images are relabelled with the current step's label map, so the old objects in them
-are background there (DKD-M's masking; METHOD.md §3.1).
+A stored image keeps the labels of the classes the model had learned when the image was stored;
+classes learned after that are background in it (`replay.image_labels=stored`, the preset): the
+partial annotation a fair image replay has. `replay.image_labels=current` relabels the stored
+images with the current step's classes only, so their old objects are background (DKD-M's
+masking): under this BCE over every channel that teaches "old class = background", which is why
+DKD-M pairs it with a BCE over the new channels only. The loss is the family's BCE; replayed
+images are not pseudo-labelled, whatever `pseudo.enabled` says (their labels are their own).
 """
 
 from eir.methods.base import frozen
@@ -10,4 +15,4 @@ from eir.methods.bce_distillation import NO_EXTRAS, BceDistillation
 
 class ImageReplay(BceDistillation):
     name = "image_replay"
-    presets = frozen({**NO_EXTRAS, "memory.kind": "images", "loss.rskd_weight": 0.0})
+    presets = frozen({**NO_EXTRAS, "memory.kind": "images", "replay.image_labels": "stored", "loss.rskd_weight": 0.0})

@@ -1,4 +1,4 @@
-"""The memory a step leaves for the next one: an instance store (EIR) or an image store (DKD-M).
+"""The memory a step leaves for the next one: an instance store (EIR) or an image store (image replay).
 
 Built on the driver after step t from step t's own training rows, read without augmentation,
 with the previous step's memory in the candidate pool (METHOD.md §3.1), and written next to
@@ -63,7 +63,7 @@ def build_memory(
             )
             summary = {"stored": len(store), "candidates_per_class": report.candidates_per_class}
         else:
-            store = build_image_store(rows, spec.classes, spec.size, previous, seed=spec.seed)
+            store = build_image_store(rows, spec.classes, spec.size, previous, seed=spec.seed, step=step)
             summary = {"stored": len(store)}
     for warning in caught:
         log.warning("step %d memory: %s", step, warning.message)

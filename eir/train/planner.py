@@ -21,12 +21,14 @@ import numpy as np
 from eir.channels import ChannelSpace
 from eir.config import ExperimentConfig
 from eir.data.stream_spec import StreamSpec
+from eir.labels import IGNORE_LABEL
 from eir.methods import Method, build_method, method_class
 from eir.replay.paste import PasteConfig
 from eir.tasks import Task, get_task
 from eir.train.plan import StepPlan
 
 MemoryKind = Literal["instances", "images"]
+ImageLabels = Literal["stored", "current"]  # replay.image_labels
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,28 @@ class RunLayout:
     def train_lut(self, step: int) -> np.ndarray:
         """Dataset label → step `step`'s training target, in channel space (the background shift)."""
         return self.channels.map_lut(self.schedule.train_lut(step))
+
+    def stored_lut(self, stored_step: int) -> np.ndarray:
+        """Dataset label → the label of an image stored at `stored_step` (`replay.image_labels=stored`).
+
+        The classes learned by then (C_0 … C_s of the schedule) keep their channels; classes learned
+        later and future ones are background, as the model did not know them when it stored the image.
+        """
+        seen = list(self.schedule.classes_seen(stored_step))
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[seen] = seen
+        lut[IGNORE_LABEL] = IGNORE_LABEL
+        return self.channels.map_lut(lut)
+
+    def replay_luts(self, step: int, image_labels: ImageLabels) -> tuple[np.ndarray, ...]:
+        """The LUT at step `step` of an image stored at s, for s = 0 … step−1 (`StreamSpec.stored_luts`).
+
+        `stored`: its storing step's classes (`stored_lut`); `current`: the step's train LUT, so the old
+        objects in it are background (DKD-M's masking).
+        """
+        if image_labels == "current":
+            return (self.train_lut(step),) * step
+        return tuple(self.stored_lut(s) for s in range(step))
 
     def test_lut(self, step: int) -> np.ndarray:
         """Dataset label → the test label that scores schedule step `step`, in channel space."""
@@ -190,6 +214,7 @@ def plan_step(
         old_channels=tuple(range(1, 1 + sum(heads[:-1]))),  # the step t−1 model's classes
         class_to_channel=layout.channels.lut,
         replay_per_row=per_row,
+        stored_luts=layout.replay_luts(step, cfg.replay.image_labels) if replay == "images" else (),
     )
     plan = StepPlan(
         step=step,

@@ -2,7 +2,8 @@
 
 Training rows are the step's images, pseudo-labelled once by step t−1's model (stored in
 `step_<t>/pseudo/`, reused every epoch and on resume), plus step t−1's stored images for image
-replay; the instance store reaches the data workers through Ray's object store, once per step.
+replay (never pseudo-labelled); the instance store reaches the data workers through Ray's object
+store, once per step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from eir.data.pipeline import (
     read_manifest_rows,
     read_prepared_rows,
     train_stream,
+    with_stored_images,
     write_pseudo_labels,
 )
 from eir.replay.image_store import ImageStore
@@ -37,10 +39,10 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
     rows = pseudo_labelled_rows(exp, design, ids) if design.pseudo else None
     spec = design.stream
     if design.replay == "images":
-        # DKD-M: the stored images join the stream and are relabelled with this step's LUT,
-        # so the old objects in them are background.
-        replayed = ray.data.from_arrow(memory.table.select(ROW_COLUMNS))
-        rows = (rows if rows is not None else read_manifest_rows(exp.train_manifest, ids)).union(replayed)
+        # The stored images join the stream, each relabelled by the LUT of the step that stored it
+        # (`design.stream.stored_luts`: its learned classes, or this step's under DKD-M's masking).
+        own = rows if rows is not None else read_manifest_rows(exp.train_manifest, ids)
+        rows = with_stored_images(own, memory.table, pseudo=design.pseudo)
     elif design.replay == "instances":
         spec = dataclasses.replace(spec, store=ray.put(memory.to_bytes()))
     return train_stream(

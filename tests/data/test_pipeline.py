@@ -13,9 +13,17 @@ import torch
 from eir import storage
 from eir.data.codec import decode_map, encode_png
 from eir.data.ingest import read_rows
-from eir.data.pipeline import StreamSpec, eval_stream, read_prepared_rows, train_stream, write_pseudo_labels
+from eir.data.pipeline import (
+    StreamSpec,
+    eval_stream,
+    read_prepared_rows,
+    train_stream,
+    with_stored_images,
+    write_pseudo_labels,
+)
 from eir.data.prepare import ensure_prepared
 from eir.model import build_model
+from eir.replay.image_store import build_image_store
 from eir.replay.paste import PasteConfig
 from eir.replay.store import build_store
 from eir.tasks import get_task
@@ -92,6 +100,33 @@ def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     assert ((weight >= 0) & (weight <= 1)).all() and (weight[~pasted] == 0).all()
     # Pseudo-labels were merged into the label: old classes appear in the training labels.
     assert np.isin(labels, OLD).any()
+
+
+def test_replayed_images_keep_their_stored_labels_and_get_no_pseudo_labels(ray_session, prepared) -> None:
+    """Image replay beside pseudo-labelled rows (METHOD.md §4.1): each stored image takes the LUT of its
+    storing step and no pseudo-label. One row per batch, so batches of stored rows alone occur too."""
+    _, manifest, task = prepared
+    label = np.zeros((48, 48), dtype=np.uint8)
+    label[:24] = 3  # an old class (step 0 of 10-10) in the top half, background below
+    stored_row = {"image": encode_png(np.full((48, 48, 3), 7, dtype=np.uint8)), "label": encode_png(label)}
+    rows = [{"id": f"stored{i}", **stored_row, "classes": [0, 3]} for i in range(2)]
+    store = build_image_store(rows, [3], 2, None, 0, step=0)
+    keeps_3 = np.zeros(256, dtype=np.uint8)
+    keeps_3[[3, 255]] = [3, 255]
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=32, pseudo=True, stored_luts=(keeps_3,))
+    own = _rows_with_pseudo(manifest, task)
+    joined = with_stored_images(own, store.table, pseudo=True)
+    assert joined.schema().names == ["id", "image", "label", "pseudo", "stored_step"]
+    stream = train_stream(None, None, spec, batch_size=1, rows=joined, epochs=2)
+    batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert len(images) == 2 * (own.count() + 2)
+    replayed = (images == 7).all(axis=(1, 2, 3))  # the stored image is one colour; no dataset image is
+    assert replayed.sum() == 4
+    for replayed_label in labels[replayed]:
+        # the train LUT would have made class 3 background; a pseudo-label would have filled the background
+        assert set(np.unique(replayed_label)) == {0, 3}
 
 
 def test_eval_stream_keeps_full_images(ray_session, prepared) -> None:

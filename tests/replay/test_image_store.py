@@ -7,6 +7,7 @@ import os
 import warnings
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -29,8 +30,8 @@ def _row(sample_id: str, classes: list[int]) -> dict:
     return {"id": sample_id, "image": _png(image), "label": _png(label), "classes": present}
 
 
-def _build(rows, classes, size, previous=None, seed=0):
-    return build_image_store(rows, classes, size, previous, seed)
+def _build(rows, classes, size, previous=None, seed=0, step=0):
+    return build_image_store(rows, classes, size, previous, seed, step=step)
 
 
 def test_every_class_gets_its_share_of_images():
@@ -62,7 +63,7 @@ def test_previous_images_stay_in_the_pool_with_their_classes():
     rows = [_row("n1", [3]), _row("n2", [3]), _row("n3", [3])]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = _build(rows, [3], 4, previous=first)
+        second = _build(rows, [3], 4, previous=first, step=1)
     assert {"p1", "p2"} <= set(second.ids())
     assert second.class_histogram() == {1: 1, 2: 1, 3: 2}
     old = {r["id"]: r for r in first.rows()}
@@ -73,18 +74,45 @@ def test_previous_images_stay_in_the_pool_with_their_classes():
 
 def test_an_image_both_stored_and_new_is_one_candidate():
     first = _build([_row("p1", [1, 3])], [1], 1)
-    second = _build([_row("p1", [1, 3]), _row("n1", [3])], [3], 1, previous=first, seed=1)
+    second = _build([_row("p1", [1, 3]), _row("n1", [3])], [3], 1, previous=first, seed=1, step=1)
     with pytest.warns(UserWarning, match="only 2 candidate images"):
-        both = _build([_row("p1", [1, 3]), _row("n1", [3])], [3], 5, previous=first)
+        both = _build([_row("p1", [1, 3]), _row("n1", [3])], [3], 5, previous=first, step=1)
     assert len(second) == 1
     assert sorted(both.ids()) == ["n1", "p1"]
     assert {r["id"]: r["replay_classes"] for r in both.rows()} == {"p1": [1, 3], "n1": [3]}
+    # one of step 1's own images: stored at step 1, like every image step 1 stores (module doc)
+    assert {r["id"]: r["stored_step"] for r in both.rows()} == {"p1": 1, "n1": 1}
+
+
+def test_an_image_kept_from_an_earlier_store_keeps_its_storing_step():
+    first = _build([_row("a0", [1]), _row("b0", [2])], [1, 2], 2, step=0)
+    assert dict(zip(first.ids(), first.stored_steps())) == {"a0": 0, "b0": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = _build([_row("c1", [3]), _row("d1", [3])], [3], 4, previous=first, step=1)
+        third = _build([_row("e2", [4])], [4], 5, previous=second, step=2)
+    assert dict(zip(second.ids(), second.stored_steps())) == {"a0": 0, "b0": 0, "c1": 1, "d1": 1}
+    assert dict(zip(third.ids(), third.stored_steps())) == {"a0": 0, "b0": 0, "c1": 1, "d1": 1, "e2": 2}
+    assert ImageStore.from_bytes(third.to_bytes()).stored_steps() == third.stored_steps()
+
+
+def test_a_store_without_storing_steps_fails_naming_the_file(tmp_path):
+    """A store written before `stored_step` existed cannot say which labels its images keep: refused."""
+    store = _build([_row("a", [1])], [1], 1)
+    old = store.table.drop_columns(["stored_step"])
+    loc = storage.resolve(tmp_path / "images.parquet")
+    buffer = io.BytesIO()
+    pq.write_table(old, buffer)
+    storage.write_bytes_atomic(loc, buffer.getvalue())
+    with pytest.raises(ValueError, match=r"images\.parquet: image store without the 'stored_step' column") as info:
+        ImageStore.read(loc)
+    assert "rerun the step that wrote it" in str(info.value)
 
 
 def test_pool_holds_only_images_some_reservoir_keeps():
     pool = _Pool(size=3, rng=np.random.default_rng(0))
     for i in range(50):
-        pool.offer(_row(f"r{i}", [1, 2]), [1] if i % 2 else [1, 2])
+        pool.offer(_row(f"r{i}", [1, 2]), [1] if i % 2 else [1, 2], 0)
     assert len(pool.classes) == 50
     kept = {pair.image_id for pair in pool.reservoirs.items()}
     assert set(pool.rows) == kept and len(kept) <= 6

@@ -19,7 +19,9 @@ import torch
 import yaml
 
 import launch
+from eir import storage
 from eir.config import load_config
+from eir.replay.image_store import ImageStore
 from eir.train.evaluate_run import evaluate_run
 from eir.train.experiment import run_experiment
 from eir.train.plan import StepPlan, iterations_per_epoch
@@ -344,6 +346,20 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     )
     assert terms["loss_bce"] > 0 and step1.data.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
     assert method != "eir" or terms["loss_rskd"] > 0
+
+
+def test_image_replay_beside_pseudo_labels(finetune_run: dict, output_dir: Path) -> None:
+    """The step's images pseudo-labelled, the replayed ones not (METHOD.md §4.1), in one stream: with 30
+    stored images and batches of 8, some batches hold replayed images alone."""
+    overrides = ("run.name=image_replay_pseudo", "method.name=image_replay", "pseudo.enabled=true", "memory.size=30")
+    document = run_experiment(tiny_config(output_dir, *overrides), progress=False)
+    assert document["status"] == "finished" and document["steps"][1]["mIoU_new"] is not None
+    run = output_dir / "image_replay_pseudo"
+    assert (run / "step_1" / "pseudo" / "_COMPLETE").is_file()
+    stored = ImageStore.read(storage.resolve(run / "step_0" / "images.parquet"))
+    assert len(stored) > 8 and set(stored.stored_steps()) == {0}
+    plan = json.loads((run / "step_1" / "plan.json").read_text())
+    assert plan["rows_per_epoch"] == plan["num_train_rows"] + len(stored)
 
 
 def _copy_run(output_dir: Path, source: str, name: str) -> Path:

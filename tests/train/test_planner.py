@@ -104,6 +104,33 @@ def test_image_replay_adds_the_stored_images_to_every_epoch() -> None:
     assert design.stream.replay_per_row == 0.0 and design.stream.paste is None and not design.pseudo
 
 
+def test_image_replay_relabels_each_stored_image_by_the_step_that_stored_it() -> None:
+    order = ",".join(str(c) for c in range(20, 0, -1))  # 10-5: step 0 learns 11..20, step 1 6..10, step 2 1..5
+    rows = {"train_rows": (100, 40, 30), "test_rows": (50, 60, 70), "task_name": "10-5"}
+    config, run = facts("image_replay", f"task.class_order=[{order}]", **rows)
+    assert config.replay.image_labels == "stored", "image_replay's preset"
+    luts = plan_step(config, run, 2, PreviousStep(MODEL, memory_items=8)).stream.stored_luts
+    # channels in step order: 11..20 → 1..10, 6..10 → 11..15, 1..5 → 16..20
+    step0 = {c: c - 10 for c in range(11, 21)}
+    step1 = {**step0, **{c: c + 5 for c in range(6, 11)}}
+    expected = [
+        {**dict.fromkeys(range(256), 0), **step0, 255: 255},
+        {**dict.fromkeys(range(256), 0), **step1, 255: 255},
+    ]
+    assert [dict(enumerate(lut.tolist())) for lut in luts] == expected
+    assert len(plan_step(config, run, 1, PreviousStep(MODEL, memory_items=8)).stream.stored_luts) == 1
+
+    config, run = facts("image_replay", f"task.class_order=[{order}]", "replay.image_labels=current", **rows)
+    design = plan_step(config, run, 2, PreviousStep(MODEL, memory_items=8))
+    current = {**dict.fromkeys(range(256), 0), **{c: c + 15 for c in range(1, 6)}, 255: 255}  # old classes → 0
+    assert [dict(enumerate(lut.tolist())) for lut in design.stream.stored_luts] == [current, current]
+    assert dict(enumerate(design.stream.lut.tolist())) == current
+
+    for method in ("finetune", "eir"):  # no image replay: no stored LUTs, whatever the key says
+        config, run = facts(method, **rows)
+        assert plan_step(config, run, 2, PreviousStep(MODEL, memory_items=8)).stream.stored_luts == ()
+
+
 def test_finetune_keeps_and_replays_nothing() -> None:
     config, run = facts("finetune")
     assert plan_step(config, run, 0).memory is None
