@@ -258,6 +258,11 @@ def _distils(config: ExperimentConfig) -> bool:
     return config.loss.rskd_weight != 0
 
 
+def _read_by_method(key: str) -> Callable[[ExperimentConfig], bool]:
+    """`active=` of a key that only some methods read: active when the run's method lists it in its option_keys."""
+    return lambda config: key in method_class(config.method.name).option_keys
+
+
 # ---------------------------------------------------------------- the schema
 
 
@@ -375,6 +380,44 @@ class LossConfig:
     rskd_weight: float = knob(0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)")
     rskd_region: Literal["new_gt", "all", "complement"] = knob(
         "new_gt", CHOICE, "pixels RSKD distils on", active=_distils
+    )
+    # DKD's loss (eir/methods/dkd.py, METHOD.md §4.1); the defaults are its VOC settings.
+    pos_weight: float = knob(
+        1.0,
+        POSITIVE,
+        "DKD: BCE weight of a new class's positive pixels at steps t >= 1 (DKD's VOC 1, its ADE config 35)",
+        active=_read_by_method("loss.pos_weight"),
+    )
+    pos_weight_step0: float = knob(
+        2.0,
+        POSITIVE,
+        "DKD: the same at step 0 (DKD's VOC scripts: 2); part of DKD's step-0 cache key",
+        active=_read_by_method("loss.pos_weight_step0"),
+    )
+    kd_weight: float = knob(
+        5.0,
+        NON_NEGATIVE,
+        "DKD: weight of the BCE distillation of the old classes' logits",
+        active=_read_by_method("loss.kd_weight"),
+    )
+    dkd_pos_weight: float = knob(
+        5.0,
+        NON_NEGATIVE,
+        "DKD: weight of the distillation of the old heads' positive-weight parts",
+        active=_read_by_method("loss.dkd_pos_weight"),
+    )
+    dkd_neg_weight: float = knob(
+        5.0,
+        NON_NEGATIVE,
+        "DKD: weight of the distillation of the old heads' negative-weight parts",
+        active=_read_by_method("loss.dkd_neg_weight"),
+    )
+    ac_weight: float = knob(
+        1.0,
+        NON_NEGATIVE,
+        "DKD: weight of the auxiliary background channel's loss (pushed to 0 everywhere), every step; "
+        "part of DKD's step-0 cache key",
+        active=_read_by_method("loss.ac_weight"),
     )
 
 

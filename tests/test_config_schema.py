@@ -27,6 +27,7 @@ from eir.config import (
     valid_keys,
 )
 from eir.data.synthetic import generate_synthetic
+from eir.methods import METHOD_NAMES
 from eir.model import build_model
 from eir.replay.paste import PasteConfig as PasteSettings
 from eir.train import cache
@@ -153,7 +154,27 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:
     # dataset.ade_ignore_other is inactive on every dataset but ade20k (the default is synthetic).
-    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == inactive | {"dataset.ade_ignore_other"}
+    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == inactive | {
+        "dataset.ade_ignore_other"
+    } | set(DKD_KEYS)
+
+
+# The keys only DKD's loss reads (eir/methods/dkd.py).
+DKD_KEYS = (
+    "loss.pos_weight",
+    "loss.pos_weight_step0",
+    "loss.kd_weight",
+    "loss.dkd_pos_weight",
+    "loss.dkd_neg_weight",
+    "loss.ac_weight",
+)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_dkd_keys_are_active_only_for_the_methods_that_read_them(method: str) -> None:
+    inactive = inactive_keys(load_config(overrides=[f"method.name={method}"]))
+    reads = method in ("dkd", "dkd_m")
+    assert {key: key not in inactive for key in DKD_KEYS} == dict.fromkeys(DKD_KEYS, reads)
 
 
 @pytest.mark.parametrize(
