@@ -28,6 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from eir.labels import REJECTED_PSEUDO
 from eir.methods import METHOD_NAMES, METHODS, method_class
 from eir.replay.paste import PasteConfig as PasteSettings
 from eir.storage import is_uri, local_path
@@ -250,6 +251,11 @@ def _pseudo_labels(config: ExperimentConfig) -> bool:
     return config.pseudo.enabled
 
 
+def _pseudo_rule_is(rule: str) -> Callable[[ExperimentConfig], bool]:
+    """`active=` of a setting of one pseudo-label rule: active when pseudo-labels are on and use that rule."""
+    return lambda config: config.pseudo.enabled and config.pseudo.rule == rule
+
+
 def _pastes(config: ExperimentConfig) -> bool:
     return config.paste.enabled
 
@@ -343,8 +349,24 @@ class PseudoConfig:
     threshold: float = knob(
         0.7,
         Check("a sigmoid score in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
-        "sigmoid score a pseudo-label needs",
+        "sigmoid score a pseudo-label needs (pseudo.rule=score)",
+        active=_pseudo_rule_is("score"),
+    )
+    rule: Literal["score", "median_entropy"] = knob(
+        "score",
+        CHOICE,
+        "which old-model predictions become pseudo-labels: score = the best old foreground class whose sigmoid "
+        "reaches pseudo.threshold (EIR); median_entropy = the old argmax class where the normalised entropy is "
+        "below that class's median over the step's background pixels, other background pixels ignored (PLOP; "
+        "METHOD.md §4.1)",
         active=_pseudo_labels,
+    )
+    entropy_floor: float = knob(
+        0.001,
+        Check("a number in [0, 1)", lambda v: 0 <= v < 1, (-0.1, 1.0)),
+        "median_entropy: the least per-class threshold, in PLOP's code's entropy unit H / (C_old ln C_old ln C) "
+        "(its --threshold 0.001)",
+        active=_pseudo_rule_is("median_entropy"),
     )
 
 
@@ -418,6 +440,21 @@ class LossConfig:
         "DKD: weight of the auxiliary background channel's loss (pushed to 0 everywhere), every step; "
         "part of DKD's step-0 cache key",
         active=_read_by_method("loss.ac_weight"),
+    )
+    # PLOP's Local POD (eir/methods/plop.py, METHOD.md §4.1); the defaults are its VOC settings.
+    pod_weight: float = knob(
+        0.01,
+        NON_NEGATIVE,
+        "PLOP: factor of Local POD on the backbone stages and the decoder output, times sqrt(channels / |C_t|) "
+        "(PLOP's VOC --pod_factor; 0.001 in its ADE scripts)",
+        active=_read_by_method("loss.pod_weight"),
+    )
+    pod_logits_weight: float = knob(
+        0.0005,
+        NON_NEGATIVE,
+        "PLOP: factor of Local POD on the logits before upsampling, times sqrt(channels / |C_t|); 0 = none "
+        "(PLOP's VOC setting; 0.00001 in its ADE scripts)",
+        active=_read_by_method("loss.pod_logits_weight"),
     )
 
 
@@ -879,6 +916,21 @@ def _warn_of_an_empty_memory(config: ExperimentConfig) -> None:
         )
 
 
+def _rejected_pseudo_labels_have_a_reader(config: ExperimentConfig) -> None:
+    """pseudo.rule=median_entropy marks the background pixels it rejects REJECTED_PSEUDO (eir/labels.py) for
+    PLOP's classifier adaptive factor; only a method built on that rule reads the value and every other loss
+    refuses it, so the combination fails here rather than at the first incremental batch."""
+    if not (config.pseudo.enabled and config.pseudo.rule == "median_entropy"):
+        return
+    readers = sorted(name for name, cls in METHODS.items() if cls.presets.get("pseudo.rule") == "median_entropy")
+    if config.method.name not in readers:
+        raise ConfigError(
+            f"pseudo.rule='median_entropy' marks the background pixels it rejects {REJECTED_PSEUDO}, which only "
+            f"the loss of method {', '.join(map(repr, readers))} reads; method {config.method.name!r} would refuse "
+            "them at its first incremental step (expected pseudo.rule=score)"
+        )
+
+
 RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _batch_fits_the_workers,
     _scale_range_is_ordered,
@@ -886,6 +938,7 @@ RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _dataset_root_is_given,
     _extras_have_the_instance_store,
     _instance_masks_exist,
+    _rejected_pseudo_labels_have_a_reader,
     _warn_of_an_empty_memory,
 )
 

@@ -160,11 +160,11 @@ class ASPP(nn.Module):
 
 # Intermediate activations `forward` can return: the backbone's output (stride 8 or 16); the outputs of
 # its four stages (PLOP's Local POD reads them: ResNet's layer1..layer4, MobileNetV2's blocks ending at
-# strides 4, 8, 16 and its last conv); the decoder's (ASPP + 3x3 conv, what the heads read); and the
-# heads' scores split by the sign of their weights, without bias, at the decoder's resolution (DKD's
-# decomposed distillation reads them).
+# strides 4, 8, 16 and its last conv); the decoder's (ASPP + 3x3 conv, what the heads read); the heads'
+# logits at the decoder's resolution, before upsampling (PLOP's POD on logits); and the heads' scores split
+# by the sign of their weights, without bias, at the decoder's resolution (DKD's decomposed distillation).
 STAGES = ("stage1", "stage2", "stage3", "stage4")
-FEATURES = ("backbone", *STAGES, "decoder", "positive_logits", "negative_logits")
+FEATURES = ("backbone", *STAGES, "decoder", "head_logits", "positive_logits", "negative_logits")
 # The index (in the backbone's nn.Sequential) of the module that ends each stage.
 _STAGE_ENDS = {"mobilenet_v2": (3, 6, 13, 18), "resnet": (4, 5, 6, 7)}
 
@@ -237,11 +237,11 @@ class IncrementalDeepLabV3(nn.Module):
                 found[STAGES[self.stage_ends.index(index)]] = backbone
         decoded = self.decoder(backbone)
         background_input = decoded.detach() if self.detach_background else decoded
-        logits = [self.heads[0](background_input)] + [head(decoded) for head in self.heads[1:]]
-        upsampled = F.interpolate(torch.cat(logits, dim=1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = torch.cat([self.heads[0](background_input)] + [head(decoded) for head in self.heads[1:]], dim=1)
+        upsampled = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not features:
             return upsampled
-        found.update(backbone=backbone, decoder=decoded)
+        found.update(backbone=backbone, decoder=decoded, head_logits=logits)
         if "positive_logits" in features or "negative_logits" in features:
             found["positive_logits"], found["negative_logits"] = self._decomposed_scores(background_input, decoded)
         return upsampled, {name: found[name] for name in features}

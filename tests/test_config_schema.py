@@ -115,6 +115,8 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "memory.instance_rule",
                 "memory.min_area",
                 "pseudo.threshold",
+                "pseudo.rule",
+                "pseudo.entropy_floor",
                 "data.pseudo_actors",
                 "paste.probability",
                 "paste.hard",
@@ -129,6 +131,8 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "memory.instance_rule",
                 "memory.min_area",
                 "pseudo.threshold",
+                "pseudo.rule",
+                "pseudo.entropy_floor",
                 "data.pseudo_actors",
                 "paste.probability",
                 "paste.hard",
@@ -140,6 +144,8 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
             "instance_replay",
             {
                 "pseudo.threshold",
+                "pseudo.rule",
+                "pseudo.entropy_floor",
                 "data.pseudo_actors",
                 "paste.probability",
                 "paste.hard",
@@ -148,15 +154,34 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "replay.image_labels",
             },
         ),
-        ("eir_no_rskd", {"loss.rskd_region", "replay.image_labels"}),
-        ("eir", {"replay.image_labels"}),
+        ("eir_no_rskd", {"loss.rskd_region", "replay.image_labels", "pseudo.entropy_floor"}),
+        ("eir", {"replay.image_labels", "pseudo.entropy_floor"}),
+        (
+            "plop",
+            {
+                "memory.size",
+                "memory.instance_rule",
+                "memory.min_area",
+                "pseudo.threshold",
+                "paste.probability",
+                "paste.hard",
+                "paste.max_instances",
+                "loss.rskd_region",
+                "replay.image_labels",
+            },
+        ),
     ],
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:
     # dataset.ade_ignore_other is inactive on every dataset but ade20k (the default is synthetic).
-    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == inactive | {
-        "dataset.ade_ignore_other"
-    } | set(DKD_KEYS)
+    expected = inactive | {"dataset.ade_ignore_other"} | set(DKD_KEYS)
+    assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == expected | (
+        set() if method == "plop" else set(PLOP_KEYS)
+    )
+
+
+# The keys only PLOP's loss reads (eir/methods/plop.py).
+PLOP_KEYS = ("loss.pod_weight", "loss.pod_logits_weight")
 
 
 # The keys only DKD's loss reads (eir/methods/dkd.py).

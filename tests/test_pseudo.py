@@ -1,4 +1,5 @@
-"""The pseudo-label threshold rule on hand-made logit maps, and the quality reduction on a hand-made matrix."""
+"""The pseudo-label rules on hand-made logit maps (EIR's score threshold, PLOP's per-class median entropy with its
+histogram, medians and floor), and the quality reduction on a hand-made matrix."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from eir.pseudo import merge_pseudo, pseudo_label_quality, pseudo_labels
+from eir.labels import REJECTED_PSEUDO
+from eir.pseudo import (
+    EntropyThresholds,
+    PseudoRule,
+    entropy_histogram,
+    entropy_pseudo_labels,
+    histogram_medians,
+    merge_pseudo,
+    normalised_entropy,
+    plop_entropy_floor,
+    pseudo_label_quality,
+    pseudo_labels,
+)
 
 
 def logit(p: float) -> float:
@@ -80,3 +93,116 @@ def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
 def test_quality_with_nothing_to_recover_is_none_not_zero() -> None:
     quality = pseudo_label_quality(np.array([[9, 0], [0, 0]]), old_channels=[1])
     assert quality["recall_old"] is None and quality["precision_old"] is None
+
+
+# ---------------------------------------------------------------- PLOP's rule (pseudo.rule=median_entropy)
+
+
+def entropy_by_hand(probabilities: list[float]) -> float:
+    """-Σ p ln p / ln C, in plain Python."""
+    return -sum(p * math.log(p) for p in probabilities if p > 0) / math.log(len(probabilities))
+
+
+def logits_of(probabilities: list[list[float]]) -> torch.Tensor:
+    """1 x C x 1 x N logits whose softmax at pixel n is probabilities[n]."""
+    return torch.tensor(probabilities).log().T[None, :, None, :]
+
+
+def test_normalised_entropy_by_hand() -> None:
+    pixels = [[1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1], [0.98, 0.01, 0.01]]
+    got = normalised_entropy(logits_of(pixels))[0, 0].tolist()
+    assert got == pytest.approx([entropy_by_hand(p) for p in pixels], abs=1e-6)
+    assert got[0] == pytest.approx(1.0) and 0 < got[2] < got[1] < 1
+
+
+def test_entropy_histogram_counts_background_pixels_by_argmax_and_bin() -> None:
+    # Four pixels of a 3-channel old model: (argmax, normalised entropy) by hand.
+    pixels = [[0.98, 0.01, 0.01], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.05, 0.9, 0.05]]
+    label = torch.tensor([[[0, 0, 0, 7]]])  # the last pixel is a new class: not background, not counted
+    histogram = entropy_histogram(logits_of(pixels), label, bins=10)
+    expected = np.zeros((3, 10), dtype=np.int64)
+    for winner, probabilities in zip((0, 1, 2), pixels[:3]):
+        expected[winner, int(entropy_by_hand(probabilities) * 10)] += 1
+    assert histogram.dtype == np.int64 and (histogram == expected).all()
+    # Histograms of batches add up to the histogram of the whole.
+    both = entropy_histogram(logits_of(pixels[:2]), label[..., :2], 10) + entropy_histogram(
+        logits_of(pixels[2:]), label[..., 2:], 10
+    )
+    assert (both == histogram).all()
+
+
+def test_histogram_medians_interpolate_inside_the_median_bin() -> None:
+    histogram = np.array([[2, 2, 0, 0], [1, 0, 3, 0], [0, 0, 0, 0], [0, 0, 0, 5]])
+    medians = histogram_medians(histogram)
+    # Row 0: half (2) reached at the end of bin 0 → 0.25. Row 1: 1 pixel below bin 2, the median is 1/3 of the way
+    # into bin 2 ([0.5, 0.75)) → 0.5 + 0.25 / 3. Row 2: no pixel. Row 3: half-way into the last bin.
+    assert medians[0] == pytest.approx(0.25)
+    assert medians[1] == pytest.approx(0.5 + 0.25 / 3)
+    assert math.isnan(medians[2])
+    assert medians[3] == pytest.approx(0.875)
+
+
+def test_histogram_median_matches_the_exact_median_of_the_samples() -> None:
+    samples = np.random.default_rng(0).beta(0.5, 4.0, size=20_000)  # a skewed, confident-model-like spread
+    histogram = np.histogram(samples, bins=1000, range=(0, 1))[0][None]
+    assert histogram_medians(histogram)[0] == pytest.approx(np.median(samples), abs=1e-3)
+
+
+def test_thresholds_are_the_medians_raised_to_the_floor() -> None:
+    histogram = np.array([[2, 2, 0, 0], [1, 0, 3, 0], [0, 0, 0, 0]])
+    thresholds = EntropyThresholds.from_histogram(histogram, floor=0.3)
+    assert thresholds.thresholds == pytest.approx((0.3, 0.5 + 0.25 / 3, 0.3))  # 0.25 < floor; no pixel → floor
+    assert thresholds.pixels == (4, 4, 0) and thresholds.medians[2] is None
+    assert EntropyThresholds.from_json(thresholds.to_json()) == thresholds
+    assert "1: 0.5833 (4 px)" in thresholds.summary()
+
+
+def plop_code_entropy(logits: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """PLOP's train.py, written out: entropy(p) = -(1 / ln C_old) · mean_c p ln(p + 1e-8), divided by ln C."""
+    p = torch.softmax(logits, dim=1)
+    per_pixel = -(1 / math.log(p.shape[1] + 1e-8)) * torch.mean(p * torch.log(p + 1e-8), dim=1)
+    return per_pixel / math.log(num_channels)
+
+
+def test_the_floor_in_normalised_entropy_accepts_what_plop_code_accepts() -> None:
+    old_channels, channels = 16, 17  # VOC 15-1's first incremental step
+    floor = plop_entropy_floor(0.001, old_channels, channels)
+    assert floor == pytest.approx(0.001 * 16 * math.log(17))
+    logits = torch.randn(2, old_channels, 40, 40, generator=torch.Generator().manual_seed(0)) * 6
+    ours = normalised_entropy(logits) < floor
+    theirs = plop_code_entropy(logits, channels) < 0.001
+    assert 0 < int(ours.sum()) < ours.numel()  # both sides of the floor are exercised
+    assert (ours == theirs).float().mean() > 0.999  # PLOP's 1e-8 moves pixels within ~1e-7 of the floor only
+
+
+def test_entropy_rule_accepts_below_the_class_threshold_and_marks_the_rest_rejected() -> None:
+    pixels = [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]
+    entropies = [entropy_by_hand(p) for p in pixels]
+    label = torch.tensor([[[0, 0, 0, 0, 5]]])  # the last pixel is a new class
+    thresholds = [entropies[0] + 0.01, entropies[1] + 0.01, entropies[2] - 0.01]  # class 2 is too uncertain
+    out = entropy_pseudo_labels(logits_of(pixels), label, thresholds)
+    # accepted background (0), accepted old class 1, rejected (class 2's τ is below its entropy), rejected (class 1
+    # but more uncertain than τ_1), not background → 0.
+    assert out.dtype == torch.uint8
+    assert out[0, 0].tolist() == [0, 1, REJECTED_PSEUDO, REJECTED_PSEUDO, 0]
+    merged = merge_pseudo(label[0, 0].numpy().astype(np.uint8), out[0, 0].numpy())
+    assert merged.tolist() == [0, 1, REJECTED_PSEUDO, REJECTED_PSEUDO, 5]
+
+
+def test_entropy_rule_needs_one_threshold_per_old_channel() -> None:
+    with pytest.raises(ValueError, match="one threshold per old channel"):
+        entropy_pseudo_labels(torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1), [0.5, 0.5])
+    with pytest.raises(ValueError, match="C >= 2 channels"):
+        normalised_entropy(torch.zeros(1, 1, 2, 2))
+
+
+def test_rule_for_a_step() -> None:
+    assert PseudoRule.for_step("score", threshold=0.6, entropy_floor=0.5, old_channels=4, num_channels=6) == (
+        PseudoRule("score", threshold=0.6)
+    )
+    rule = PseudoRule.for_step("median_entropy", threshold=0.6, entropy_floor=0.001, old_channels=6, num_channels=9)
+    assert rule.name == "median_entropy" and rule.entropy_floor == pytest.approx(0.006 * math.log(9))
+    with pytest.raises(ValueError, match="marks the background pixels it rejects 254, a channel of this step"):
+        PseudoRule.for_step("median_entropy", threshold=0.6, entropy_floor=0.001, old_channels=250, num_channels=255)
+    with pytest.raises(ValueError, match="unknown pseudo.rule 'best'"):
+        PseudoRule.for_step("best", threshold=0.6, entropy_floor=0.001, old_channels=2, num_channels=3)

@@ -8,6 +8,7 @@ trainer is uint8 crops and uint8 label maps (normalisation happens on the traine
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,14 @@ from eir.data.stream_spec import StreamSpec
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
 from eir.labels import NO_PASTE
 from eir.model import load_step_model
-from eir.pseudo import merge_pseudo, pseudo_labels
+from eir.pseudo import (
+    ENTROPY_BINS,
+    EntropyThresholds,
+    entropy_histogram,
+    entropy_pseudo_labels,
+    merge_pseudo,
+    pseudo_labels,
+)
 from eir.replay.image_store import STORED_STEP
 from eir.replay.paste import index_by_channel, paste_instances
 from eir.replay.replay_sample import replay_canvas
@@ -259,33 +267,127 @@ def eval_stream(
     )
 
 
-class PseudoLabeler:
-    """Batch inference with the frozen old model, as a Ray Data callable class (one model per actor).
+class _OldModelPass:
+    """The frozen old model as a Ray Data callable class (one model per actor), run on un-augmented images.
 
-    Each actor loads step t−1's model once from shared storage; rows pass through with a new
-    `pseudo` column (uint8 PNG of old channels, 0 = none), computed on the un-augmented image.
+    Each actor loads step t−1's model once from shared storage and yields, per image size, the rows of the
+    batch, their full-image logits and their step-t labels (train LUT applied) on its device.
     """
 
-    def __init__(
-        self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, threshold: float, use_gpu: bool
-    ):
+    def __init__(self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, use_gpu: bool):
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_step_model(model_uri, backbone, output_stride).to(self.device)
         self.lut = lut
+
+    def logits(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        images = [decode_rgb(b) for b in batch["image"]]
+        labels = [self.lut[decode_map(b)] for b in batch["label"]]
+        for rows, logits in logits_by_size(self.model, images, self.device, amp=True):
+            yield rows, logits, torch.from_numpy(np.stack([labels[row] for row in rows])).to(self.device)
+
+
+class PseudoLabeler(_OldModelPass):
+    """Rows pass through with a new `pseudo` column (uint8 PNG), in the same order.
+
+    The score rule (`threshold`: old channels, 0 = none) unless `entropy_thresholds` (τ_c per old channel)
+    select PLOP's rule (every background pixel: its accepted channel or `REJECTED_PSEUDO`); `eir.pseudo`.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        backbone: str,
+        output_stride: int,
+        lut: np.ndarray,
+        threshold: float,
+        use_gpu: bool,
+        entropy_thresholds: Sequence[float] | None = None,
+    ):
+        super().__init__(model_uri, backbone, output_stride, lut, use_gpu)
         self.threshold = threshold
+        self.entropy_thresholds = entropy_thresholds
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows in, the same rows out in the same order with `pseudo`; one forward pass per image size."""
-        images = [decode_rgb(b) for b in batch["image"]]
-        labels = [self.lut[decode_map(b)] for b in batch["label"]]
-        encoded = np.empty(len(images), dtype=object)
-        for rows, logits in logits_by_size(self.model, images, self.device, amp=True):
-            target = torch.from_numpy(np.stack([labels[row] for row in rows])).to(self.device)
-            for row, pseudo in zip(rows, pseudo_labels(logits, target, self.threshold).cpu().numpy()):
+        encoded = np.empty(len(batch["image"]), dtype=object)
+        for rows, logits, target in self.logits(batch):
+            if self.entropy_thresholds is None:
+                chosen = pseudo_labels(logits, target, self.threshold)
+            else:
+                chosen = entropy_pseudo_labels(logits, target, self.entropy_thresholds)
+            for row, pseudo in zip(rows, chosen.cpu().numpy()):
                 encoded[row] = encode_png(pseudo)
         return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": encoded}
+
+
+class EntropyHistogrammer(_OldModelPass):
+    """One row per batch: the batch's `entropy_histogram`, as the flat indices and counts of its non-empty cells
+    (the dense C_old x bins array would be mostly zeros)."""
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        total = sum(entropy_histogram(logits, target, ENTROPY_BINS) for _, logits, target in self.logits(batch))
+        flat = np.asarray(total).ravel()
+        cells = np.flatnonzero(flat)
+        return {"cells": np.array([cells.astype(np.int64)]), "counts": np.array([flat[cells]])}
+
+
+def _map_with_old_model(
+    rows: ray.data.Dataset, callable_class: type, kwargs: dict, *, actors: int, use_gpu: bool, batch_size: int
+) -> ray.data.Dataset:
+    """`rows` through one of the old-model classes above, on a pool of `actors` (a GPU each when `use_gpu`)."""
+    return rows.map_batches(
+        callable_class,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+
+
+def entropy_histogram_pass(
+    manifest: Manifest,
+    ids: list[str],
+    *,
+    old_channels: int,
+    model_uri: str,
+    backbone: str,
+    output_stride: int,
+    lut: np.ndarray,
+    actors: int,
+    use_gpu: bool,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """The step's background pixels counted by the old model's argmax channel and normalised-entropy bin
+    (C_old x ENTROPY_BINS): what PLOP's per-class thresholds are read from, in one pass over the step's images."""
+    model = {
+        "model_uri": model_uri,
+        "backbone": backbone,
+        "output_stride": output_stride,
+        "lut": lut,
+        "use_gpu": use_gpu,
+    }
+    counted = _map_with_old_model(
+        read_manifest_rows(manifest, ids),
+        EntropyHistogrammer,
+        model,
+        actors=actors,
+        use_gpu=use_gpu,
+        batch_size=batch_size,
+    )
+    histogram = np.zeros(old_channels * ENTROPY_BINS, dtype=np.int64)
+    for batch in counted.iter_batches(batch_size=None, batch_format="numpy"):
+        for cells, counts in zip(batch["cells"], batch["counts"]):
+            if len(cells) and int(cells.max()) >= histogram.size:
+                raise ValueError(f"the model {model_uri} has more than the {old_channels} channels of step t−1")
+            np.add.at(histogram, cells, counts)
+    return histogram.reshape(old_channels, ENTROPY_BINS)
+
+
+THRESHOLDS_FILE = "thresholds.json"  # PLOP's τ_c beside the pseudo-labels they chose
 
 
 def write_pseudo_labels(
@@ -301,34 +403,40 @@ def write_pseudo_labels(
     actors: int,
     use_gpu: bool,
     batch_size: int = 8,
+    entropy_thresholds: EntropyThresholds | None = None,
 ) -> None:
     """Label the step's rows once and publish them (with their image/label bytes) under `out`.
 
-    Written to a temporary sibling and published with a completion marker, so a crash never
-    leaves pseudo-labels that a resumed run would trust.
+    With `entropy_thresholds` the rows are labelled by PLOP's rule and the thresholds are written beside
+    them (`THRESHOLDS_FILE`), under the same completion marker. Written to a temporary sibling and published
+    with a completion marker, so a crash never leaves pseudo-labels that a resumed run would trust.
     """
     tmp = out.parent.join(f".{out.name}.tmp")
     storage.delete_dir(tmp)
-    labelled = read_manifest_rows(manifest, ids).map_batches(
-        PseudoLabeler,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "backbone": backbone,
-            "output_stride": output_stride,
-            "lut": lut,
-            "threshold": threshold,
-            "use_gpu": use_gpu,
-        },
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
+    labeler = {
+        "model_uri": model_uri,
+        "backbone": backbone,
+        "output_stride": output_stride,
+        "lut": lut,
+        "threshold": threshold,
+        "use_gpu": use_gpu,
+        "entropy_thresholds": None if entropy_thresholds is None else entropy_thresholds.thresholds,
+    }
+    labelled = _map_with_old_model(
+        read_manifest_rows(manifest, ids), PseudoLabeler, labeler, actors=actors, use_gpu=use_gpu, batch_size=batch_size
     )
     labelled.write_parquet(tmp.uri if not tmp.is_local else tmp.path, filesystem=tmp.fs)
+    if entropy_thresholds is not None:
+        storage.write_json_atomic(tmp.join(THRESHOLDS_FILE), entropy_thresholds.to_json())
     storage.mark_complete(tmp, {"rows": len(ids)})
     storage.delete_dir(out)
     storage.publish_dir(tmp, out)
+
+
+def read_entropy_thresholds(folder: Location) -> EntropyThresholds | None:
+    """The thresholds that chose a step's pseudo-labels (None: they were chosen by the score rule)."""
+    loc = folder.join(THRESHOLDS_FILE)
+    return EntropyThresholds.from_json(storage.read_json(loc)) if storage.exists(loc) else None
 
 
 def read_prepared_rows(folder: Location) -> ray.data.Dataset:

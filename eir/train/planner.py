@@ -23,6 +23,7 @@ from eir.config import ExperimentConfig
 from eir.data.stream_spec import StreamSpec
 from eir.labels import IGNORE_LABEL
 from eir.methods import Method, build_method, method_class
+from eir.pseudo import PseudoRule
 from eir.replay.paste import PasteConfig
 from eir.tasks import Task, get_task
 from eir.train.plan import StepPlan
@@ -162,6 +163,7 @@ class StepDesign:
     eval_lut: np.ndarray
     replay: MemoryKind | None  # which of step t−1's memory joins the stream (None: none, or it is empty)
     memory: MemorySpec | None  # what this step keeps for the next (None: nothing, or the last step)
+    pseudo_rule: PseudoRule | None = None  # how its pseudo-labels are chosen (None: it has none)
 
     @property
     def pseudo(self) -> bool:
@@ -259,7 +261,18 @@ def plan_step(
         if keeps
         else None
     )
-    return StepDesign(plan, stream, eval_step, layout.test_lut(step), replay, memory)
+    pseudo_rule = (
+        PseudoRule.for_step(
+            cfg.pseudo.rule,
+            threshold=cfg.pseudo.threshold,
+            entropy_floor=cfg.pseudo.entropy_floor,
+            old_channels=1 + sum(heads[:-1]),
+            num_channels=1 + sum(heads),
+        )
+        if stream.pseudo
+        else None
+    )
+    return StepDesign(plan, stream, eval_step, layout.test_lut(step), replay, memory, pseudo_rule)
 
 
 def _paste(cfg: ExperimentConfig) -> PasteConfig | None:

@@ -1,20 +1,23 @@
 """`launch.py pseudo-labels`: how much of the old classes a run's stored pseudo-labels recover.
 
-Each incremental step of a pseudo-labelling method (eir, eir_no_rskd) keeps its training rows in
-`step_<t>/pseudo/` with the raw dataset label beside the `pseudo` map. On overlapped CamVid, VOC
-and ADE the raw label is the complete annotation, so the old-class pixels the step's targets
-lost to background are countable: this scores every step's pseudo-labels against them, per old
-class. BENCHMARKS.md's explanation of the 6-1 erosion comes from this command.
+Each incremental step of a pseudo-labelling method (eir, eir_no_rskd, plop) keeps its training rows in
+`step_<t>/pseudo/` with the raw dataset label beside the `pseudo` map (PLOP's rejected pixels count as
+no pseudo-label). On overlapped CamVid, VOC and ADE the raw label is the complete annotation, so the
+old-class pixels the step's targets lost to background are countable: this scores every step's
+pseudo-labels against them, per old class. BENCHMARKS.md's explanation of the 6-1 erosion comes from
+this command.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from eir import storage
 from eir.data.codec import decode_map
+from eir.labels import REJECTED_PSEUDO
 from eir.metrics import ConfusionMatrix
 from eir.progress import progress as progress_bar
 from eir.pseudo import pseudo_label_quality
@@ -62,7 +65,8 @@ def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
         with loc.fs.open_input_file(loc.path) as handle:
             table = pq.read_table(handle, columns=["label", "pseudo"])
         for label, pseudo in zip(table.column("label").to_pylist(), table.column("pseudo").to_pylist()):
-            matrix.accumulate(decode_map(pseudo), channels.lut[decode_map(label)])
+            chosen = decode_map(pseudo)
+            matrix.accumulate(np.where(chosen == REJECTED_PSEUDO, 0, chosen), channels.lut[decode_map(label)])
             images += 1
     old_channels = range(1, len(exp.schedule.classes_seen(step - 1)) + 1)
     quality = pseudo_label_quality(matrix.matrix, old_channels)
