@@ -132,7 +132,8 @@ def run_accuracy(
                 break
             limit = None if limit is None else limit - 1
             log.info("benchmark %s: %s %s seed %d", name, task, planned.method, planned.seed)
-            result = run_experiment(config, resume=True)
+            # Resume an interrupted run; a first run has no folder, and `resume` refuses a run that does not exist.
+            result = run_experiment(config, resume=storage.exists(run_dir.join("config.yaml")))
         document["runs"].append(run_entry(result, None if recorded else time.perf_counter() - started))
         _publish(name, path, document, extra_overrides)
     goals = accuracy_goals(document["runs"])

@@ -134,6 +134,9 @@ def fake_bench(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
     trained: list[str] = []
 
     def train(config, resume: bool) -> dict:
+        # run_experiment's contract: resume only a run whose folder exists (it refuses to "resume" a new run).
+        started = (Path(config.run.output_dir) / config.run.name / "config.yaml").is_file()
+        assert resume == started, f"{config.run.name}: resume={resume} but the run folder exists: {started}"
         trained.append(config.run.name)
         final = {"mIoU_all": 10.0 * config.seed + 1, "mIoU_old": 1.0, "mIoU_new": 1.0, "hIoU": 1.0}
         return {
@@ -179,6 +182,15 @@ def test_new_methods_land_beside_the_recorded_rows_and_a_rerun_skips_them(fake_b
     trained.clear()
     launch.main(["bench", "accuracy_camvid", *outputs, "--methods", ",".join(new)])
     assert trained == [] and len(json.loads(path.read_text())["runs"]) == 2 + len(expected)
+
+
+def test_an_interrupted_run_is_resumed_and_a_new_one_started_afresh(fake_bench, tmp_path: Path) -> None:
+    _, trained = fake_bench
+    interrupted = tmp_path / "outputs" / "camvid_5-3_mib"
+    interrupted.mkdir(parents=True)
+    (interrupted / "config.yaml").write_text("{}\n")  # a run stopped before its results.json
+    launch.main(["bench", "accuracy_camvid", f"run.output_dir={tmp_path / 'outputs'}", "--methods", "mib,plop"])
+    assert trained[:2] == ["camvid_5-3_mib", "camvid_5-3_plop"]  # the fake asserts resume=True, then False
 
 
 def test_rerun_supersedes_a_changed_methods_rows_and_continues_without_it(fake_bench, tmp_path: Path) -> None:
