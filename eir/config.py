@@ -28,7 +28,6 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from eir.labels import REJECTED_PSEUDO
 from eir.methods import METHOD_NAMES, METHODS, method_class
 from eir.replay.paste import PasteConfig as PasteSettings
 from eir.storage import is_uri, local_path
@@ -916,19 +915,28 @@ def _warn_of_an_empty_memory(config: ExperimentConfig) -> None:
         )
 
 
-def _rejected_pseudo_labels_have_a_reader(config: ExperimentConfig) -> None:
-    """pseudo.rule=median_entropy marks the background pixels it rejects REJECTED_PSEUDO (eir/labels.py) for
-    PLOP's classifier adaptive factor; only a method built on that rule reads the value and every other loss
-    refuses it, so the combination fails here rather than at the first incremental batch."""
-    if not (config.pseudo.enabled and config.pseudo.rule == "median_entropy"):
-        return
-    readers = sorted(name for name, cls in METHODS.items() if cls.presets.get("pseudo.rule") == "median_entropy")
-    if config.method.name not in readers:
-        raise ConfigError(
-            f"pseudo.rule='median_entropy' marks the background pixels it rejects {REJECTED_PSEUDO}, which only "
-            f"the loss of method {', '.join(map(repr, readers))} reads; method {config.method.name!r} would refuse "
-            "them at its first incremental step (expected pseudo.rule=score)"
-        )
+def _the_method_reads_its_stream_extras(config: ExperimentConfig) -> None:
+    """A stream extra the method's loss does not read is refused: pasted maps under a loss that never looks at
+    them, or pseudo-labels of a rule it does not expect (PLOP's rejected pixels, REJECTED_PSEUDO, break every
+    other loss; the sigmoid score rule means nothing on softmax logits) would fail late or mislead silently."""
+    method = method_class(config.method.name)
+    used = {
+        "paste": config.paste.enabled or config.replay.ratio != 0,
+        f"pseudo:{config.pseudo.rule}": config.pseudo.enabled,
+    }
+    for extra, on in used.items():
+        if on and extra not in method.stream_extras:
+            readers = sorted(name for name, cls in METHODS.items() if extra in cls.stream_extras)
+            what = (
+                "paste.enabled / replay.ratio (pasted targets)"
+                if extra == "paste"
+                else f"pseudo.enabled with pseudo.rule={config.pseudo.rule!r}"
+            )
+            raise ConfigError(
+                f"{what}: method {config.method.name!r} does not read it (its loss reads "
+                f"{', '.join(sorted(method.stream_extras)) or 'no stream extra'}); the methods that do: "
+                f"{', '.join(readers)}"
+            )
 
 
 RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
@@ -938,7 +946,7 @@ RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _dataset_root_is_given,
     _extras_have_the_instance_store,
     _instance_masks_exist,
-    _rejected_pseudo_labels_have_a_reader,
+    _the_method_reads_its_stream_extras,
     _warn_of_an_empty_memory,
 )
 

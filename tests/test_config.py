@@ -17,6 +17,7 @@ from eir.config import (
     parse_overrides,
     valid_keys,
 )
+from eir.methods import METHOD_NAMES
 
 
 def write(path: Path, text: str) -> Path:
@@ -493,3 +494,31 @@ def test_a_corrupt_run_config_is_one_error_naming_it(data: bytes, expected: str)
 def test_strings_that_look_like_numbers_survive_a_round_trip() -> None:
     config = load_config(overrides={"run.name": "1e-3"})
     assert config_from_yaml(dump_yaml(config).encode(), "config.yaml").run.name == "1e-3"
+
+
+# Which stream extras each method's loss reads (the BCE family reads soft targets and score pseudo-labels; PLOP
+# its entropy-rule labels with rejected pixels; MiB and DKD neither).
+BCE_FAMILY = {"finetune", "joint", "image_replay", "instance_replay", "eir_no_rskd", "eir"}
+EXTRA_READERS = {
+    "paste": BCE_FAMILY,
+    "instance replay": BCE_FAMILY,
+    "score pseudo-labels": BCE_FAMILY,
+    "entropy pseudo-labels": {"plop"},
+}
+EXTRA_OVERRIDES = {
+    "paste": ["memory.kind=instances", "paste.enabled=true", "replay.ratio=0.0"],
+    "instance replay": ["memory.kind=instances", "paste.enabled=false", "replay.ratio=0.2"],
+    "score pseudo-labels": ["pseudo.enabled=true", "pseudo.rule=score"],
+    "entropy pseudo-labels": ["pseudo.enabled=true", "pseudo.rule=median_entropy"],
+}
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRA_READERS))
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_a_stream_extra_the_methods_loss_does_not_read_is_refused(method: str, extra: str) -> None:
+    overrides = [f"method.name={method}", *EXTRA_OVERRIDES[extra]]
+    if method in EXTRA_READERS[extra]:
+        load_config(overrides=overrides)
+        return
+    with pytest.raises(ConfigError, match=rf"method '{method}' does not read it .*; the methods that do: "):
+        load_config(overrides=overrides)

@@ -88,6 +88,10 @@ class Method:
     # they share its step-0 cache entry; another family (softmax cross-entropy, DKD's BCE) never reuses it.
     # None: the method's own name (a method that declares no family shares its step 0 with no other).
     step0_family: ClassVar[str | None] = None
+    # The stream extras its loss reads: "paste" (the paste-class/weight maps of EIR's pasting and of instance
+    # replay) and "pseudo:<rule>" (pseudo-labels of that `pseudo.rule` merged into the labels). The config refuses
+    # an extra the method would silently ignore or misread (a sigmoid score rule on softmax logits).
+    stream_extras: ClassVar[frozenset[str]] = frozenset()
     # The background head reads detached decoder features (DKD's auxiliary classifier, kept by every
     # sigmoid method here) or, False, the features themselves (softmax methods: background is a class).
     detach_background: ClassVar[bool] = True

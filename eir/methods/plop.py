@@ -112,6 +112,7 @@ class Plop(SoftmaxMethod):
     presets = frozen({**NO_EXTRAS, "pseudo.enabled": True, "pseudo.rule": "median_entropy"})
     option_keys = ("loss.pod_weight", "loss.pod_logits_weight")
     features = (*POD_FEATURES, POD_LOGITS)
+    stream_extras = frozenset({"pseudo:median_entropy"})
 
     def _distils(self, step: int) -> dict[str, float]:
         """The POD terms that run at `step`, with their factors."""
