@@ -148,11 +148,12 @@ def unbiased_cross_entropy_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel softmax cross-entropy with MiB's background (B x H x W), and the valid-pixel mask.
 
-    The background of step t is everything the current labels do not name, so a pixel labelled 0
-    scores log Σ_{c < background_channels} p_c: background *or* any old class (MiB's unbiased
-    cross-entropy, `background_channels` = the step t−1 model's channels). A pixel labelled c ≥ 1
-    scores log p_c; 255 is ignored (loss 0, not valid). `background_channels=1` is the plain softmax
-    cross-entropy (step 0, and PLOP, whose background pixels carry old-class pseudo-labels).
+    The background of step t is everything the current labels do not name, so a pixel labelled 0 scores
+    log Σ_{c < background_channels} p_c: background *or* any old class (MiB's unbiased cross-entropy,
+    `background_channels` = the step t−1 model's channels). As in fcdl94/MiB's `UnbiasedCrossEntropy`, a
+    label below `background_channels` (an old class) counts as background too; a label of C_t scores
+    log p_c; 255 is ignored (loss 0, not valid). `background_channels=1` is the plain softmax cross-entropy
+    (step 0, and PLOP, whose background pixels carry old-class pseudo-labels).
     """
     if logits.dim() != 4 or label.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(
@@ -168,7 +169,7 @@ def unbiased_cross_entropy_map(
     log_total = torch.logsumexp(logits, dim=1)
     log_background = torch.logsumexp(logits[:, :background_channels], dim=1)
     own = torch.gather(logits, 1, torch.where(valid, label, 0).unsqueeze(1)).squeeze(1)
-    log_p = torch.where(label == 0, log_background, own) - log_total
+    log_p = torch.where(label < background_channels, log_background, own) - log_total
     return torch.where(valid, -log_p, 0.0), valid
 
 

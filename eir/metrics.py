@@ -190,8 +190,8 @@ def reduce_scores(
     `old_classes` is C_0 *without* 0 (0 joins the old group when `background_is_class`);
     `new_classes` is C_1 ∪ … ∪ C_t (empty at step 0). Together they must be exactly the
     matrix's classes 1..N-1, which catches a matrix built for another step. With
-    `background_is_class=False` (ADE20K: label 0 has no ground truth) class 0 is scored
-    nowhere.
+    `background_is_class=False` (ADE20K with `dataset.ade_ignore_other=true`: label 0 has no ground
+    truth) class 0 is scored nowhere.
     """
     counts = np.asarray(matrix, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:

@@ -96,7 +96,7 @@ def test_all_nan_group_is_nan():
 
 
 def test_background_not_a_class():
-    # ADE20K: label 0 has no ground truth; one class-1 pixel is predicted as 0.
+    # ADE20K with ade_ignore_other: label 0 has no ground truth; one class-1 pixel is predicted as 0.
     matrix = np.array([[0, 0, 0], [1, 3, 0], [0, 1, 4]])
     scores = reduce_scores(matrix, old_classes=[1], new_classes=[2], background_is_class=False)
     assert scores.per_class_iou == pytest.approx({1: 60.0, 2: 80.0})  # 3/5, 4/5

@@ -2,7 +2,7 @@
 
 Sigmoid heads; the auxiliary background head reads detached decoder features (the model's default);
 prediction by the sigmoid 0.5 rule (METHOD.md §1.5). Each term below is DKD's `trainer/trainer_voc.py`
-and `models/loss.py` read line by line (commit 3779733); METHOD.md §4.2 lists the same decisions.
+and `models/loss.py` read line by line (commit 3779733); METHOD.md §4.1 lists the same decisions.
 
 - **BCE on the new channels only** (DKD's `WBCELoss`, weight `mbce` = 1, fixed here): channel c of C_t has
   target 1 on pixels labelled c and 0 everywhere else — background, every other class and 255 alike: the

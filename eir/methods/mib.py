@@ -6,7 +6,7 @@
   there are no old channels and it is the plain softmax cross-entropy.
 - Unbiased distillation on every pixel: the new model's background collects the new channels. That is
   this project's RSKD with region `all` exactly (`eir.losses.rskd_loss`); weight 10, MiB's VOC setting
-  (`loss_kd=10` in its scripts; METHOD.md §4.2).
+  (`loss_kd=10` in its scripts; METHOD.md §4.1).
 - Initialisation: every new channel copies the background's weights, and the new channels' and the
   background's biases become b₀ − log(|C_t| + 1), so the background's probability mass is shared evenly
   between them and the old model's background probability is unchanged (`init_new_head`).

@@ -17,7 +17,8 @@ def mib(**options: float):
 
 
 def by_hand(logits: torch.Tensor, label: torch.Tensor, background_channels: int) -> float:
-    """Per pixel, with plain Python: -log Σ_{c<background_channels} p_c on 0, -log p_y else; mean over non-255."""
+    """Per pixel, with plain Python: -log Σ_{c<background_channels} p_c where y < background_channels (background
+    and old classes, as MiB's code maps them), -log p_y else; mean over non-255."""
     total, count = 0.0, 0
     batch, channels, height, width = logits.shape
     for b in range(batch):
@@ -27,7 +28,7 @@ def by_hand(logits: torch.Tensor, label: torch.Tensor, background_channels: int)
                 if y == 255:
                     continue
                 exps = [math.exp(float(logits[b, c, i, j])) for c in range(channels)]
-                p = sum(exps[:background_channels]) if y == 0 else exps[y]
+                p = sum(exps[:background_channels]) if y < background_channels else exps[y]
                 total += -math.log(p / sum(exps))
                 count += 1
     return total / count
