@@ -260,7 +260,8 @@ def _pastes(config: ExperimentConfig) -> bool:
 
 
 def _distils(config: ExperimentConfig) -> bool:
-    return config.loss.rskd_weight != 0
+    """The RSKD region matters only to a method that reads it and distils (its weight is not 0)."""
+    return "loss.rskd_region" in method_class(config.method.name).option_keys and config.loss.rskd_weight != 0
 
 
 def _read_by_method(key: str) -> Callable[[ExperimentConfig], bool]:
@@ -397,10 +398,25 @@ class ReplayConfig:
 
 @dataclass
 class LossConfig:
-    bce_weight: float = knob(1.0, NON_NEGATIVE, "weight of the BCE term (step 0's whole loss)", step0=True)
-    rskd_weight: float = knob(0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)")
+    bce_weight: float = knob(
+        1.0,
+        NON_NEGATIVE,
+        "weight of the BCE term (step 0's whole loss)",
+        step0=True,
+        active=_read_by_method("loss.bce_weight"),
+    )
+    rskd_weight: float = knob(
+        0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)", active=_read_by_method("loss.rskd_weight")
+    )
     rskd_region: Literal["new_gt", "all", "complement"] = knob(
         "new_gt", CHOICE, "pixels RSKD distils on", active=_distils
+    )
+    # MiB's loss (eir/methods/mib.py, METHOD.md §4.1).
+    unkd_weight: float = knob(
+        10.0,
+        NON_NEGATIVE,
+        "MiB: weight of the unbiased distillation (MiB's `--method MiB`: 10, on VOC and ADE)",
+        active=_read_by_method("loss.unkd_weight"),
     )
     # DKD's loss (eir/methods/dkd.py, METHOD.md §4.1); the defaults are its VOC settings.
     pos_weight: float = knob(
@@ -475,7 +491,9 @@ class ModelConfig:
         step0=True,
     )
     output_stride: Literal[8, 16] = knob(16, CHOICE, "the backbone's output stride", step0=True)
-    new_head_init: Literal["random", "copy_background"] = knob("random", CHOICE, "how a step's new head starts")
+    new_head_init: Literal["random", "copy_background"] = knob(
+        "random", CHOICE, "how a step's new head starts", active=_read_by_method("model.new_head_init")
+    )
 
 
 @dataclass

@@ -174,6 +174,7 @@ def unbiased_cross_entropy_map(
 
 
 def unbiased_cross_entropy(logits: torch.Tensor, label: torch.Tensor, background_channels: int) -> torch.Tensor:
-    """`unbiased_cross_entropy_map` averaged over the valid pixels; 0 (with a zero gradient) when none is."""
-    per_pixel, valid = unbiased_cross_entropy_map(logits, label, background_channels)
-    return per_pixel.sum() / valid.sum().clamp(min=1)
+    """`unbiased_cross_entropy_map` averaged over *all* B·H·W pixels, 255 counting 0 — fcdl94/MiB's reduction
+    (`reduction='none'`, then `loss.mean()` in its `train.py`); a pure-255 batch gives 0 with a zero gradient."""
+    per_pixel, _ = unbiased_cross_entropy_map(logits, label, background_channels)
+    return per_pixel.mean()

@@ -69,7 +69,9 @@ COLUMNS = (
     Column("final_mIoU_new", "final mIoU new", _final("mIoU_new")),
     Column("final_hIoU", "final hIoU", _final("hIoU")),
     Column("mean_mIoU_all_over_steps", "mIoU all, mean over steps", _over_steps),
-    Column("wall_min", "trial wall (min)", _wall_min),
+    # Tune's time_total_s: it holds step 0 only for the trial that trained its family's step 0 (the others took it
+    # from the cache), so the header says so and the cell is read as "what this trial cost", not a method's speed.
+    Column("wall_min", "trial wall (min, with step 0 where trained)", _wall_min),
 )
 
 

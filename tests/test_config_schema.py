@@ -102,7 +102,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
             "seed",
         }
     )
-    assert cache.STEP0_CODE_VERSION == 3
+    assert cache.STEP0_CODE_VERSION == 4
 
 
 @pytest.mark.parametrize(
@@ -168,13 +168,17 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.max_instances",
                 "loss.rskd_region",
                 "replay.image_labels",
+                # the BCE family's keys, which PLOP's softmax loss and MiB's fixed initialisation never read
+                "loss.bce_weight",
+                "loss.rskd_weight",
+                "model.new_head_init",
             },
         ),
     ],
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:
     # dataset.ade_ignore_other is inactive on every dataset but ade20k (the default is synthetic).
-    expected = inactive | {"dataset.ade_ignore_other"} | set(DKD_KEYS)
+    expected = inactive | {"dataset.ade_ignore_other", "loss.unkd_weight"} | set(DKD_KEYS)
     assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == expected | (
         set() if method == "plop" else set(PLOP_KEYS)
     )
@@ -286,3 +290,25 @@ def test_instance_masks_need_a_dataset_with_instance_maps() -> None:
         load_config(overrides=[*camvid, "method.name=eir"])
     assert load_config(overrides=[*camvid, "method.name=finetune"]).memory.kind == "none"  # no store: inactive
     assert load_config(overrides=["method.name=eir", "memory.instance_rule=instance_masks"]).dataset.name == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("method", "reads", "ignores"),
+    [
+        (
+            "mib",
+            {"loss.unkd_weight"},
+            {"loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init"},
+        ),
+        (
+            "eir",
+            {"loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init"},
+            {"loss.unkd_weight"},
+        ),
+        ("dkd", {"model.new_head_init", "loss.kd_weight"}, {"loss.bce_weight", "loss.rskd_weight", "loss.unkd_weight"}),
+    ],
+)
+def test_a_loss_key_is_active_only_for_a_method_that_reads_it(method: str, reads: set, ignores: set) -> None:
+    """A sweep over a key the method ignores would train identical runs, and --resume would refuse a harmless change."""
+    inactive = inactive_keys(load_config(overrides=[f"method.name={method}"]))
+    assert not reads & inactive and ignores <= inactive

@@ -74,11 +74,10 @@ def channel_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float |
 def new_channel_bce(inputs: LossInputs, pos_weight: float) -> torch.Tensor:
     """BCE of the step's own channels C_t: 1 on their pixels, 0 on every other pixel, 255 included.
 
-    Pasted pixels (when a stream pastes) blend the pasted class in, as everywhere in the project
-    (`eir.losses.soft_targets`); an old class pasted over a new one lowers that new class's target.
+    DKD reads no pasted targets (its `stream_extras` is empty, so the config refuses pasting for it).
     """
     shape = inputs.shape
-    targets, _ = soft_targets(inputs.label, shape.num_channels, inputs.paste_class, inputs.paste_weight)
+    targets, _ = soft_targets(inputs.label, shape.num_channels)
     first_new = shape.old_num_channels
     return channel_bce(inputs.logits[:, first_new:], targets[:, first_new:], pos_weight)
 

@@ -5,8 +5,8 @@
   so it scores log Σ p over {0} ∪ old channels (`eir.losses.unbiased_cross_entropy_map`). At step 0
   there are no old channels and it is the plain softmax cross-entropy.
 - Unbiased distillation on every pixel: the new model's background collects the new channels. That is
-  this project's RSKD with region `all` exactly (`eir.losses.rskd_loss`); weight 10, MiB's VOC setting
-  (`loss_kd=10` in its scripts; METHOD.md §4.1).
+  this project's RSKD with region `all` exactly (`eir.losses.rskd_loss`); weight `loss.unkd_weight` = 10,
+  MiB's VOC setting (`loss_kd=10` in its scripts; METHOD.md §4.1).
 - Initialisation: every new channel copies the background's weights, and the new channels' and the
   background's biases become b₀ − log(|C_t| + 1), so the background's probability mass is shared evenly
   between them and the old model's background probability is unchanged (`init_new_head`).
@@ -49,16 +49,16 @@ class SoftmaxMethod(Method):
 
 class Mib(SoftmaxMethod):
     name = "mib"
-    presets = frozen({**NO_EXTRAS, "loss.rskd_weight": 10.0})
-    option_keys = ("loss.rskd_weight",)
+    presets = frozen(NO_EXTRAS)
+    option_keys = ("loss.unkd_weight",)
 
     def needs_old_model(self, step: int) -> bool:
-        return step > 0 and self.options["loss.rskd_weight"] > 0
+        return step > 0 and self.options["loss.unkd_weight"] > 0
 
     def loss_weights(self, step: int) -> dict[str, float]:
         weights = {"unce": 1.0}
         if self.needs_old_model(step):
-            weights["unkd"] = float(self.options["loss.rskd_weight"])
+            weights["unkd"] = float(self.options["loss.unkd_weight"])
         return weights
 
     def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:

@@ -34,8 +34,9 @@ STEP0_KEYS = step0_keys()
 # optimiser, evaluation). An explicit number rather than a hash of the source: a hash would throw
 # the cache away on every unrelated edit (an EIR-only change, a log line), which defeats the cache
 # across the sessions that long benchmarks span.
-# 2: the key gained train.warmup_fraction, loss.bce_weight and scaling.use_gpu; 3: the method's step-0 loss family.
-STEP0_CODE_VERSION = 3
+# 2: the key gained train.warmup_fraction, loss.bce_weight and scaling.use_gpu; 3: the method's step-0 loss family;
+# 4: the softmax family's cross-entropy is a mean over all pixels (MiB's and PLOP's reduction).
+STEP0_CODE_VERSION = 4
 
 
 def code_version() -> str:

@@ -151,22 +151,6 @@ def test_a_pure_255_batch_is_finite_and_trains_the_new_channels_down_like_backgr
     assert torch.allclose(grad[:, 4:], expected, rtol=1e-5)
 
 
-def test_a_pasted_old_class_lowers_the_new_class_target_by_lambda() -> None:
-    """With a pasting stream the new channels read the blended targets of eir.losses.soft_targets."""
-    inputs = step_inputs(1, (3, 2))
-    inputs.label = torch.full_like(inputs.label, 4)
-    inputs.paste_class = torch.full(inputs.label.shape, 255, dtype=torch.uint8)
-    inputs.paste_class[0, 1, 1] = 2
-    inputs.paste_weight = torch.zeros(inputs.label.shape)
-    inputs.paste_weight[0, 1, 1] = 0.25
-    places = pixels(inputs.logits)
-    expected = 0.0
-    for b, i, j in places:
-        target4 = 0.75 if (b, i, j) == (0, 1, 1) else 1.0
-        expected += bce(float(inputs.logits[b, 4, i, j]), target4) + bce(float(inputs.logits[b, 5, i, j]), 0.0)
-    assert dkd().loss(inputs)[1]["bce"].item() == pytest.approx(expected / len(places), rel=1e-5)
-
-
 def test_the_ac_term_trains_the_auxiliary_channel_alone() -> None:
     inputs = step_inputs(1, (3, 1))
     inputs.logits.requires_grad_(True)

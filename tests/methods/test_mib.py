@@ -13,24 +13,24 @@ from eir.model import build_model
 
 
 def mib(**options: float):
-    return build_method("mib", {"loss.rskd_weight": 10.0, **options})
+    return build_method("mib", {"loss.unkd_weight": 10.0, **options})
 
 
 def by_hand(logits: torch.Tensor, label: torch.Tensor, background_channels: int) -> float:
     """Per pixel, with plain Python: -log Σ_{c<background_channels} p_c where y < background_channels (background
-    and old classes, as MiB's code maps them), -log p_y else; mean over non-255."""
+    and old classes, as MiB's code maps them), -log p_y else, 0 on 255; mean over every pixel (MiB's train.py)."""
     total, count = 0.0, 0
     batch, channels, height, width = logits.shape
     for b in range(batch):
         for i in range(height):
             for j in range(width):
                 y = int(label[b, i, j])
+                count += 1
                 if y == 255:
                     continue
                 exps = [math.exp(float(logits[b, c, i, j])) for c in range(channels)]
                 p = sum(exps[:background_channels]) if y < background_channels else exps[y]
                 total += -math.log(p / sum(exps))
-                count += 1
     return total / count
 
 
@@ -43,7 +43,7 @@ def test_unbiased_cross_entropy_equals_the_hand_computation() -> None:
     for background_channels in (1, 2, 4):  # 1 = the plain cross-entropy of step 0
         value = unbiased_cross_entropy(logits, label, background_channels).item()
         assert value == pytest.approx(by_hand(logits, label, background_channels), rel=1e-5)
-    plain = torch.nn.functional.cross_entropy(logits, label, ignore_index=255)
+    plain = torch.nn.functional.cross_entropy(logits, label, ignore_index=255, reduction="none").mean()
     assert unbiased_cross_entropy(logits, label, 1).item() == pytest.approx(plain.item(), rel=1e-6)
 
 

@@ -231,10 +231,10 @@ def test_plop_step0_is_mibs_step0() -> None:
     label[0, 0] = 255
     inputs = LossInputs(logits=logits, label=label, shape=StepShape(0, (5,)))
     total, terms = plop().loss(inputs)
-    mib_total, _ = build_method("mib", {"loss.rskd_weight": 10.0}).loss(inputs)
+    mib_total, _ = build_method("mib", {"loss.unkd_weight": 10.0}).loss(inputs)
     assert set(terms) == {"ce"} and total.item() == pytest.approx(mib_total.item(), rel=1e-7)
     assert not plop().needs_old_model(0) and plop().needs_old_model(1)
-    assert plop().step0_identity() == build_method("mib", {"loss.rskd_weight": 10.0}).step0_identity()
+    assert plop().step0_identity() == build_method("mib", {"loss.unkd_weight": 10.0}).step0_identity()
 
 
 def test_plop_presets_and_options() -> None:

@@ -78,7 +78,7 @@ def test_mib_logs_its_unbiased_terms_summed_with_weight_ten(runs: dict[str, dict
     assert set(terms) == {"loss_unce", "loss_unkd"} and terms["loss_unkd"] > 0
     assert metrics["loss"] == pytest.approx(terms["loss_unce"] + 10 * terms["loss_unkd"], rel=1e-5)
     plan = json.loads((output_dir / "mib" / "step_1" / "plan.json").read_text())
-    assert plan["method"] == "mib" and plan["method_options"] == {"loss.rskd_weight": 10.0}
+    assert plan["method"] == "mib" and plan["method_options"] == {"loss.unkd_weight": 10.0}
 
 
 def test_dkd_logs_its_five_terms_with_the_published_weights(runs: dict[str, dict], output_dir: Path) -> None:

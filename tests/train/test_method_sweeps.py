@@ -19,6 +19,8 @@ SHARED_VOC = REPO / ".." / "shared" / "data" / "voc2012_samples"
 VOC_IDS = ["2011_000003", "2011_000006", "2011_000025"]
 # EIR's own ablations answer what its parts add, not where it stands against the field: not in a method table.
 ABLATIONS = {"instance_replay", "eir_no_rskd"}
+# The methods that share one step 0 (their loss families: BCE on all channels, softmax CE, DKD's BCE).
+FAMILIES = ({"finetune", "image_replay", "eir"}, {"mib", "plop"}, {"dkd", "dkd_m"})
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,17 @@ def test_a_method_sweep_runs_every_method_with_three_seeds_to_the_last_step(
     config = spec.config({"method.name": "eir", "seed": 0})
     assert (config.dataset.name, config.task.name, config.model.backbone) == (dataset, task, backbone)
     assert config.run.step0_cache, "step 0 once per loss family and seed"
+
+
+@pytest.mark.parametrize("file", ["camvid_5-3_methods.yaml", "voc_15-1_methods.yaml"])
+def test_every_trial_runs_its_methods_published_presets(file: str) -> None:
+    """A key the experiment file pins beats a method's preset (`load_config`), so a base file that sets one
+    (voc_base.yaml's `model.new_head_init: random` did) silently changes a baseline in the table."""
+    spec = read_sweep(SWEEPS / file)
+    for method in spec.space["method.name"]["grid"]:
+        flat = spec.config({"method.name": method, "seed": 0}).flat()
+        changed = {key: flat[key] for key, value in METHODS[method].presets.items() if flat[key] != value}
+        assert not changed, f"{file}: {method} runs {changed} instead of its presets"
 
 
 def test_the_camvid_method_sweep_is_checked_whole_on_the_shared_camvid() -> None:
@@ -93,13 +106,12 @@ def test_the_voc_method_sweep_dry_run_on_the_shared_samples(tmp_path: Path, caps
     methods = [m for m in sorted(METHOD_NAMES) if m not in ABLATIONS]
     lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  method.name=")}
     assert set(lines) == {f"method.name={m},seed={s}" for m in methods for s in (0, 1, 2)}
-    # Step 0 once per loss family and seed: the families as the methods declare them, counted here.
-    families = {METHODS[m].step0_family or m for m in methods if not METHODS[m].joint}
-    assert f"step 0 trained {3 * len(families)}× for 24 trials" in printed
+    # Step 0 once per loss family and seed: three families (joint has no step 0), 9 step 0s for 24 trials.
+    assert "step 0 trained 9× for 24 trials" in printed
     assert all(lines[f"method.name=joint,seed={s}"].endswith("step 0 none (one joint step)") for s in (0, 1, 2))
     for seed in (0, 1, 2):
-        trainers = [m for m in methods if lines[f"method.name={m},seed={seed}"].endswith("step 0 trains")]
-        assert sorted(METHODS[m].step0_family or m for m in trainers) == sorted(families)
+        trainers = {m for m in methods if lines[f"method.name={m},seed={seed}"].endswith("step 0 trains")}
+        assert len(trainers) == 3 and all(len(trainers & family) == 1 for family in FAMILIES), trainers
     table = printed[printed.index("step  train imgs") :].splitlines()[1:7]
     assert [row.split()[:2] for row in table] == [["0", "7"]] + [[str(step), "1"] for step in range(1, 6)]
     assert not (out / "sweeps").exists() and not (out / "cache").exists(), "a dry run trains and records nothing"
