@@ -24,14 +24,12 @@ def confusion_on_batches(
     num_channels: int,
     device: torch.device,
     *,
-    rank: int = 0,
-    world_size: int = 1,
     amp: bool = False,
     progress: bool = False,
     total: int | None = None,
     predict: Callable[[torch.Tensor], torch.Tensor] = metrics.predict,
 ) -> np.ndarray:
-    """Accumulate the confusion matrix over the batches this rank owns (every world_size-th).
+    """Accumulate the confusion matrix over `batches` (a Train worker's share of the test rows, or all of them).
 
     Batches hold full-size images/labels whose sizes may differ; each batch runs as one forward
     pass per image size (never padded), so an image's score does not depend on its batch.
@@ -39,9 +37,7 @@ def confusion_on_batches(
     """
     model.eval()
     matrix = ConfusionMatrix(num_channels)
-    for index, batch in enumerate(progress_bar(batches, "evaluate", total=total, enabled=progress, unit="batch")):
-        if index % world_size != rank:
-            continue
+    for batch in progress_bar(batches, "evaluate", total=total, enabled=progress, unit="batch"):
         labels = batch["label"]
         for rows, logits in logits_by_size(model, batch["image"], device, amp=amp):
             matrix.accumulate(predict(logits).cpu(), torch.from_numpy(np.stack([labels[row] for row in rows])))

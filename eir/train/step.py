@@ -37,6 +37,36 @@ from eir.train.worker import CHECKPOINT_FILE, train_step_worker
 log = logging.getLogger(__name__)
 
 
+class EvalShardingConfig(DataConfig):
+    """Ray Train's data config, except that each worker scores only its share of the test rows.
+
+    Ray's default split is `streaming_split(equal=True)`, which may drop rows to even the shares out: right for
+    training, wrong for a score, whose confusion matrices the workers sum. The test set is therefore split with
+    `equal=False` (every row on exactly one worker), so no worker decodes an image another one scores.
+    """
+
+    UNEVEN = frozenset({"test"})
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: list | None,
+        worker_node_ids: list | None,
+        **kwargs,
+    ) -> list[dict]:
+        even = {name: ds for name, ds in datasets.items() if name not in self.UNEVEN}
+        shards = (
+            super().configure(even, world_size, worker_handles, worker_node_ids, **kwargs)
+            if even
+            else [{} for _ in range(world_size)]
+        )
+        for name in datasets.keys() & self.UNEVEN:
+            for shard, split in zip(shards, datasets[name].streaming_split(world_size, equal=False), strict=True):
+                shard[name] = split
+        return shards
+
+
 @dataclass
 class StepOutcome:
     confusion: np.ndarray
@@ -74,7 +104,7 @@ def run_train_step(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets={"train": train_ds, "test": eval_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=EvalShardingConfig(datasets_to_split=["train", "test"]),
     )
     try:
         with _sigint_handler_restored():

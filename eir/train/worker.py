@@ -251,7 +251,10 @@ def _split(outputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
 def _evaluate(
     core: torch.nn.Module, method: Method, plan: StepPlan, device: torch.device, rank: int, world: int, amp: bool
 ) -> list:
-    """The step's confusion matrix under the method's prediction rule, summed over the workers."""
+    """The step's confusion matrix under the method's prediction rule, summed over the workers.
+
+    Each worker scores only its own share of the test rows (`eir.train.step.EvalShardingConfig`).
+    """
     shard = ray.train.get_dataset_shard("test")
     batches = shard.iter_batches(batch_size=plan.eval_batch, batch_format="numpy")
     matrix = torch.from_numpy(
@@ -260,11 +263,9 @@ def _evaluate(
             batches,
             plan.num_channels,
             device,
-            rank=rank,
-            world_size=world,
             amp=amp,
             progress=plan.progress and rank == 0,
-            total=math.ceil(plan.num_eval_rows / plan.eval_batch),
+            total=math.ceil(plan.num_eval_rows / world / plan.eval_batch),
             predict=method.predict,
         )
     )
