@@ -286,30 +286,17 @@ def test_the_planner_resolves_the_steps_pseudo_label_rule(method: str, step: int
 
 # ---------------------------------------------------------------- a tiny run through Ray
 
-TINY = [
-    "dataset.name=synthetic",
-    "dataset.synthetic_num_images=40",
-    "dataset.synthetic_image_size=48",
-    "task.name=15-5",
-    "model.weights=null",
-    "train.epochs=2",
-    "train.epochs_incremental=1",
-    "train.batch_size=8",
-    "train.crop_size=48",
-    "train.checkpoints_to_keep=1",
-    "eval.batch_size=8",
-    "scaling.cpus_per_worker=1",
-    "method.name=plop",
-    "run.name=plop",
-]
-
 
 @pytest.mark.slow
 def test_plop_run_labels_with_the_entropy_rule_and_trains_pod(
-    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ray_session,
+    tiny_run: tuple[str, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    config = load_config(overrides=[*TINY, f"run.output_dir={tmp_path}"])
+    config = load_config(overrides=[*tiny_run, "method.name=plop", "run.name=plop", f"run.output_dir={tmp_path}"])
     document = run_experiment(config, progress=False)
     assert document["status"] == "finished" and document["method"] == "plop"
     assert document["steps"][1]["mIoU_new"] is not None

@@ -19,21 +19,6 @@ from eir.train.experiment import run_experiment
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "dataset.name=synthetic",
-    "dataset.synthetic_num_images=40",
-    "dataset.synthetic_image_size=48",
-    "task.name=15-5",
-    "model.weights=null",
-    "train.epochs=2",
-    "train.epochs_incremental=1",
-    "train.batch_size=8",
-    "train.crop_size=48",
-    "train.checkpoints_to_keep=1",
-    "eval.batch_size=8",
-    "scaling.cpus_per_worker=1",
-]
-
 
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -42,12 +27,12 @@ def output_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, output_dir: Path) -> dict[str, dict]:
+def runs(ray_session, tiny_run: tuple[str, ...], output_dir: Path) -> dict[str, dict]:
     """mib, dkd, dkd_m in that order, one output dir (one step-0 cache)."""
     documents = {}
     for method in ("mib", "dkd", "dkd_m"):
         config = load_config(
-            overrides=[*TINY, f"method.name={method}", f"run.name={method}", f"run.output_dir={output_dir}"]
+            overrides=[*tiny_run, f"method.name={method}", f"run.name={method}", f"run.output_dir={output_dir}"]
         )
         documents[method] = run_experiment(config, progress=False)
     return documents

@@ -90,23 +90,17 @@ def test_ray_trains_default_split_would_drop_a_test_row(ray_session) -> None:
     assert len(ids[0]) + len(ids[1]) < ROWS
 
 
-def test_a_two_worker_step_scores_exactly_what_one_process_scores(ray_session, tmp_path: Path) -> None:
+def test_a_two_worker_step_scores_exactly_what_one_process_scores(
+    ray_session, tiny_run: tuple[str, ...], tmp_path: Path
+) -> None:
     """Through the real trainer: two DDP workers each score their share; the summed scores equal a one-process
     re-scoring of the same model on the same split (`launch.py evaluate`)."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     overrides = [
-        "dataset.name=synthetic",
-        "dataset.synthetic_num_images=40",
-        "dataset.synthetic_image_size=48",
-        "task.name=15-5",
-        "model.weights=null",
+        *tiny_run,
         "train.epochs=1",
-        "train.epochs_incremental=1",
-        "train.batch_size=8",
-        "train.crop_size=48",
         "eval.batch_size=3",
         "scaling.num_workers=2",
-        "scaling.cpus_per_worker=1",
         "run.name=two-workers",
         f"run.output_dir={tmp_path}",
     ]
