@@ -8,9 +8,11 @@ only parses arguments and calls the library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import textwrap
 import traceback
 from pathlib import Path
@@ -43,21 +45,26 @@ USER_ERRORS = (ConfigError, DatasetError, TaskError, RunDirError, CheckpointErro
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     out = storage.resolve(args.out)
-    if args.dataset == "synthetic":
-        if not out.is_local:
-            raise DatasetError(f"--out {args.out}: the synthetic generator writes local files; give a local folder")
-        raw = Path(out.path) / "raw"
+    if args.dataset != "synthetic":
+        if not args.root:
+            raise DatasetError(f"--root is required for dataset {args.dataset!r} (the raw dataset folder)")
+        _prepare_splits(args, Path(args.root), [args.split], out)
+        return 0
+    # The generator writes files: OUT/raw/ beside the prepared splits, or a scratch folder when OUT is
+    # an object store (a cluster smoke test's data, prepared once onto the storage every node reads).
+    with contextlib.ExitStack() as scratch:
+        raw = Path(out.path) / "raw" if out.is_local else Path(scratch.enter_context(tempfile.TemporaryDirectory()))
         try:
             generate_synthetic(
                 raw, args.num_images, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
             )
         except ValueError as exc:  # bad generator arguments: a user error, not a crash
             raise DatasetError(f"prepare synthetic: {exc}") from exc
-        root, splits = raw, ["train", "val"]
-    else:
-        if not args.root:
-            raise DatasetError(f"--root is required for dataset {args.dataset!r} (the raw dataset folder)")
-        root, splits = Path(args.root), [args.split]
+        _prepare_splits(args, raw, ["train", "val"], out)
+    return 0
+
+
+def _prepare_splits(args: argparse.Namespace, root: Path, splits: list[str], out: storage.Location) -> None:
     for split in splits:
         manifest = prepare_split(
             args.dataset, root, split, out.join(split), image_scale=args.image_scale, overwrite=args.overwrite
@@ -66,7 +73,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             f"{manifest.location.uri}: {manifest.num_rows} rows, {len(manifest.shards)} shards, checksum "
             f"{manifest.checksum[:16]}"
         )
-    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

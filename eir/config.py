@@ -180,6 +180,13 @@ SHARE = Check("a share in [0, 1)", lambda v: 0 <= v < 1, (1.0, -0.1))
 CPUS = Check("a CPU count > 0 (fractions allowed)", lambda v: v > 0, (0.0, -1.0))
 SEED = Check("a seed in [0, 2**32)", lambda v: 0 <= v < SEED_LIMIT, (-1, SEED_LIMIT))
 NON_EMPTY = Check("a non-empty string", lambda v: v != "", ("",))
+# Resources Ray defines itself: a worker asks for those through scaling.use_gpu / cpus_per_worker.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+RESOURCE_NAME = Check(
+    f"null or a custom resource name: not empty, no whitespace, none of {', '.join(RAY_BUILTIN_RESOURCES)}",
+    lambda v: v is None or (v != "" and not any(c.isspace() for c in v) and v not in RAY_BUILTIN_RESOURCES),
+    ("", "CPU", "my trainer"),
+)
 ANY_TEXT = Check("any text", lambda _: True)  # free text whose meaning a cross-field rule checks
 FOLDER_NAME = Check(
     "one folder name (not '', '.' or '..'; no '/', '\\', control characters or leading/trailing spaces; "
@@ -539,6 +546,12 @@ class ScalingConfig:
     num_workers: int = knob(1, POSITIVE_INT, "Ray Train workers of each step")
     use_gpu: bool = knob(False, CHOICE, "one GPU per Train worker")
     cpus_per_worker: float = knob(1.0, CPUS, "CPUs reserved per Train worker")
+    worker_resource: str | None = knob(
+        None,
+        RESOURCE_NAME,
+        "a custom Ray resource each Train worker also requests one unit of, so workers go only to the nodes "
+        "started with it (ray start --resources='{\"NAME\": N}'; cluster/ node types); null = any node",
+    )
 
 
 @dataclass

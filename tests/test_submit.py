@@ -8,28 +8,31 @@ instances on the machine belong to other tests and runs.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import io
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from local_services import (
+    clean_env,
+    final_job_status,
+    free_port,
+    processes_of,
+    start_ray_node,
+    stop_ray_node,
+    wait_for_dashboard,
+)
 
 from eir.submit import (
     SECRET_EXCLUDES,
@@ -61,13 +64,6 @@ RUNNER = textwrap.dedent(
 )
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This environment without any Ray or MLflow settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(extra)
-    return env
-
-
 def _submit(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", RUNNER, "submit", *args],
@@ -78,12 +74,6 @@ def _submit(args: list[str], env: dict[str, str], timeout: float) -> subprocess.
         text=True,
         timeout=timeout,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- pure parts
@@ -402,8 +392,8 @@ def test_probe_gives_up_on_a_server_that_never_answers() -> None:
 
 
 def test_dead_address_fails_fast_with_exit_2_and_never_shows_the_token() -> None:
-    address = f"http://127.0.0.1:{_free_port()}"
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL)
+    address = f"http://127.0.0.1:{free_port()}"
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL)
     start = time.monotonic()
     result = _submit(["--address", address, "--", "run", "experiments/quickstart.yaml"], env, timeout=60)
     elapsed = time.monotonic() - start
@@ -419,7 +409,7 @@ def test_token_mode_sends_rays_own_header_and_hides_the_token(fake_dashboard) ->
     status[0] = 403
     result = _submit(
         ["--address", address, "--", "run", "experiments/quickstart.yaml"],
-        _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL),
+        clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=SENTINEL),
         timeout=60,
     )
     assert result.returncode == 2
@@ -438,7 +428,7 @@ def test_token_from_the_home_token_file_is_sent_and_never_shown(fake_dashboard, 
     (tmp_path / "repo" / "launch.py").write_text("print('never runs')\n")
     result = _submit(
         ["--address", address, "--working-dir", str(tmp_path / "repo"), "--", "run", "x.yaml"],
-        _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
+        clean_env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
         timeout=60,
     )
     assert result.returncode == 2, result.stderr
@@ -453,7 +443,7 @@ def test_token_from_the_home_token_file_is_sent_and_never_shown(fake_dashboard, 
 def test_token_mode_without_a_token_is_a_clear_error(tmp_path: Path) -> None:
     result = _submit(
         ["--address", "http://127.0.0.1:8265", "--", "run", "experiments/quickstart.yaml"],
-        _env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
+        clean_env(RAY_AUTH_MODE="token", HOME=str(tmp_path)),
         timeout=60,
     )
     assert result.returncode == 2
@@ -467,7 +457,7 @@ def test_a_refused_submission_exits_2_without_a_traceback(fake_dashboard, tmp_pa
     (tmp_path / "launch.py").write_text("print('never runs')\n")
     result = _submit(
         ["--address", address, "--working-dir", str(tmp_path), "--", "run", "x.yaml"],
-        _env(RAY_AUTH_MODE="disabled"),
+        clean_env(RAY_AUTH_MODE="disabled"),
         timeout=60,
     )
     assert result.returncode == 2, result.stderr
@@ -518,7 +508,7 @@ def test_the_package_ray_uploads_holds_the_code_and_no_secret(package_catcher, t
     working_dir = _working_dir(tmp_path / "repo")
     result = _submit(
         ["--address", address, "--working-dir", str(working_dir), "--", "run", "x.yaml"],
-        _env(RAY_AUTH_MODE="disabled"),
+        clean_env(RAY_AUTH_MODE="disabled"),
         timeout=120,
     )
     assert result.returncode == 2, result.stderr  # the fake dashboard refuses the job once it has the package
@@ -538,7 +528,7 @@ def test_the_package_ray_uploads_holds_the_code_and_no_secret(package_catcher, t
     "add_submit_parser" not in (REPO / "launch.py").read_text(), reason="launch.py does not wire `submit` yet"
 )
 def test_launch_py_submit_is_wired() -> None:
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run(
         [
             sys.executable,
@@ -553,7 +543,7 @@ def test_launch_py_submit_is_wired() -> None:
         ],
         check=False,
         cwd=REPO,
-        env=_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -565,115 +555,23 @@ def test_launch_py_submit_is_wired() -> None:
 # ---------------------------------------------------------------- a real cluster
 
 
-def _processes_of(session: int, gcs_port: int) -> list[int]:
-    """Our Ray instance: its session (ray start, GCS, raylet, dashboard, workers) and the job drivers
-    Ray starts in sessions of their own, recognised by RAY_ADDRESS naming our GCS port."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        state, _, _, sid = stat.rsplit(")", 1)[1].split()[:4]
-        if state == "Z":  # exited, waiting to be reaped
-            continue
-        if int(sid) == session or any(
-            v.startswith(b"RAY_ADDRESS=") and v.endswith(f":{gcs_port}".encode()) for v in environ
-        ):
-            found.append(int(entry))
-    return found
-
-
-def _stop_ray(head: subprocess.Popen[bytes], gcs_port: int) -> None:
-    """SIGTERM `ray start --block` (it shuts its node down), then SIGKILL whatever of ours is left."""
-    head.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=20)
-    for pid in _processes_of(head.pid, gcs_port):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    head.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while _processes_of(head.pid, gcs_port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(f"{address}/api/version", headers={"authorization": f"Bearer {token}"})
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    pytest.fail(f"the dashboard at {address} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
-def _final_status(address: str, token: str, job_id: str, timeout_s: float) -> str:
-    """The job's status once it is terminal, read from the dashboard's REST API (no Ray in this process)."""
-    request = urllib.request.Request(f"{address}/api/jobs/{job_id}", headers={"authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            status = json.loads(response.read())["status"]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
-            return status
-        time.sleep(1)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_property) -> None:
     """A real head in token mode, a real submission of a tiny synthetic run, its results.json read back;
     then, on the same head, a job that fails (exit 1 with its message) and a --no-wait submission."""
     token = "eir-e2e-token-9d3b7c41"
-    venv_bin = Path(sys.executable).parent
-    temp_dir = tempfile.mkdtemp(prefix="eir-rt-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    dashboard_port = free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
-    head_env = _env(
-        PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's python
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        RAY_USAGE_STATS_ENABLED="0",
-        # Ray's memory monitor counts the whole machine, where other runs share the memory: off here.
-        RAY_memory_monitor_refresh_ms="0",
-    )
-    log = tmp_path / "ray-head.log"
-    with log.open("wb") as out:
-        head = subprocess.Popen(
-            [
-                str(venv_bin / "ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--port={gcs_port}",
-                f"--dashboard-port={dashboard_port}",
-                "--dashboard-host=127.0.0.1",
-                "--include-dashboard=true",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--ray-client-server-port={_free_port()}",
-                "--num-cpus=8",
-                "--object-store-memory=300000000",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-            ],
-            env=head_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    node_env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head = start_ray_node(tmp_path / "ray-head.log", node_env, dashboard_port=dashboard_port, num_cpus=8)
     try:
-        _wait_for_dashboard(address, token, head, log, timeout_s=180)
+        wait_for_dashboard(address, token, head, timeout_s=180)
         output_dir = tmp_path / "runs"
         mlflow_db = tmp_path / "passed-through.db"
-        client_env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}")
+        client_env = clean_env(
+            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}"
+        )
         start = time.monotonic()
         result = _submit(
             [
@@ -724,9 +622,9 @@ def test_submit_runs_a_real_job_on_a_token_cluster(tmp_path: Path, record_proper
         assert detached.returncode == 0, (detached.stdout + detached.stderr)[-4000:]
         job_id = re.search(r"submitted job (raysubmit_\w+)", detached.stdout).group(1)
         assert "not waiting" in detached.stdout and "Running entrypoint" not in detached.stdout
-        assert _final_status(address, token, job_id, timeout_s=120) == "FAILED"
+        assert final_job_status(address, token, job_id, timeout_s=120) == "FAILED"
         assert token not in failed.stdout + failed.stderr + detached.stdout + detached.stderr
     finally:
-        _stop_ray(head, gcs_port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert _processes_of(head.pid, gcs_port) == []
+        stop_ray_node(head)
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+    assert processes_of(head.process.pid, head.gcs_port) == []

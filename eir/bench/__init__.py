@@ -43,7 +43,7 @@ def _performance(name: str) -> Callable[..., Any]:
 
 
 BENCHMARKS: dict[str, Callable[..., Any]] = {
-    **{name: _performance(name) for name in ("pipeline", "iteration", "memory_store", "sweep_cache", "scaling")},
+    **{name: _performance(name) for name in ("pipeline", "iteration", "memory_store", "sweep_cache", "scaling", "gpu")},
     "accuracy_camvid": _accuracy("accuracy_camvid"),
     "accuracy_synthetic": _accuracy("accuracy_synthetic"),
 }

@@ -75,6 +75,7 @@ def _throughput(
             num_workers=num_workers,
             use_gpu=use_gpu,
             cpus_per_worker=threads,
+            worker_resource=None,
             checkpoints_to_keep=1,
             max_failures=0,
         )

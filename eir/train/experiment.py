@@ -371,6 +371,7 @@ def _train(exp: Experiment, design: StepDesign, memory: Memory | None) -> Traine
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
         cpus_per_worker=cfg.scaling.cpus_per_worker,
+        worker_resource=cfg.scaling.worker_resource,
         checkpoints_to_keep=cfg.train.checkpoints_to_keep,
         max_failures=cfg.train.max_failures,
     )

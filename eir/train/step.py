@@ -75,6 +75,11 @@ class StepOutcome:
     restarts: int  # times Ray Train restarted the worker group from a checkpoint
 
 
+def worker_resources(cpus: float, use_gpu: bool, custom: str | None) -> dict[str, float]:
+    """What each Train worker reserves: its CPUs, a GPU with scaling.use_gpu, one unit of scaling.worker_resource."""
+    return {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {}), **({custom: 1.0} if custom else {})}
+
+
 def run_train_step(
     plan: StepPlan,
     train_ds: ray.data.Dataset,
@@ -84,6 +89,7 @@ def run_train_step(
     num_workers: int,
     use_gpu: bool,
     cpus_per_worker: float,
+    worker_resource: str | None,
     checkpoints_to_keep: int,
     max_failures: int,
 ) -> StepOutcome:
@@ -94,7 +100,7 @@ def run_train_step(
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker=worker_resources(cpus_per_worker, use_gpu, worker_resource),
         ),
         run_config=RunConfig(
             logging_config=LoggingConfig(log_level=train_log_level()),

@@ -58,6 +58,7 @@ from eir.train import cache
 from eir.train.experiment import run_experiment, step0_cache_entry
 from eir.train.resolved import resolve
 from eir.train.results import step_table
+from eir.train.step import worker_resources
 from eir.weights import imagenet_file
 
 log = logging.getLogger(__name__)
@@ -288,8 +289,10 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
 
 def trial_demand(config: ExperimentConfig) -> dict[str, float]:
     """What one trial occupies while it trains: its Train workers plus its data tasks."""
-    cpus = config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus_per_worker
-    return {"CPU": cpus, "GPU": float(config.scaling.num_workers) if config.scaling.use_gpu else 0.0}
+    scaling = config.scaling
+    per_worker = worker_resources(scaling.cpus_per_worker, scaling.use_gpu, scaling.worker_resource)
+    demand = {kind: scaling.num_workers * amount for kind, amount in per_worker.items()}
+    return {**demand, "CPU": demand["CPU"] + config.data.num_cpus_per_worker, "GPU": demand.get("GPU", 0.0)}
 
 
 def default_concurrency(config: ExperimentConfig, resources: dict[str, float], cores: int | None = None) -> int:

@@ -21,6 +21,7 @@ def test_every_benchmark_of_the_issue_is_a_command() -> None:
         "memory_store",
         "sweep_cache",
         "scaling",
+        "gpu",
         "accuracy_camvid",
         "accuracy_synthetic",
     }

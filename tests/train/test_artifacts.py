@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +18,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
+from local_services import s3_server
 
 from eir import storage
 from eir.config import load_config
@@ -107,28 +102,8 @@ def test_step_artifacts_for_a_local_run_dir(exp: Experiment, tracking_uri: str, 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                os.killpg(process.pid, signal.SIGKILL)
-                pytest.fail("the moto S3 server did not start within 60 s")
-            time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}"
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.mark.slow  # a moto server and S3 round trips

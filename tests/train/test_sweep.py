@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+from local_services import mlflow_server as start_mlflow_server
 
 from eir.config import ConfigError, load_config
 from eir.report import write_report
@@ -307,66 +308,17 @@ def test_default_concurrency_leaves_room_for_every_trainer() -> None:
     assert default_concurrency(config, {"CPU": 16}, cores=10) == 2
     assert default_concurrency(config, {"CPU": 8}, cores=2) == 1
     assert default_concurrency(config, {"CPU": 8}, cores=64) == 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    # workers pinned to nodes with a custom resource: its units decide (2 workers need 2 "trainer" units)
+    pinned = load_config(overrides=["scaling.num_workers=2", "scaling.worker_resource=trainer", "train.batch_size=8"])
+    assert default_concurrency(pinned, {"CPU": 64, "trainer": 4}) == 2
+    assert default_concurrency(pinned, {"CPU": 64}) == 1, "none anywhere: one trial, which waits for a node"
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real tracking server on 127.0.0.1 with a sqlite backend and an artifact root, stopped afterwards.
-
-    Start-up is slow on a loaded 2-core machine (measured: 9 s idle, 72 s beside a training run), so
-    the wait is generous but ends at once if the server exits, showing its log.
-    """
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log_path = folder / "server.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                f"sqlite:///{folder / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(folder / "artifacts"),
-                "--workers",
-                "1",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with code {process.returncode}:\n{log_path.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"mlflow server did not start within 240 s:\n{log_path.read_text()[-2000:]}")
-    yield uri
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # a loaded machine: stop it for sure
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real tracking server on 127.0.0.1 with a sqlite backend and an artifact root, stopped afterwards."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 @pytest.mark.slow
