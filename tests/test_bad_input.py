@@ -4,7 +4,7 @@ The readers, the task logic and the config each test their own errors in detail 
 test_tasks.py, test_config.py, tests/replay); this module drives the same mistakes through the
 command line, so each one is known to reach the user as one clear line (exit code 2, no
 traceback) naming the file, key or value and what was expected. A one-class step without a
-NaN anywhere needs a real run: tests/train/test_object_store_run.py (task 19-1).
+NaN anywhere needs a real run: tests/test_multinode.py (task 19-1).
 """
 
 from __future__ import annotations
