@@ -275,10 +275,13 @@ def _non_finite(value, where: str = "") -> list[str]:
 def test_a_lost_node_is_replaced_and_the_step_resumes_from_its_checkpoint(
     cluster: Cluster, tmp_path: Path, record_property
 ) -> None:
-    """The trainer node's raylet is killed after step 0's first epoch checkpoint; a new node joins."""
+    """The trainer node's raylet is killed after step 0's first epoch checkpoint; a new node joins.
+
+    Step 0 has 8 epochs so that, on an idle machine too (1–2 s per epoch), the kill lands inside step 0.
+    """
     run = "node_lost"
     submitted = _submit(
-        cluster, _run_args(run, "15-5", "train.epochs=3", "train.max_failures=1"), wait=False, timeout=300
+        cluster, _run_args(run, "15-5", "train.epochs=8", "train.max_failures=1"), wait=False, timeout=300
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = _job_id(submitted)
