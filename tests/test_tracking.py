@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 import pyarrow.fs as pafs
 import pytest
+from local_services import free_port
 
 from eir import storage
 from eir.config import ConfigError, inactive_keys, load_config
@@ -85,12 +86,6 @@ def _own_http_limits(monkeypatch) -> Iterator[None]:
         os.environ.pop(name, None)
         if value is not None:
             os.environ[name] = value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_dead_tracking_server_fails_in_seconds(tmp_path: Path, monkeypatch) -> None:
