@@ -14,8 +14,11 @@ logical CPUs of the local instance), the DataLoader with one single-threaded wor
 the DataLoader runs the very same `SampleMaker`, so the comparison is of the two ways of running
 one transform. "Per CPU" divides by the machine's cores. Each is timed after a
 warm-up run (worker start-up and the once-per-step store decode excluded for both); a timed
-run covers several epochs the way the trainer consumes them: the DataLoader epoch after epoch,
-Ray as one stream holding every epoch.
+run covers the step's own epoch count (`train.epochs_incremental`) the way the trainer
+consumes them: the DataLoader epoch after epoch, Ray as one stream holding every epoch. That
+count matters: each Ray Data execution starts with ~1 s at one task (RAY_NOTES.md), a cost a
+step pays once, so timing fewer epochs than a step has would overstate it. `--quick` times
+fewer images over the same epochs.
 Keys: `paste_slowdown` (paste / plain time per image), `ray_vs_dataloader` (Ray img/s / DataLoader img/s).
 """
 
@@ -138,7 +141,7 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
     cpus = os.cpu_count() or 1
     batch = config.train.batch_size // config.scaling.num_workers
     ids = list(exp.train_splits.step_ids(1))
-    images, epochs = (64, 3) if quick else (len(ids), 3)
+    images, epochs = (96 if quick else len(ids)), config.train.epochs_incremental
     ids = ids[:images]
     store, _ = build_store(
         read_rows(exp.train_manifest, exp.train_splits.step_ids(0)).to_pylist(),

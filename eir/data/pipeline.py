@@ -161,8 +161,8 @@ class SampleMaker:
         if spec.paste is not None and self.arrays:
             # Potential classes are those the pseudo-labels see but the ground truth lacks, so
             # paste before the pseudo-labels are merged into the label.
-            hwc, paste_class, paste_weight, _ = paste_instances(
-                np.ascontiguousarray(image_c.transpose(1, 2, 0)),
+            image_c, paste_class, paste_weight, _ = paste_instances(
+                image_c,
                 label_c,
                 pseudo_c if pseudo_c is not None else np.zeros_like(label_c),
                 self.arrays,
@@ -171,8 +171,8 @@ class SampleMaker:
                 spec.paste,
                 self.rng,
                 scaled_cache=self.scaled_cache,
+                channels_first=True,
             )
-            image_c = hwc.transpose(2, 0, 1)
         if pseudo_c is not None:
             label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8)
         samples = [Sample(image_c, label_c, paste_class, paste_weight, pseudo_c)]

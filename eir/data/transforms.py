@@ -37,13 +37,18 @@ class JointAugment:
         )
 
     def __call__(self, image: np.ndarray, *maps: np.ndarray) -> tuple[np.ndarray, ...]:
-        """image H x W x 3 uint8, maps H x W uint8 → image 3 x crop x crop uint8, maps crop x crop."""
+        """image H x W x 3 uint8, maps H x W uint8 → image 3 x crop x crop uint8, maps crop x crop.
+
+        The maps travel as one stacked mask: one resize and one flip for all of them instead of a
+        torchvision dispatch per map (the same nearest-neighbour pixels either way).
+        """
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        masks = [tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(m))) for m in maps]
-        out = self.transform(img, *masks)
-        if not masks:
-            out = (out,)
-        return tuple(np.asarray(t) for t in out)
+        if not maps:
+            return (np.asarray(self.transform(img)),)
+        stacked = tv_tensors.Mask(torch.from_numpy(np.stack(maps)))
+        image_out, maps_out = self.transform(img, stacked)
+        maps_np = np.asarray(maps_out)
+        return (np.asarray(image_out), *(maps_np[i] for i in range(len(maps))))
 
 
 def center_crop_eval(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,11 +72,12 @@ def potential_classes(label: np.ndarray, pseudo: np.ndarray, k: int) -> list[int
     Ties go to the smaller channel, so the result does not depend on anything random.
     `label` is the step's ground truth *before* pseudo-labels are merged into it.
     """
-    pseudo_counts = np.bincount(pseudo.ravel(), minlength=256)
-    in_label = np.bincount(label.ravel(), minlength=256) > 0
-    channels = [c for c in np.flatnonzero(pseudo_counts) if c not in (0, IGNORE_LABEL) and not in_label[c]]
-    channels.sort(key=lambda c: (-pseudo_counts[c], c))
-    return [int(c) for c in channels[:k]]
+    counts = np.bincount(pseudo.ravel(), minlength=256)
+    counts[[0, IGNORE_LABEL]] = 0
+    counts[np.bincount(label.ravel(), minlength=256) > 0] = 0
+    channels = np.flatnonzero(counts)
+    order = np.lexsort((channels, -counts[channels]))  # most pixels first, then the smaller channel
+    return channels[order][:k].tolist()
 
 
 def rank_cells(label: np.ndarray, pseudo: np.ndarray, grid: int = 2) -> list[tuple[int, int, int, int]]:
@@ -119,11 +120,15 @@ def _choose_channels(
 
 
 def _scaled(crop: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the longer side equals `side`, keeping the aspect ratio (bilinear / nearest)."""
+    """Resize so the longer side equals `side`, keeping the aspect ratio (bilinear / nearest).
+
+    The instance comes back as float32, the form `_blend` computes in, so a cached instance is
+    converted once per step rather than once per paste.
+    """
     height, width = mask.shape
     factor = side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    crop_out = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BILINEAR))
+    crop_out = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.BILINEAR), dtype=np.float32)
     mask_img = Image.fromarray(mask.astype(np.uint8) * 255)
     mask_out = np.asarray(mask_img.resize(size, Image.NEAREST)) > 127
     return crop_out, mask_out
@@ -132,11 +137,13 @@ def _scaled(crop: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, 
 def _blend(region: np.ndarray, instance: np.ndarray, inside: np.ndarray, lam: float) -> None:
     """region = λ·instance + (1 − λ)·region inside the mask, rounded, in place on the output copy.
 
-    Computed as region + λ·(instance − region) over the whole box in float32 and copied back
-    where the mask is set: a third of the cost of boolean indexing on float64 pixels.
+    `region` is an h x w x 3 uint8 view (possibly strided: a channels-first image seen as HWC) and
+    `instance` h x w x 3 float32. Computed as region + λ·(instance − region) over the whole box in
+    float32 and copied back where the mask is set: a third of the cost of boolean indexing on
+    float64 pixels.
     """
     base = region.astype(np.float32)
-    blended = base + np.float32(lam) * (instance.astype(np.float32) - base)
+    blended = base + np.float32(lam) * (instance - base)
     np.copyto(region, np.clip(np.rint(blended), 0, 255).astype(np.uint8), where=inside[..., None])
 
 
@@ -150,12 +157,15 @@ def paste_instances(
     config: PasteConfig,
     rng: np.random.Generator,
     scaled_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    channels_first: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Paste stored instances into one crop (METHOD.md §3.3); the inputs are not modified.
 
-    image: H x W x 3 uint8; label: H x W uint8 step-t channels (255 ignore), without the
-    pseudo-labels; pseudo: H x W uint8 old channels (0 = none). `store_index_by_channel`
-    maps a channel to rows of `store_arrays` (see `index_by_channel`).
+    image: H x W x 3 uint8 (3 x H x W with `channels_first`, the layout the training stream
+    crops in: pasting through a strided HWC view of it spares two full-image transposes);
+    label: H x W uint8 step-t channels (255 ignore), without the pseudo-labels;
+    pseudo: H x W uint8 old channels (0 = none). `store_index_by_channel` maps a channel to
+    rows of `store_arrays` (see `index_by_channel`).
     Returns (image, paste_class uint8 with 255 = no paste, paste_weight float16 = λ where
     pasted and 0 elsewhere, one dict per paste: channel, index, cell, bbox, lambda).
     The instances of one image land in different cells and never overlap; were they to,
@@ -163,12 +173,15 @@ def paste_instances(
     side across calls: with a fixed crop the cells never change size, so a data worker resizes
     an instance once per step instead of once per paste (resizing was half of the paste's cost).
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != label.shape or pseudo.shape != label.shape:
+    hwc_shape = image.shape[1:] + image.shape[:1] if channels_first and image.ndim == 3 else image.shape
+    if len(hwc_shape) != 3 or hwc_shape[2] != 3 or hwc_shape[:2] != label.shape or pseudo.shape != label.shape:
+        layout = "3 x H x W" if channels_first else "H x W x 3"
         raise ValueError(
             f"paste: image {image.shape}, label {label.shape}, pseudo {pseudo.shape}; "
-            "expected H x W x 3 and two H x W maps"
+            f"expected {layout} and two H x W maps"
         )
     out = image.copy()
+    pixels = out.transpose(1, 2, 0) if channels_first else out  # an HWC view of the output
     paste_class = np.full(label.shape, NO_PASTE, dtype=np.uint8)
     paste_weight = np.zeros(label.shape, dtype=np.float16)
     pasted: list[dict[str, Any]] = []
@@ -192,7 +205,7 @@ def paste_instances(
         y1, x1 = min(cy0 + inst_mask.shape[0], label.shape[0]), min(cx0 + inst_mask.shape[1], label.shape[1])
         inside = inst_mask[: y1 - cy0, : x1 - cx0]
         lam = 1.0 if config.hard else float(rng.uniform(0.0, 1.0))
-        _blend(out[cy0:y1, cx0:x1], inst[: y1 - cy0, : x1 - cx0], inside, lam)
+        _blend(pixels[cy0:y1, cx0:x1], inst[: y1 - cy0, : x1 - cx0], inside, lam)
         paste_class[cy0:y1, cx0:x1][inside] = channel
         paste_weight[cy0:y1, cx0:x1][inside] = lam
         pasted.append({"channel": channel, "index": index, "cell": cell, "bbox": (cy0, cx0, y1, x1), "lambda": lam})

@@ -234,28 +234,49 @@ def test_config_is_validated():
         _paste(image, label[:4], pseudo, arrays, index)
 
 
+def _random_store(rng: np.random.Generator, channels=(1, 2, 3), width=9):
+    """Random instances of varied heights with random masks, identity class → channel LUT."""
+    arrays = [
+        (c, rng.integers(0, 255, (5 + c, width, 3), dtype=np.uint8), rng.random((5 + c, width)) > 0.3) for c in channels
+    ]
+    return arrays, index_by_channel(np.array(channels), np.arange(256, dtype=np.uint8))
+
+
+def _seeded_paste(image, label, pseudo, arrays, index, seed, **options):
+    return paste_instances(
+        image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed), **options
+    )
+
+
 def test_scaled_cache_changes_nothing_but_the_work():
     rng = np.random.default_rng(3)
-    arrays = [(c, rng.integers(0, 255, (5 + c, 9, 3), dtype=np.uint8), rng.random((5 + c, 9)) > 0.3) for c in (1, 2, 3)]
-    index = index_by_channel(np.array([1, 2, 3]), np.arange(256, dtype=np.uint8))
+    arrays, index = _random_store(rng)
     image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
     label, pseudo = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
     cache: dict = {}
     for seed in range(4):
-        plain = paste_instances(
-            image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed)
-        )
-        cached = paste_instances(
-            image,
-            label,
-            pseudo,
-            arrays,
-            index,
-            [1, 2, 3],
-            PasteConfig(),
-            np.random.default_rng(seed),
-            scaled_cache=cache,
-        )
+        plain = _seeded_paste(image, label, pseudo, arrays, index, seed)
+        cached = _seeded_paste(image, label, pseudo, arrays, index, seed, scaled_cache=cache)
         for a, b in zip(plain[:3], cached[:3]):
             np.testing.assert_array_equal(a, b)
     assert cache and all(side == 8 for _, side in cache), "instances are cached per (index, cell side)"
+
+
+def test_channels_first_pastes_the_same_pixels():
+    """The training stream pastes into its 3 x H x W crop directly: the same result as pasting the HWC image."""
+    rng = np.random.default_rng(5)
+    arrays, index = _random_store(rng, width=7)
+    image = rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)
+    label, pseudo = np.zeros((16, 20), np.uint8), np.zeros((16, 20), np.uint8)
+    pseudo[:4, :4] = 2
+    chw_image = np.ascontiguousarray(image.transpose(2, 0, 1))
+    for seed in range(4):
+        hwc = _seeded_paste(image, label, pseudo, arrays, index, seed)
+        chw = _seeded_paste(chw_image, label, pseudo, arrays, index, seed, channels_first=True)
+        assert hwc[3] and chw[3] == hwc[3]
+        np.testing.assert_array_equal(chw[0], hwc[0].transpose(2, 0, 1))
+        for a, b in zip(hwc[1:3], chw[1:3]):
+            np.testing.assert_array_equal(a, b)
+        assert np.array_equal(chw_image, image.transpose(2, 0, 1)), "the input is not modified"
+    with pytest.raises(ValueError, match="3 x H x W"):
+        _seeded_paste(image, label, pseudo, arrays, index, 0, channels_first=True)
