@@ -36,7 +36,7 @@ from eir.train.preview import write_preview
 from eir.train.pseudo_quality import quality_table, score_pseudo_labels
 from eir.train.rundir import RunDirError
 from eir.train.sweep import dry_run_sweep, run_sweep
-from eir.visualize import pseudo_recall_figure
+from eir.visualize import pseudo_quality_figure
 
 log = logging.getLogger("eir")
 # Bad input: one `error:` line and exit 2 (OSError and RayStartError too, see `main`).
@@ -108,15 +108,17 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_pseudo_labels(args: argparse.Namespace) -> int:
-    document = score_pseudo_labels(args.run_dir, out=args.out)
+    documents = [score_pseudo_labels(run_dir) for run_dir in args.run_dirs]
+    if args.out:
+        storage.write_json_atomic(
+            storage.resolve(args.out), documents[0] if len(documents) == 1 else {"runs": documents}
+        )
     if args.plot:
-        pseudo_recall_figure(document, args.plot)
+        pseudo_quality_figure(documents, args.plot)
         print(f"wrote {args.plot}")
-    print(
-        f"pseudo-labels of {document['run']} (threshold {document['threshold']}) against the complete training "
-        "labels, %"
-    )
-    print(quality_table(document))
+    for document in documents:
+        print(f"pseudo-labels of {document['run']} ({document['rule_label']}) against the complete training labels, %")
+        print(quality_table(document))
     return 0
 
 
@@ -265,15 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo = sub.add_parser(
         "pseudo-labels",
         help="score a run's stored pseudo-labels against the complete training labels (recall/precision per old class)",
-        description="For each incremental step of RUN_DIR with stored pseudo-labels (eir, eir_no_rskd), count how many "
-        "old-class pixels of the step's training images the pseudo-labels recover (recall) and how many of the pixels "
-        "they claim are right (precision), overall and per old class. An oracle diagnostic: it uses the dataset's "
-        "complete labels, which training never sees; meaningful where those are complete (overlapped CamVid, VOC, "
-        "ADE).",
+        description="For each incremental step of RUN_DIR with stored pseudo-labels (eir, eir_no_rskd, plop), count "
+        "how many old-class pixels of the step's training images the pseudo-labels recover (recall) and how many of "
+        "the pixels they claim are right (precision), overall and per old class, with each class's threshold under a "
+        "per-class rule. Several RUN_DIRs (e.g. the same run under pseudo.rule=score and score_quantile) are scored "
+        "and plotted side by side. An oracle diagnostic: it uses the dataset's complete labels, which training never "
+        "sees; meaningful where those are complete (overlapped CamVid, VOC, ADE).",
     )
-    pseudo.add_argument("run_dir", help="a run directory <run.output_dir>/<run.name>")
-    pseudo.add_argument("--out", default=None, help="also write the numbers as JSON here")
-    pseudo.add_argument("--plot", default=None, help="also draw each old class's recall per step to this PNG")
+    pseudo.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories <run.output_dir>/<run.name>")
+    pseudo.add_argument(
+        "--out", default=None, help='also write the numbers as JSON here (several runs: {"runs": [...]})'
+    )
+    pseudo.add_argument(
+        "--plot", default=None, help="also draw each old class's recall and precision per step, a column per run"
+    )
     pseudo.set_defaults(func=_cmd_pseudo_labels)
 
     sweep = sub.add_parser(

@@ -257,9 +257,9 @@ def _pseudo_labels(config: ExperimentConfig) -> bool:
     return config.pseudo.enabled
 
 
-def _pseudo_rule_is(rule: str) -> Callable[[ExperimentConfig], bool]:
-    """`active=` of a setting of one pseudo-label rule: active when pseudo-labels are on and use that rule."""
-    return lambda config: config.pseudo.enabled and config.pseudo.rule == rule
+def _pseudo_rule_is(*rules: str) -> Callable[[ExperimentConfig], bool]:
+    """`active=` of a setting of some pseudo-label rules: active when pseudo-labels are on and use one of them."""
+    return lambda config: config.pseudo.enabled and config.pseudo.rule in rules
 
 
 def _pastes(config: ExperimentConfig) -> bool:
@@ -356,17 +356,27 @@ class PseudoConfig:
     threshold: float = knob(
         0.7,
         Check("a sigmoid score in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
-        "sigmoid score a pseudo-label needs (pseudo.rule=score)",
-        active=_pseudo_rule_is("score"),
+        "sigmoid score a pseudo-label needs (pseudo.rule=score); the most any class's threshold can be "
+        "(pseudo.rule=score_quantile)",
+        active=_pseudo_rule_is("score", "score_quantile"),
     )
-    rule: Literal["score", "median_entropy"] = knob(
+    rule: Literal["score", "median_entropy", "score_quantile"] = knob(
         "score",
         CHOICE,
         "which old-model predictions become pseudo-labels: score = the best old foreground class whose sigmoid "
         "reaches pseudo.threshold (EIR); median_entropy = the old argmax class where the normalised entropy is "
         "below that class's median over the step's background pixels, other background pixels ignored (PLOP; "
-        "METHOD.md §4.1)",
+        "METHOD.md §4.1); score_quantile = the old argmax class c where its sigmoid reaches "
+        "min(pseudo.threshold, the pseudo.quantile-quantile of c's score over the step's background pixels the "
+        "old model predicts as c), per-class thresholds for sigmoid heads (METHOD.md §3.3)",
         active=_pseudo_labels,
+    )
+    quantile: float = knob(
+        0.5,
+        Check("a number in (0, 1)", lambda v: 0 < v < 1, (0.0, 1.0)),
+        "score_quantile: which quantile of a class's scores sets its threshold (0.5: the median, so at least "
+        "half of the background pixels the old model predicts as the class are labelled)",
+        active=_pseudo_rule_is("score_quantile"),
     )
     entropy_floor: float = knob(
         0.001,

@@ -167,29 +167,44 @@ def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
     save_figure(fig, path)
 
 
-def pseudo_recall_figure(document: dict, path) -> None:
-    """Pseudo-label recall of each old class after each step (`launch.py pseudo-labels`), with the
-    pixel-weighted recall of all old classes in black: a falling line is forgetting in the making."""
-    steps = [s["step"] for s in document["steps"]]
-    classes = list(dict.fromkeys(name for s in document["steps"] for name in s["per_class"]))
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name in classes:
-        points = [
-            (s["step"], s["per_class"][name]["recall"])
-            for s in document["steps"]
-            if s["per_class"].get(name, {}).get("recall") is not None
-        ]
-        if points:
-            ax.plot(*zip(*points), marker="o", linewidth=1, label=name)
-    ax.plot(
-        steps, [s["recall_old"] for s in document["steps"]], color="black", linewidth=2.5, marker="s", label="all old"
-    )
-    ax.set_title(f"{document['dataset']} {document['task']} {document['method']}: pseudo-label recall", fontsize=9)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("step")
-    ax.set_ylabel("old-class pixels recovered (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
+    """Pseudo-label recall (top) and precision (bottom) of each old class after each step (`launch.py
+    pseudo-labels`), one column per run — the same run under two pseudo-label rules side by side — with the
+    pixel-weighted value over all old classes in black: a falling recall line is forgetting in the making."""
+    fig, axes = plt.subplots(2, len(documents), figsize=(5.2 * len(documents) + 1.6, 6.4), squeeze=False, sharey=True)
+    for column, document in enumerate(documents):
+        steps = [s["step"] for s in document["steps"]]
+        classes = list(dict.fromkeys(name for s in document["steps"] for name in s["per_class"]))
+        for row, (key, overall, label) in enumerate(
+            (
+                ("recall", "recall_old", "old-class pixels recovered (%)"),
+                ("precision", "precision_old", "claimed pixels right (%)"),
+            )
+        ):
+            ax = axes[row][column]
+            for name in classes:
+                points = [
+                    (s["step"], s["per_class"][name][key])
+                    for s in document["steps"]
+                    if s["per_class"].get(name, {}).get(key) is not None
+                ]
+                if points:
+                    ax.plot(*zip(*points), marker="o", linewidth=1, label=name)
+            values = [(step, s[overall]) for step, s in zip(steps, document["steps"]) if s[overall] is not None]
+            if values:
+                ax.plot(*zip(*values), color="black", linewidth=2.5, marker="s", label="all old")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+            if column == 0:
+                ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(
+                    f"{document['dataset']} {document['task']} {document['method']}\n{document['rule_label']}",
+                    fontsize=9,
+                )
+            else:
+                ax.set_xlabel("step")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.0))
     fig.tight_layout()
     save_figure(fig, path)

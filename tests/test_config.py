@@ -503,12 +503,14 @@ EXTRA_READERS = {
     "paste": BCE_FAMILY,
     "instance replay": BCE_FAMILY,
     "score pseudo-labels": BCE_FAMILY,
+    "quantile pseudo-labels": BCE_FAMILY,
     "entropy pseudo-labels": {"plop"},
 }
 EXTRA_OVERRIDES = {
     "paste": ["memory.kind=instances", "paste.enabled=true", "replay.ratio=0.0"],
     "instance replay": ["memory.kind=instances", "paste.enabled=false", "replay.ratio=0.2"],
     "score pseudo-labels": ["pseudo.enabled=true", "pseudo.rule=score"],
+    "quantile pseudo-labels": ["pseudo.enabled=true", "pseudo.rule=score_quantile"],
     "entropy pseudo-labels": ["pseudo.enabled=true", "pseudo.rule=median_entropy"],
 }
 

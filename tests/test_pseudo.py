@@ -11,16 +11,21 @@ import torch
 
 from eir.labels import REJECTED_PSEUDO
 from eir.pseudo import (
+    SCORE_BINS,
     EntropyThresholds,
     PseudoRule,
+    ScoreThresholds,
     entropy_histogram,
     entropy_pseudo_labels,
     histogram_medians,
+    histogram_quantiles,
     merge_pseudo,
     normalised_entropy,
     plop_entropy_floor,
     pseudo_label_quality,
     pseudo_labels,
+    quantile_pseudo_labels,
+    score_histogram,
 )
 
 
@@ -206,3 +211,70 @@ def test_rule_for_a_step() -> None:
         PseudoRule.for_step("median_entropy", threshold=0.6, entropy_floor=0.001, old_channels=250, num_channels=255)
     with pytest.raises(ValueError, match="unknown pseudo.rule 'best'"):
         PseudoRule.for_step("best", threshold=0.6, entropy_floor=0.001, old_channels=2, num_channels=3)
+
+
+def test_histogram_quantile_matches_the_exact_quantile_of_the_samples() -> None:
+    samples = np.random.default_rng(1).beta(2, 5, 20_000)
+    histogram = np.histogram(samples, bins=SCORE_BINS, range=(0, 1))[0][None]
+    for q in (0.1, 0.5, 0.9):
+        assert histogram_quantiles(histogram, q)[0] == pytest.approx(np.quantile(samples, q), abs=1e-3)
+    assert np.isnan(histogram_quantiles(np.zeros((1, 4), np.int64), 0.5)[0])
+    with pytest.raises(ValueError, match="quantile"):
+        histogram_quantiles(histogram, 1.0)
+
+
+def _per_pixel_score_reference(logits: torch.Tensor, label: torch.Tensor):
+    """Pixel by pixel, in plain Python: (prediction, its sigmoid score) of each background pixel the old model
+    predicts as a foreground channel."""
+    found = []
+    for b in range(logits.shape[0]):
+        for y in range(logits.shape[2]):
+            for x in range(logits.shape[3]):
+                values = logits[b, :, y, x].tolist()
+                best = max(range(len(values)), key=lambda c: (values[c], -c))
+                if label[b, y, x] == 0 and best > 0:
+                    found.append((b, y, x, best, 1 / (1 + math.exp(-values[best]))))
+    return found
+
+
+def test_score_histogram_counts_what_the_old_model_predicts_on_background() -> None:
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 4, 5, 6) * 3, torch.randint(0, 3, (2, 5, 6))
+    label[0, :2] = 0
+    histogram = score_histogram(logits, label, bins=10)
+    expected = np.zeros((4, 10), np.int64)
+    for _, _, _, channel, score in _per_pixel_score_reference(logits, label):
+        expected[channel, min(int(score * 10), 9)] += 1
+    assert np.array_equal(histogram, expected) and histogram[0].sum() == 0
+    assert np.array_equal(score_histogram(logits, torch.full_like(label, 255)), np.zeros((4, SCORE_BINS), np.int64))
+
+
+def test_score_thresholds_are_the_quantiles_capped_by_the_global_threshold() -> None:
+    histogram = np.zeros((4, 10), np.int64)
+    histogram[1, 9] = 10  # channel 1: scores in [0.9, 1): its quantile is above the cap
+    histogram[2, 2] = 4  # channel 2: scores in [0.2, 0.3): the median 0.25 sets τ
+    found = ScoreThresholds.from_histogram(histogram, quantile=0.5, cap=0.7)
+    assert found.thresholds == pytest.approx((0.7, 0.7, 0.2, 0.7))  # the median's bin [0.2, 0.3)
+    assert found.quantiles[0] is None and found.quantiles[3] is None and found.pixels == (0, 10, 4, 0)
+    with pytest.raises(ValueError, match="cap"):
+        ScoreThresholds.from_histogram(histogram, quantile=0.5, cap=1.0)
+
+
+def test_quantile_pseudo_labels_follow_the_per_class_thresholds() -> None:
+    torch.manual_seed(1)
+    logits, label = torch.randn(2, 4, 6, 7) * 3, torch.randint(0, 3, (2, 6, 7))
+    tau = [0.7, 0.95, 0.3, 0.6]
+    chosen = quantile_pseudo_labels(logits, label, tau)
+    expected = torch.zeros_like(label, dtype=torch.uint8)
+    for b, y, x, channel, score in _per_pixel_score_reference(logits, label):
+        if score >= tau[channel]:
+            expected[b, y, x] = channel
+    assert torch.equal(chosen, expected) and chosen.dtype == torch.uint8
+    assert int((chosen > 0).sum()) > 0, "some pixels pass"
+    # With every τ at the cap it is the old prediction above the global threshold on background pixels.
+    capped = quantile_pseudo_labels(logits, label, [0.7] * 4)
+    assert bool(((capped > 0) <= (label == 0)).all())
+    with pytest.raises(ValueError, match="one sigmoid threshold"):
+        quantile_pseudo_labels(logits, label, [0.7, 0.7])
+    all_ignored = quantile_pseudo_labels(logits, torch.full_like(label, 255), tau)
+    assert int(all_ignored.sum()) == 0

@@ -26,12 +26,13 @@ from eir.data.transforms import JointAugment, center_crop_eval, decode_map, deco
 from eir.labels import NO_PASTE
 from eir.model import load_step_model
 from eir.pseudo import (
-    ENTROPY_BINS,
-    EntropyThresholds,
-    entropy_histogram,
-    entropy_pseudo_labels,
+    HISTOGRAM_BINS,
+    ClassThresholds,
+    PseudoRule,
+    chosen_pseudo_labels,
+    class_histogram,
     merge_pseudo,
-    pseudo_labels,
+    thresholds_from_json,
 )
 from eir.replay.image_store import STORED_STEP
 from eir.replay.paste import index_by_channel, paste_instances
@@ -288,11 +289,8 @@ class _OldModelPass:
 
 
 class PseudoLabeler(_OldModelPass):
-    """Rows pass through with a new `pseudo` column (uint8 PNG), in the same order.
-
-    The score rule (`threshold`: old channels, 0 = none) unless `entropy_thresholds` (τ_c per old channel)
-    select PLOP's rule (every background pixel: its accepted channel or `REJECTED_PSEUDO`); `eir.pseudo`.
-    """
+    """Rows pass through with a new `pseudo` column (uint8 PNG), in the same order, chosen by the step's rule
+    (`eir.pseudo.chosen_pseudo_labels`; `thresholds`: the τ_c of a per-class rule)."""
 
     def __init__(
         self,
@@ -300,34 +298,36 @@ class PseudoLabeler(_OldModelPass):
         backbone: str,
         output_stride: int,
         lut: np.ndarray,
-        threshold: float,
+        rule: PseudoRule,
         use_gpu: bool,
-        entropy_thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float] | None = None,
     ):
         super().__init__(model_uri, backbone, output_stride, lut, use_gpu)
-        self.threshold = threshold
-        self.entropy_thresholds = entropy_thresholds
+        self.rule, self.thresholds = rule, thresholds
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         encoded = np.empty(len(batch["image"]), dtype=object)
         for rows, logits, target in self.logits(batch):
-            if self.entropy_thresholds is None:
-                chosen = pseudo_labels(logits, target, self.threshold)
-            else:
-                chosen = entropy_pseudo_labels(logits, target, self.entropy_thresholds)
+            chosen = chosen_pseudo_labels(self.rule, logits, target, self.thresholds)
             for row, pseudo in zip(rows, chosen.cpu().numpy()):
                 encoded[row] = encode_png(pseudo)
         return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": encoded}
 
 
-class EntropyHistogrammer(_OldModelPass):
-    """One row per batch: the batch's `entropy_histogram`, as the flat indices and counts of its non-empty cells
-    (the dense C_old x bins array would be mostly zeros)."""
+class ThresholdHistogrammer(_OldModelPass):
+    """One row per batch: the batch's histogram for a per-class rule (`eir.pseudo.class_histogram`), as the flat
+    indices and counts of its non-empty cells (the dense C_old x bins array would be mostly zeros)."""
+
+    def __init__(
+        self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, rule: PseudoRule, use_gpu: bool
+    ):
+        super().__init__(model_uri, backbone, output_stride, lut, use_gpu)
+        self.rule = rule
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        total = sum(entropy_histogram(logits, target, ENTROPY_BINS) for _, logits, target in self.logits(batch))
+        total = sum(class_histogram(self.rule, logits, target) for _, logits, target in self.logits(batch))
         flat = np.asarray(total).ravel()
         cells = np.flatnonzero(flat)
         return {"cells": np.array([cells.astype(np.int64)]), "counts": np.array([flat[cells]])}
@@ -348,10 +348,11 @@ def _map_with_old_model(
     )
 
 
-def entropy_histogram_pass(
+def threshold_histogram_pass(
     manifest: Manifest,
     ids: list[str],
     *,
+    rule: PseudoRule,
     old_channels: int,
     model_uri: str,
     backbone: str,
@@ -361,33 +362,35 @@ def entropy_histogram_pass(
     use_gpu: bool,
     batch_size: int = 8,
 ) -> np.ndarray:
-    """The step's background pixels counted by the old model's argmax channel and normalised-entropy bin
-    (C_old x ENTROPY_BINS): what PLOP's per-class thresholds are read from, in one pass over the step's images."""
+    """The histogram a per-class rule reads its τ_c from (`eir.pseudo.class_histogram`, C_old x bins), summed
+    over the step's images in one pass of the old model: PLOP's entropy bins or score_quantile's score bins."""
     model = {
         "model_uri": model_uri,
         "backbone": backbone,
         "output_stride": output_stride,
         "lut": lut,
+        "rule": rule,
         "use_gpu": use_gpu,
     }
     counted = _map_with_old_model(
         read_manifest_rows(manifest, ids),
-        EntropyHistogrammer,
+        ThresholdHistogrammer,
         model,
         actors=actors,
         use_gpu=use_gpu,
         batch_size=batch_size,
     )
-    histogram = np.zeros(old_channels * ENTROPY_BINS, dtype=np.int64)
+    bins = HISTOGRAM_BINS[rule.name]
+    histogram = np.zeros(old_channels * bins, dtype=np.int64)
     for batch in counted.iter_batches(batch_size=None, batch_format="numpy"):
         for cells, counts in zip(batch["cells"], batch["counts"]):
             if len(cells) and int(cells.max()) >= histogram.size:
                 raise ValueError(f"the model {model_uri} has more than the {old_channels} channels of step t−1")
             np.add.at(histogram, cells, counts)
-    return histogram.reshape(old_channels, ENTROPY_BINS)
+    return histogram.reshape(old_channels, bins)
 
 
-THRESHOLDS_FILE = "thresholds.json"  # PLOP's τ_c beside the pseudo-labels they chose
+THRESHOLDS_FILE = "thresholds.json"  # a per-class rule's τ_c beside the pseudo-labels they chose
 
 
 def write_pseudo_labels(
@@ -399,18 +402,20 @@ def write_pseudo_labels(
     backbone: str,
     output_stride: int,
     lut: np.ndarray,
-    threshold: float,
+    rule: PseudoRule,
     actors: int,
     use_gpu: bool,
     batch_size: int = 8,
-    entropy_thresholds: EntropyThresholds | None = None,
+    thresholds: ClassThresholds | None = None,
 ) -> None:
-    """Label the step's rows once and publish them (with their image/label bytes) under `out`.
+    """Label the step's rows once by `rule` and publish them (with their image/label bytes) under `out`.
 
-    With `entropy_thresholds` the rows are labelled by PLOP's rule and the thresholds are written beside
-    them (`THRESHOLDS_FILE`), under the same completion marker. Written to a temporary sibling and published
-    with a completion marker, so a crash never leaves pseudo-labels that a resumed run would trust.
+    A per-class rule's `thresholds` are written beside them (`THRESHOLDS_FILE`), under the same completion
+    marker. Written to a temporary sibling and published with a completion marker, so a crash never leaves
+    pseudo-labels that a resumed run would trust.
     """
+    if rule.per_class != (thresholds is not None) or (thresholds is not None and thresholds.rule != rule.name):
+        raise ValueError(f"pseudo.rule={rule.name!r} with thresholds {thresholds and thresholds.rule!r}")
     tmp = out.parent.join(f".{out.name}.tmp")
     storage.delete_dir(tmp)
     labeler = {
@@ -418,25 +423,25 @@ def write_pseudo_labels(
         "backbone": backbone,
         "output_stride": output_stride,
         "lut": lut,
-        "threshold": threshold,
+        "rule": rule,
         "use_gpu": use_gpu,
-        "entropy_thresholds": None if entropy_thresholds is None else entropy_thresholds.thresholds,
+        "thresholds": None if thresholds is None else thresholds.thresholds,
     }
     labelled = _map_with_old_model(
         read_manifest_rows(manifest, ids), PseudoLabeler, labeler, actors=actors, use_gpu=use_gpu, batch_size=batch_size
     )
     labelled.write_parquet(tmp.uri if not tmp.is_local else tmp.path, filesystem=tmp.fs)
-    if entropy_thresholds is not None:
-        storage.write_json_atomic(tmp.join(THRESHOLDS_FILE), entropy_thresholds.to_json())
+    if thresholds is not None:
+        storage.write_json_atomic(tmp.join(THRESHOLDS_FILE), thresholds.to_json())
     storage.mark_complete(tmp, {"rows": len(ids)})
     storage.delete_dir(out)
     storage.publish_dir(tmp, out)
 
 
-def read_entropy_thresholds(folder: Location) -> EntropyThresholds | None:
-    """The thresholds that chose a step's pseudo-labels (None: they were chosen by the score rule)."""
+def read_class_thresholds(folder: Location) -> ClassThresholds | None:
+    """The thresholds that chose a step's pseudo-labels (None: they were chosen by the global score rule)."""
     loc = folder.join(THRESHOLDS_FILE)
-    return EntropyThresholds.from_json(storage.read_json(loc)) if storage.exists(loc) else None
+    return thresholds_from_json(storage.read_json(loc)) if storage.exists(loc) else None
 
 
 def read_prepared_rows(folder: Location) -> ray.data.Dataset:

@@ -26,7 +26,7 @@ class BceDistillation(Method):
     """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1."""
 
     step0_family = "bce"
-    stream_extras = frozenset({"paste", "pseudo:score"})
+    stream_extras = frozenset({"paste", "pseudo:score", "pseudo:score_quantile"})
 
     option_keys = ("loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init")
 

@@ -266,6 +266,7 @@ def plan_step(
             cfg.pseudo.rule,
             threshold=cfg.pseudo.threshold,
             entropy_floor=cfg.pseudo.entropy_floor,
+            quantile=cfg.pseudo.quantile,
             old_channels=1 + sum(heads[:-1]),
             num_channels=1 + sum(heads),
         )

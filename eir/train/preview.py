@@ -12,13 +12,14 @@ import numpy as np
 from eir import storage
 from eir.config import ConfigError
 from eir.data.ingest import read_rows
-from eir.data.pipeline import PseudoLabeler, SampleMaker
+from eir.data.pipeline import PseudoLabeler, SampleMaker, ThresholdHistogrammer, read_class_thresholds
 from eir.labels import NO_PASTE
+from eir.pseudo import HISTOGRAM_BINS, PseudoRule, thresholds_from_histogram
 from eir.replay.paste import index_by_channel
 from eir.replay.store import InstanceStore
 from eir.train.memory import memory_file
 from eir.train.planner import PreviousStep
-from eir.train.resolved import Experiment, resolve
+from eir.train.resolved import Experiment, pseudo_label_dir, resolve
 from eir.train.rundir import RunDirError, read_run_config
 from eir.visualize import colorize, image_grid
 
@@ -31,6 +32,23 @@ def blended_target(label: np.ndarray, paste_class: np.ndarray, paste_weight: np.
     pasted = np.where(paste_class == NO_PASTE, 0, paste_class).astype(np.uint8)
     mixed = (1 - weight) * colorize(label) + weight * colorize(pasted)
     return mixed.round().astype(np.uint8)
+
+
+def _preview_thresholds(
+    exp: Experiment, step: int, rule: PseudoRule, old_channels: int, old_model: tuple, batch: dict[str, list]
+) -> tuple[float, ...] | None:
+    """A per-class rule's τ_c: those the step's training chose when it has run (read from its pseudo-labels),
+    else read off the previewed images alone (a preview does not pass over the whole step's images)."""
+    if not rule.per_class:
+        return None
+    folder = pseudo_label_dir(exp, step)
+    found = read_class_thresholds(folder) if storage.is_complete(folder) else None
+    if found is None:
+        counted = ThresholdHistogrammer(*old_model, rule, use_gpu=False)(batch)
+        histogram = np.zeros(old_channels * HISTOGRAM_BINS[rule.name], dtype=np.int64)
+        np.add.at(histogram, counted["cells"][0], counted["counts"][0])
+        found = thresholds_from_histogram(rule, histogram.reshape(old_channels, -1))
+    return found.thresholds
 
 
 def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) -> list[list[np.ndarray]]:
@@ -56,17 +74,12 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
     rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(step)[:count])
     pseudo = None
     if design.pseudo:
-        plan = design.plan
-        labeler = PseudoLabeler(
-            model_loc.uri, plan.backbone, plan.output_stride, spec.lut, cfg.pseudo.threshold, use_gpu=False
-        )
-        pseudo = labeler(
-            {
-                "id": rows.column("id").to_pylist(),
-                "image": rows.column("image").to_pylist(),
-                "label": rows.column("label").to_pylist(),
-            }
-        )["pseudo"]
+        batch = {name: rows.column(name).to_pylist() for name in ("id", "image", "label")}
+        old_model = (model_loc.uri, design.plan.backbone, design.plan.output_stride, spec.lut)
+        rule, old_channels = design.pseudo_rule, design.plan.shape.old_num_channels
+        thresholds = _preview_thresholds(exp, step, rule, old_channels, old_model, batch)
+        labeler = PseudoLabeler(*old_model, rule, use_gpu=False, thresholds=thresholds)
+        pseudo = labeler(batch)["pseudo"]
     by_channel = index_by_channel(store.class_ids(), spec.class_to_channel)
     make = SampleMaker(spec, store.decoded(), by_channel, np.random.default_rng(seed))
     panels = []

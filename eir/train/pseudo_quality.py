@@ -2,7 +2,8 @@
 
 Each incremental step of a pseudo-labelling method (eir, eir_no_rskd, plop) keeps its training rows in
 `step_<t>/pseudo/` with the raw dataset label beside the `pseudo` map (PLOP's rejected pixels count as
-no pseudo-label). On overlapped CamVid, VOC and ADE the raw label is the complete annotation, so the
+no pseudo-label), and under a per-class rule the thresholds that chose them. Several runs — one run under
+two rules — are scored side by side. On overlapped CamVid, VOC and ADE the raw label is the complete annotation, so the
 old-class pixels the step's targets lost to background are countable: this scores every step's
 pseudo-labels against them, per old class. BENCHMARKS.md's explanation of the 6-1 erosion comes from
 this command.
@@ -16,7 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from eir import storage
+from eir.config import PseudoConfig
 from eir.data.codec import decode_map
+from eir.data.pipeline import read_class_thresholds
 from eir.labels import REJECTED_PSEUDO
 from eir.metrics import ConfusionMatrix
 from eir.progress import progress as progress_bar
@@ -25,7 +28,7 @@ from eir.train.resolved import Experiment, pseudo_label_dir, resolve
 from eir.train.rundir import RunDirError, read_run_config
 
 
-def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+def score_pseudo_labels(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     """Per step with finished pseudo-labels: recall/precision of old classes, overall and per class."""
     run = storage.resolve(run_dir)
     config = read_run_config(run)
@@ -43,12 +46,24 @@ def score_pseudo_labels(run_dir: str, *, out: str | None = None, progress: bool 
         "dataset": config.dataset.name,
         "task": config.task.name,
         "task_setting": config.task.setting,
-        "threshold": config.pseudo.threshold,
+        "rule": config.pseudo.rule,
+        "rule_settings": rule_settings(config.pseudo),
         "steps": steps,
     }
-    if out:
-        storage.write_json_atomic(storage.resolve(out), document)
+    document["rule_label"] = rule_label(document)
     return document
+
+
+def rule_settings(pseudo: PseudoConfig) -> dict[str, float]:
+    """The settings of the run's pseudo-label rule (the keys the other rules ignore are left out)."""
+    keys = {"score": ("threshold",), "score_quantile": ("threshold", "quantile"), "median_entropy": ("entropy_floor",)}
+    return {key: getattr(pseudo, key) for key in keys[pseudo.rule]}
+
+
+def rule_label(document: dict[str, Any]) -> str:
+    """`score_quantile (threshold 0.7, quantile 0.5)`: a run's rule as plots and tables name it."""
+    settings = ", ".join(f"{key} {value:g}" for key, value in document["rule_settings"].items())
+    return f"{document['rule']} ({settings})"
 
 
 def _has_pseudo(exp: Experiment, step: int) -> bool:
@@ -72,7 +87,11 @@ def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
     quality = pseudo_label_quality(matrix.matrix, old_channels)
     names = exp.train_manifest.info.class_names
     per_class = {names[channels.class_of_channel[c]]: scores for c, scores in quality.pop("per_channel").items()}
-    return {"step": step, "images": images, **quality, "per_class": per_class}
+    scored = {"step": step, "images": images, **quality, "per_class": per_class}
+    thresholds = read_class_thresholds(folder)
+    if thresholds is not None:  # a per-class rule: each old class's τ_c beside its recall
+        scored["thresholds"] = {names[channels.class_of_channel[c]]: thresholds.thresholds[c] for c in old_channels}
+    return scored
 
 
 def quality_table(document: dict[str, Any]) -> str:

@@ -17,16 +17,16 @@ import ray.data
 from eir import storage
 from eir.data.pipeline import (
     ROW_COLUMNS,
-    entropy_histogram_pass,
     eval_stream,
-    read_entropy_thresholds,
+    read_class_thresholds,
     read_manifest_rows,
     read_prepared_rows,
+    threshold_histogram_pass,
     train_stream,
     with_stored_images,
     write_pseudo_labels,
 )
-from eir.pseudo import EntropyThresholds
+from eir.pseudo import thresholds_from_histogram
 from eir.replay.image_store import ImageStore
 from eir.replay.store import InstanceStore
 from eir.train.planner import StepDesign
@@ -62,14 +62,14 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
 def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) -> ray.data.Dataset:
     """The step's rows with step t−1's pseudo-labels, labelled now unless an earlier attempt finished them.
 
-    Under PLOP's rule a first pass of the old model over the step's images sets the per-class thresholds;
-    they are written with the pseudo-labels, so a resumed step reuses both.
+    Under a per-class rule (PLOP's median entropy, score_quantile) a first pass of the old model over the step's
+    images sets the thresholds; they are written with the pseudo-labels, so a resumed step reuses both.
     """
     plan, cfg, rule = design.plan, exp.config, design.pseudo_rule
     folder = pseudo_label_dir(exp, plan.step)
     if storage.reusable(folder, f"step {plan.step}'s pseudo-labels"):
         log.info("step %d: reusing the pseudo-labels in %s", plan.step, folder.uri)
-        thresholds = read_entropy_thresholds(folder)
+        thresholds = read_class_thresholds(folder)
     else:
         model = {
             "model_uri": plan.previous_model,
@@ -80,14 +80,18 @@ def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) ->
             "use_gpu": cfg.scaling.use_gpu,
         }
         thresholds = None
-        if rule.name == "median_entropy":
+        if rule.per_class:
             log.info(
-                "step %d: entropy thresholds from the step %d model on %d images", plan.step, plan.step - 1, len(ids)
+                "step %d: %s thresholds from the step %d model on %d images",
+                plan.step,
+                rule.name,
+                plan.step - 1,
+                len(ids),
             )
-            histogram = entropy_histogram_pass(
-                exp.train_manifest, ids, old_channels=plan.shape.old_num_channels, **model
+            histogram = threshold_histogram_pass(
+                exp.train_manifest, ids, rule=rule, old_channels=plan.shape.old_num_channels, **model
             )
-            thresholds = EntropyThresholds.from_histogram(histogram, rule.entropy_floor)
+            thresholds = thresholds_from_histogram(rule, histogram)
         log.info(
             "step %d: pseudo-labelling %d images with the step %d model (%d actor(s))",
             plan.step,
@@ -95,11 +99,14 @@ def pseudo_labelled_rows(exp: Experiment, design: StepDesign, ids: list[str]) ->
             plan.step - 1,
             cfg.data.pseudo_actors,
         )
-        write_pseudo_labels(
-            exp.train_manifest, ids, folder, threshold=rule.threshold, entropy_thresholds=thresholds, **model
-        )
+        write_pseudo_labels(exp.train_manifest, ids, folder, rule=rule, thresholds=thresholds, **model)
     if thresholds is not None:
-        log.info("step %d: pseudo-label entropy thresholds per old channel: %s", plan.step, thresholds.summary())
+        log.info(
+            "step %d: pseudo-label thresholds (%s) per old channel: %s",
+            plan.step,
+            thresholds.rule,
+            thresholds.summary(),
+        )
     return read_prepared_rows(folder).select_columns([*ROW_COLUMNS, "pseudo"])
 
 

@@ -23,6 +23,7 @@ from eir.data.pipeline import (
 )
 from eir.data.prepare import ensure_prepared
 from eir.model import build_model
+from eir.pseudo import PseudoRule
 from eir.replay.image_store import build_image_store
 from eir.replay.paste import PasteConfig
 from eir.replay.store import build_store
@@ -164,7 +165,7 @@ def test_pseudo_labels_by_batch_inference(ray_session, prepared, tmp_path: Path)
         backbone="mobilenet_v2",
         output_stride=16,
         lut=task.train_lut(1),
-        threshold=0.7,
+        rule=PseudoRule("score", threshold=0.7),
         actors=1,
         use_gpu=False,
         batch_size=3,

@@ -334,7 +334,7 @@ def test_plop_run_labels_with_the_entropy_rule_and_trains_pod(
     def no_pass(*args, **kwargs):
         raise AssertionError("the histogram pass ran again")
 
-    monkeypatch.setattr(step_data, "entropy_histogram_pass", no_pass)
+    monkeypatch.setattr(step_data, "threshold_histogram_pass", no_pass)
     monkeypatch.setattr(step_data, "write_pseudo_labels", no_pass)
     design = exp.design(1, PreviousStep(exp.step_dir(0).join("model.pt").uri, 0))
     with caplog.at_level(logging.INFO, logger=step_data.__name__):

@@ -16,6 +16,7 @@ from eir.data.pipeline import PseudoLabeler
 from eir.data.transforms import size_groups
 from eir.metrics import predict
 from eir.model import build_model
+from eir.pseudo import PseudoRule
 from eir.train.evaluate import confusion_on_batches
 
 NUM_CHANNELS = 4  # background + one step of 3 classes
@@ -86,7 +87,9 @@ def test_pseudo_labels_of_a_picture_do_not_depend_on_its_batch(model: torch.nn.M
     checkpoint = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "head_sizes": [NUM_CHANNELS - 1]}, checkpoint)
     # threshold 0.5: any foreground logit >= 0 makes a pseudo-label, so the untrained model gives many
-    labeler = PseudoLabeler(str(checkpoint), "mobilenet_v2", 16, np.arange(256, dtype=np.uint8), 0.5, use_gpu=False)
+    labeler = PseudoLabeler(
+        str(checkpoint), "mobilenet_v2", 16, np.arange(256, dtype=np.uint8), PseudoRule("score", 0.5), use_gpu=False
+    )
     background = [(image, np.zeros_like(label)) for image, label in PICTURES]  # pseudo-labels only fill background
 
     def rows(*pictures: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:

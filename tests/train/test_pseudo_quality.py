@@ -18,6 +18,8 @@ from eir import storage
 from eir.config import dump_yaml, load_config
 from eir.data.codec import decode_map, encode_png
 from eir.data.ingest import read_rows
+from eir.data.pipeline import THRESHOLDS_FILE
+from eir.pseudo import SCORE_BINS, ScoreThresholds
 from eir.train.resolved import resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,14 +45,17 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _hand_made_run(output_dir: Path, method: str) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
+def _hand_made_run(
+    output_dir: Path, method: str, *overrides: str, name: str | None = None
+) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
     """A run dir whose step 1 pseudo-labels keep the old pixels of each label's left half and wrongly
     claim channel 1 on the background of its bottom row. Returns (run dir, channel labels, pseudo maps)."""
+    name = name or method
     config = load_config(
-        overrides=[*TINY, f"run.output_dir={output_dir}", f"run.name={method}", f"method.name={method}"]
+        overrides=[*TINY, f"run.output_dir={output_dir}", f"run.name={name}", f"method.name={method}", *overrides]
     )
     exp = resolve(config, progress=False)
-    run = output_dir / method
+    run = output_dir / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_yaml(config))
     rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(1))
@@ -74,6 +79,11 @@ def _hand_made_run(output_dir: Path, method: str) -> tuple[Path, list[np.ndarray
         }
     )
     pq.write_table(table, str(run / "step_1" / "pseudo" / "part-0.parquet"))
+    if config.pseudo.rule == "score_quantile":  # the thresholds a per-class rule writes beside its labels
+        histogram = np.zeros((1 + n_old, SCORE_BINS), dtype=np.int64)
+        histogram[1:, 300] = 4  # every old class: τ_c = min(0.7, its median's bin edge 0.3)
+        thresholds = ScoreThresholds.from_histogram(histogram, quantile=0.5, cap=0.7)
+        storage.write_json_atomic(folder.join(THRESHOLDS_FILE), thresholds.to_json())
     storage.mark_complete(folder)
     return run, labels, pseudos
 
@@ -118,3 +128,25 @@ def test_a_run_without_pseudo_labels_is_a_clear_error(output_dir: Path) -> None:
     result = launch("pseudo-labels", str(output_dir / "finetune"))
     assert result.returncode != 0
     assert "no finished pseudo-labels" in result.stderr and "'finetune'" in result.stderr
+
+
+def test_two_rules_side_by_side(output_dir: Path) -> None:
+    """The same labels under the global score rule and under score_quantile: one JSON with both runs, each with
+    its rule, the per-class rule's thresholds per old class, and one figure with a column per run."""
+    score_run, _, _ = _hand_made_run(output_dir, "eir", name="eir-score")
+    quantile_run, _, _ = _hand_made_run(
+        output_dir, "eir", "pseudo.enabled=true", "pseudo.rule=score_quantile", "pseudo.quantile=0.5", name="eir-q"
+    )
+    out, plot = output_dir / "both.json", output_dir / "both.png"
+    result = launch("pseudo-labels", str(score_run), str(quantile_run), "--out", str(out), "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    score, quantile = json.loads(out.read_text())["runs"]
+    assert (score["rule"], score["rule_settings"]) == ("score", {"threshold": 0.7})
+    assert (quantile["rule"], quantile["rule_settings"]) == ("score_quantile", {"threshold": 0.7, "quantile": 0.5})
+    assert "thresholds" not in score["steps"][0]
+    (step,) = quantile["steps"]
+    assert set(step["thresholds"]) == set(step["per_class"]) and len(step["thresholds"]) == 15
+    assert all(t == pytest.approx(0.3) for t in step["thresholds"].values())
+    assert step["recall_old"] == score["steps"][0]["recall_old"], "the same maps score the same"
+    assert result.stdout.count("recall old") == 2 and "score_quantile (threshold 0.7, quantile 0.5)" in result.stdout
+    assert plot.is_file() and plot.stat().st_size > 0
