@@ -101,16 +101,9 @@ def test_preview_reads_the_steps_thresholds_or_computes_them_from_its_images(
     step0_classes = len(exp.schedule.classes_seen(0))
     storage.makedirs(exp.step_dir(0))
     _constant_old_model(Path(exp.step_dir(0).join("model.pt").path), step0_classes)
-    store, _ = build_store(
-        read_rows(exp.train_manifest, exp.train_splits.step_ids(0)).to_pylist(),
-        exp.schedule.classes_learned(0),
-        rule=config.memory.instance_rule,
-        min_area=config.memory.min_area,
-        step=0,
-        size=10,
-        previous=None,
-        seed=0,
-    )
+    step0_rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(0)).to_pylist()
+    memory = {"rule": config.memory.instance_rule, "min_area": config.memory.min_area, "size": 10}
+    store, _ = build_store(step0_rows, exp.schedule.classes_learned(0), step=0, previous=None, seed=0, **memory)
     store.write(memory_file(exp.step_dir(0), "instances"))
 
     panels = preview.preview_panels(exp, 1, count=3)
