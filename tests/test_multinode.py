@@ -46,6 +46,7 @@ from local_services import (
     wait_for_dashboard,
     wait_for_nodes,
 )
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[1]
@@ -272,10 +273,25 @@ def _non_finite(value, where: str = "") -> list[str]:
     return [where] if isinstance(value, float) and not math.isfinite(value) else []
 
 
+def _a_checkpoint_is_registered(s3: pafs.S3FileSystem, train_dir: str) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of the step (what a restart resumes from).
+
+    A checkpoint file in the bucket is not enough: the worker uploads it before it reports it, and the
+    controller registers it when it next polls the workers; a node lost in between restarts the step from
+    scratch (seen once, on a loaded machine). The controller persists each registration in its snapshot file.
+    """
+    selector = pafs.FileSelector(train_dir, recursive=True, allow_not_found=True)
+    for info in s3.get_file_info(selector):
+        if info.base_name == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME:
+            with s3.open_input_stream(info.path) as stream:
+                return json.loads(stream.read()).get("latest_checkpoint_result") is not None
+    return False
+
+
 def test_a_lost_node_is_replaced_and_the_step_resumes_from_its_checkpoint(
     cluster: Cluster, tmp_path: Path, record_property
 ) -> None:
-    """The trainer node's raylet is killed after step 0's first epoch checkpoint; a new node joins.
+    """The trainer node's raylet is killed once step 0's first epoch checkpoint is registered; a new node joins.
 
     Step 0 has 8 epochs so that, on an idle machine too (1–2 s per epoch), the kill lands inside step 0.
     """
@@ -286,9 +302,8 @@ def test_a_lost_node_is_replaced_and_the_step_resumes_from_its_checkpoint(
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = _job_id(submitted)
     s3 = _s3(cluster.endpoint)
-    checkpoints = pafs.FileSelector(f"{BUCKET}/runs/{run}/step_0/train", recursive=True, allow_not_found=True)
     deadline = time.monotonic() + 600
-    while not any(i.base_name == "checkpoint.pt" for i in s3.get_file_info(checkpoints)):
+    while not _a_checkpoint_is_registered(s3, f"{BUCKET}/runs/{run}/step_0/train"):
         status = dashboard_get(cluster.address, f"/api/jobs/{job_id}", TOKEN)["status"]
         assert status in ("PENDING", "RUNNING"), f"the job ended ({status}) before its first checkpoint"
         assert time.monotonic() < deadline, "no epoch checkpoint within 600 s"
