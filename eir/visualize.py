@@ -182,18 +182,18 @@ def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
             )
         ):
             ax = axes[row][column]
-            for name in classes:
+            for index, name in enumerate(classes):  # a class keeps its colour in every panel, points or not
                 points = [
                     (s["step"], s["per_class"][name][key])
                     for s in document["steps"]
                     if s["per_class"].get(name, {}).get(key) is not None
                 ]
                 if points:
-                    ax.plot(*zip(*points), marker="o", linewidth=1, label=name)
+                    ax.plot(*zip(*points), marker="o", linewidth=1, label=name, color=f"C{index % 10}")
             values = [(step, s[overall]) for step, s in zip(steps, document["steps"]) if s[overall] is not None]
             if values:
                 ax.plot(*zip(*values), color="black", linewidth=2.5, marker="s", label="all old")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xticks(steps)
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
             if column == 0:
@@ -205,6 +205,6 @@ def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
                 )
             else:
                 ax.set_xlabel("step")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.0))
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.0))
     fig.tight_layout()
     save_figure(fig, path)
