@@ -80,12 +80,23 @@ def entropy_histogram(old_logits: torch.Tensor, label: torch.Tensor, bins: int =
     Histograms of several batches add up, so a pass over the step's images needs no per-pixel storage.
     """
     _check_shapes(old_logits, label)
-    channels = old_logits.shape[1]
     background = label == 0
-    winner = old_logits.argmax(1)[background]
-    column = (normalised_entropy(old_logits)[background] * bins).long().clamp(max=bins - 1)
-    counts = torch.bincount(winner * bins + column, minlength=channels * bins)
+    return _cell_counts(
+        old_logits.argmax(1)[background], normalised_entropy(old_logits)[background], old_logits.shape[1], bins
+    )
+
+
+def _cell_counts(channel: torch.Tensor, value: torch.Tensor, channels: int, bins: int) -> np.ndarray:
+    """Pixels counted by channel (row) and the bin of a [0, 1] value (column, `bins` equal bins): int64 C x bins."""
+    column = (value * bins).long().clamp(max=bins - 1)
+    counts = torch.bincount(channel * bins + column, minlength=channels * bins)
     return counts.view(channels, bins).cpu().numpy().astype(np.int64)
+
+
+def _prediction(old_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old model's prediction per pixel (argmax over every channel, background included) and its sigmoid."""
+    winner = old_logits.argmax(1)
+    return winner, torch.sigmoid(old_logits.float().gather(1, winner.unsqueeze(1)).squeeze(1))
 
 
 def histogram_quantiles(histogram: np.ndarray, q: float) -> np.ndarray:
@@ -125,13 +136,9 @@ def score_histogram(old_logits: torch.Tensor, label: torch.Tensor, bins: int = S
     from; histograms of several batches add up.
     """
     _check_shapes(old_logits, label)
-    channels = old_logits.shape[1]
-    winner = old_logits.argmax(1)
+    winner, score = _prediction(old_logits)
     counted = (label.to(winner.device) == 0) & (winner > 0)
-    score = torch.sigmoid(old_logits.float().gather(1, winner.unsqueeze(1)).squeeze(1))
-    column = (score[counted] * bins).long().clamp(max=bins - 1)
-    counts = torch.bincount(winner[counted] * bins + column, minlength=channels * bins)
-    return counts.view(channels, bins).cpu().numpy().astype(np.int64)
+    return _cell_counts(winner[counted], score[counted], old_logits.shape[1], bins)
 
 
 def plop_entropy_floor(floor: float, old_channels: int, num_channels: int) -> float:
@@ -158,7 +165,7 @@ class PseudoRule:
     @property
     def per_class(self) -> bool:
         """Whether a pass of the old model over the step's images sets per-class thresholds first."""
-        return self.name in ("median_entropy", "score_quantile")
+        return self.name in HISTOGRAM_BINS
 
     @classmethod
     def for_step(
@@ -356,8 +363,7 @@ def quantile_pseudo_labels(
     tau = torch.as_tensor(thresholds, dtype=torch.float32, device=old_logits.device)
     if tau.shape != (channels,) or not bool(((tau > 0) & (tau < 1)).all()):
         raise ValueError(f"expected one sigmoid threshold in (0, 1) per old channel ({channels}), got {tau.tolist()}")
-    winner = old_logits.argmax(1)
-    score = torch.sigmoid(old_logits.float().gather(1, winner.unsqueeze(1)).squeeze(1))
+    winner, score = _prediction(old_logits)
     chosen = (label.to(winner.device) == 0) & (winner > 0) & (score >= tau[winner])
     return torch.where(chosen, winner, torch.zeros_like(winner)).to(torch.uint8)
 

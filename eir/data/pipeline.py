@@ -8,7 +8,7 @@ trainer is uint8 crops and uint8 label maps (normalisation happens on the traine
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -380,12 +380,21 @@ def threshold_histogram_pass(
         use_gpu=use_gpu,
         batch_size=batch_size,
     )
+    return dense_histogram(
+        counted.iter_batches(batch_size=None, batch_format="numpy"), rule, old_channels=old_channels, source=model_uri
+    )
+
+
+def dense_histogram(
+    batches: Iterable[dict[str, np.ndarray]], rule: PseudoRule, *, old_channels: int, source: str
+) -> np.ndarray:
+    """`ThresholdHistogrammer` outputs (non-empty cells and their counts) summed into one C_old x bins array."""
     bins = HISTOGRAM_BINS[rule.name]
     histogram = np.zeros(old_channels * bins, dtype=np.int64)
-    for batch in counted.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         for cells, counts in zip(batch["cells"], batch["counts"]):
             if len(cells) and int(cells.max()) >= histogram.size:
-                raise ValueError(f"the model {model_uri} has more than the {old_channels} channels of step t−1")
+                raise ValueError(f"the model {source} has more than the {old_channels} channels of step t−1")
             np.add.at(histogram, cells, counts)
     return histogram.reshape(old_channels, bins)
 

@@ -12,9 +12,15 @@ import numpy as np
 from eir import storage
 from eir.config import ConfigError
 from eir.data.ingest import read_rows
-from eir.data.pipeline import PseudoLabeler, SampleMaker, ThresholdHistogrammer, read_class_thresholds
+from eir.data.pipeline import (
+    PseudoLabeler,
+    SampleMaker,
+    ThresholdHistogrammer,
+    dense_histogram,
+    read_class_thresholds,
+)
 from eir.labels import NO_PASTE
-from eir.pseudo import HISTOGRAM_BINS, PseudoRule, thresholds_from_histogram
+from eir.pseudo import PseudoRule, thresholds_from_histogram
 from eir.replay.paste import index_by_channel
 from eir.replay.store import InstanceStore
 from eir.train.memory import memory_file
@@ -45,9 +51,8 @@ def _preview_thresholds(
     found = read_class_thresholds(folder) if storage.is_complete(folder) else None
     if found is None:
         counted = ThresholdHistogrammer(*old_model, rule, use_gpu=False)(batch)
-        histogram = np.zeros(old_channels * HISTOGRAM_BINS[rule.name], dtype=np.int64)
-        np.add.at(histogram, counted["cells"][0], counted["counts"][0])
-        found = thresholds_from_histogram(rule, histogram.reshape(old_channels, -1))
+        histogram = dense_histogram([counted], rule, old_channels=old_channels, source=old_model[0])
+        found = thresholds_from_histogram(rule, histogram)
     return found.thresholds
 
 

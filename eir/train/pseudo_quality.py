@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from eir import storage
-from eir.config import PseudoConfig
+from eir.config import ExperimentConfig, inactive_keys
 from eir.data.codec import decode_map
 from eir.data.pipeline import read_class_thresholds
 from eir.labels import REJECTED_PSEUDO
@@ -47,17 +47,20 @@ def score_pseudo_labels(run_dir: str, *, progress: bool = True) -> dict[str, Any
         "task": config.task.name,
         "task_setting": config.task.setting,
         "rule": config.pseudo.rule,
-        "rule_settings": rule_settings(config.pseudo),
+        "rule_settings": rule_settings(config),
         "steps": steps,
     }
     document["rule_label"] = rule_label(document)
     return document
 
 
-def rule_settings(pseudo: PseudoConfig) -> dict[str, float]:
-    """The settings of the run's pseudo-label rule (the keys the other rules ignore are left out)."""
-    keys = {"score": ("threshold",), "score_quantile": ("threshold", "quantile"), "median_entropy": ("entropy_floor",)}
-    return {key: getattr(pseudo, key) for key in keys[pseudo.rule]}
+RULE_SETTINGS = ("threshold", "quantile", "entropy_floor")
+
+
+def rule_settings(config: ExperimentConfig) -> dict[str, float]:
+    """The settings of the run's pseudo-label rule: those the config marks active for it (`inactive_keys`)."""
+    inactive = inactive_keys(config)
+    return {key: getattr(config.pseudo, key) for key in RULE_SETTINGS if f"pseudo.{key}" not in inactive}
 
 
 def rule_label(document: dict[str, Any]) -> str:
