@@ -411,6 +411,13 @@ class ReplayConfig:
         "or the current step's only (old ones -> 0: DKD-M's masking)",
         active=_stores_images,
     )
+    pseudo_label: bool = knob(
+        False,
+        CHOICE,
+        "pseudo-label the replayed images' background pixels too, by the step's pseudo.rule and thresholds "
+        "(needs pseudo.enabled): classes the old model learned after an image was stored can gain labels",
+        active=_stores_images,
+    )
 
 
 @dataclass
@@ -936,6 +943,16 @@ def _extras_have_the_instance_store(config: ExperimentConfig) -> None:
 DATASETS_WITH_INSTANCE_MAPS = ("voc", "synthetic")
 
 
+def _replayed_pseudo_labels_have_a_rule(config: ExperimentConfig) -> None:
+    """Replayed images are labelled by the step's own pseudo-label pass (its rule, model and thresholds), so
+    asking for them without that pass would silently label nothing."""
+    if _stores_images(config) and config.replay.pseudo_label and not config.pseudo.enabled:
+        raise ConfigError(
+            "replay.pseudo_label=true labels replayed images by the step's pseudo-labelling, but "
+            f"pseudo.enabled=false (method {config.method.name!r}); set pseudo.enabled=true as well"
+        )
+
+
 def _instance_masks_exist(config: ExperimentConfig) -> None:
     """The instance_masks rule reads instance maps; without them the store build fails after step 0 has trained."""
     rule, dataset = config.memory.instance_rule, config.dataset.name
@@ -986,6 +1003,7 @@ RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _task_is_valid,
     _dataset_root_is_given,
     _extras_have_the_instance_store,
+    _replayed_pseudo_labels_have_a_rule,
     _instance_masks_exist,
     _the_method_reads_its_stream_extras,
     _warn_of_an_empty_memory,

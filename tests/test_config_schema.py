@@ -123,6 +123,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.max_instances",
                 "loss.rskd_region",
                 "replay.image_labels",
+                "replay.pseudo_label",
             },
         ),
         (
@@ -152,10 +153,11 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.max_instances",
                 "loss.rskd_region",
                 "replay.image_labels",
+                "replay.pseudo_label",
             },
         ),
-        ("eir_no_rskd", {"loss.rskd_region", "replay.image_labels", "pseudo.entropy_floor"}),
-        ("eir", {"replay.image_labels", "pseudo.entropy_floor"}),
+        ("eir_no_rskd", {"loss.rskd_region", "replay.image_labels", "replay.pseudo_label", "pseudo.entropy_floor"}),
+        ("eir", {"replay.image_labels", "replay.pseudo_label", "pseudo.entropy_floor"}),
         (
             "plop",
             {
@@ -168,6 +170,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "paste.max_instances",
                 "loss.rskd_region",
                 "replay.image_labels",
+                "replay.pseudo_label",
                 # the BCE family's keys, which PLOP's softmax loss and MiB's fixed initialisation never read
                 "loss.bce_weight",
                 "loss.rskd_weight",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -21,7 +22,7 @@ import torch
 from eir import storage
 from eir.data.codec import encode_png
 from eir.data.ingest import Manifest
-from eir.data.stream_spec import StreamSpec
+from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
 from eir.labels import NO_PASTE
 from eir.model import load_step_model
@@ -76,15 +77,19 @@ def with_stored_images(rows: ray.data.Dataset, stored: pa.Table, *, pseudo: bool
 
     A stored image carries the step it was stored at, which picks its look-up table
     (`StreamSpec.row_lut`); the step's own rows carry NOT_STORED (the train LUT). When the step's
-    rows carry pseudo-labels (`pseudo`), a stored image gets a null one: replayed images are not
-    pseudo-labelled (METHOD.md §4.1). One schema, because Ray Data fills a column a block lacks
-    only when it meets a block that has it in the same batch: a batch of stored rows alone would
-    lack `pseudo` (and a batch of the step's rows alone `stored_step`).
+    rows carry pseudo-labels (`pseudo`), a stored image keeps the `pseudo` column of a `stored` table that
+    has one (`replay.pseudo_label`: labelled by `write_pseudo_labels`) and gets a null one otherwise:
+    replayed images are not pseudo-labelled unless asked (METHOD.md §4.1). One schema, because Ray Data
+    fills a column a block lacks only when it meets a block that has it in the same batch: a batch of
+    stored rows alone would lack `pseudo` (and a batch of the step's rows alone `stored_step`).
     """
     columns = [*ROW_COLUMNS, "pseudo"] if pseudo else ROW_COLUMNS
     replayed = stored.select(ROW_COLUMNS)
     if pseudo:
-        replayed = replayed.append_column("pseudo", pa.nulls(stored.num_rows, pa.binary()))
+        labelled = "pseudo" in stored.column_names
+        replayed = replayed.append_column(
+            "pseudo", stored.column("pseudo") if labelled else pa.nulls(stored.num_rows, pa.binary())
+        )
     replayed = replayed.append_column(stored.schema.field(STORED_STEP), stored.column(STORED_STEP))
 
     def mark_own(table: pa.Table) -> pa.Table:
@@ -272,25 +277,38 @@ class _OldModelPass:
     """The frozen old model as a Ray Data callable class (one model per actor), run on un-augmented images.
 
     Each actor loads step t−1's model once from shared storage and yields, per image size, the rows of the
-    batch, their full-image logits and their step-t labels (train LUT applied) on its device.
+    batch, their full-image logits and their step-t labels on its device: the train LUT applied to the step's own
+    rows, a replayed image's storing-step table (`stored_luts`, as the training stream gives it) to rows that
+    carry a `stored_step`.
     """
 
-    def __init__(self, model_uri: str, backbone: str, output_stride: int, lut: np.ndarray, use_gpu: bool):
+    def __init__(
+        self,
+        model_uri: str,
+        backbone: str,
+        output_stride: int,
+        lut: np.ndarray,
+        use_gpu: bool,
+        stored_luts: tuple[np.ndarray, ...] = (),
+    ):
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_step_model(model_uri, backbone, output_stride).to(self.device)
-        self.lut = lut
+        self.lut, self.stored_luts = lut, stored_luts
 
     def logits(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         images = [decode_rgb(b) for b in batch["image"]]
-        labels = [self.lut[decode_map(b)] for b in batch["label"]]
+        stored = batch.get(STORED_STEP, np.full(len(images), NOT_STORED))
+        labels = [
+            row_lut(self.lut, self.stored_luts, int(step))[decode_map(b)] for b, step in zip(batch["label"], stored)
+        ]
         for rows, logits in logits_by_size(self.model, images, self.device, amp=True):
             yield rows, logits, torch.from_numpy(np.stack([labels[row] for row in rows])).to(self.device)
 
 
 class PseudoLabeler(_OldModelPass):
-    """Rows pass through with a new `pseudo` column (uint8 PNG), in the same order, chosen by the step's rule
-    (`eir.pseudo.chosen_pseudo_labels`; `thresholds`: the τ_c of a per-class rule)."""
+    """Rows pass through (every column) with a new `pseudo` column (uint8 PNG), in the same order, chosen by the
+    step's rule (`eir.pseudo.chosen_pseudo_labels`; `thresholds`: the τ_c of a per-class rule)."""
 
     def __init__(
         self,
@@ -301,8 +319,9 @@ class PseudoLabeler(_OldModelPass):
         rule: PseudoRule,
         use_gpu: bool,
         thresholds: Sequence[float] | None = None,
+        stored_luts: tuple[np.ndarray, ...] = (),
     ):
-        super().__init__(model_uri, backbone, output_stride, lut, use_gpu)
+        super().__init__(model_uri, backbone, output_stride, lut, use_gpu, stored_luts)
         self.rule, self.thresholds = rule, thresholds
 
     @torch.no_grad()
@@ -312,7 +331,7 @@ class PseudoLabeler(_OldModelPass):
             chosen = chosen_pseudo_labels(self.rule, logits, target, self.thresholds)
             for row, pseudo in zip(rows, chosen.cpu().numpy()):
                 encoded[row] = encode_png(pseudo)
-        return {"id": batch["id"], "image": batch["image"], "label": batch["label"], "pseudo": encoded}
+        return {**batch, "pseudo": encoded}
 
 
 class ThresholdHistogrammer(_OldModelPass):
@@ -403,10 +422,10 @@ THRESHOLDS_FILE = "thresholds.json"  # a per-class rule's τ_c beside the pseudo
 
 
 def write_pseudo_labels(
-    manifest: Manifest,
-    ids: list[str],
+    rows: ray.data.Dataset,
     out: Location,
     *,
+    expected_rows: int,
     model_uri: str,
     backbone: str,
     output_stride: int,
@@ -416,12 +435,15 @@ def write_pseudo_labels(
     use_gpu: bool,
     batch_size: int = 8,
     thresholds: ClassThresholds | None = None,
+    stored_luts: tuple[np.ndarray, ...] = (),
 ) -> None:
-    """Label the step's rows once by `rule` and publish them (with their image/label bytes) under `out`.
+    """Label `rows` (the step's own, or replayed images with their `stored_step`) once by `rule` and publish
+    them, every column kept, under `out`.
 
     A per-class rule's `thresholds` are written beside them (`THRESHOLDS_FILE`), under the same completion
     marker. Written to a temporary sibling and published with a completion marker, so a crash never leaves
-    pseudo-labels that a resumed run would trust.
+    pseudo-labels that a resumed run would trust; a pass that wrote another number of rows than
+    `expected_rows` is an error, not a marker.
     """
     if rule.per_class != (thresholds is not None) or (thresholds is not None and thresholds.rule != rule.name):
         raise ValueError(f"pseudo.rule={rule.name!r} with thresholds {thresholds and thresholds.rule!r}")
@@ -435,14 +457,16 @@ def write_pseudo_labels(
         "rule": rule,
         "use_gpu": use_gpu,
         "thresholds": None if thresholds is None else thresholds.thresholds,
+        "stored_luts": stored_luts,
     }
-    labelled = _map_with_old_model(
-        read_manifest_rows(manifest, ids), PseudoLabeler, labeler, actors=actors, use_gpu=use_gpu, batch_size=batch_size
-    )
+    labelled = _map_with_old_model(rows, PseudoLabeler, labeler, actors=actors, use_gpu=use_gpu, batch_size=batch_size)
     labelled.write_parquet(tmp.uri if not tmp.is_local else tmp.path, filesystem=tmp.fs)
+    written = read_prepared_rows(tmp).count()
+    if written != expected_rows:
+        raise RuntimeError(f"the pseudo-label pass wrote {written} rows to {tmp.uri}; expected {expected_rows}")
     if thresholds is not None:
         storage.write_json_atomic(tmp.join(THRESHOLDS_FILE), thresholds.to_json())
-    storage.mark_complete(tmp, {"rows": len(ids)})
+    storage.mark_complete(tmp, {"rows": expected_rows})
     storage.delete_dir(out)
     storage.publish_dir(tmp, out)
 
@@ -453,7 +477,15 @@ def read_class_thresholds(folder: Location) -> ClassThresholds | None:
     return thresholds_from_json(storage.read_json(loc)) if storage.exists(loc) else None
 
 
+def _prepared_files(folder: Location) -> list[Location]:
+    return [folder.join(name) for name in storage.list_dir(folder) if name.endswith(".parquet")]
+
+
 def read_prepared_rows(folder: Location) -> ray.data.Dataset:
     """Rows a step wrote itself (pseudo-labelled rows), one block per file."""
-    files = [folder.join(name) for name in storage.list_dir(folder) if name.endswith(".parquet")]
-    return _read_files(files, folder.fs)
+    return _read_files(_prepared_files(folder), folder.fs)
+
+
+def read_prepared_table(folder: Location) -> pa.Table:
+    """The same rows in one table on the driver: for the few replayed images, which join the stream as a table."""
+    return pa.concat_tables(pq.read_table(f.path, filesystem=folder.fs) for f in _prepared_files(folder))

@@ -32,16 +32,22 @@ class StreamSpec:
     store: Any = None  # ObjectRef[bytes] of the InstanceStore
 
     def row_lut(self, stored_step: int) -> np.ndarray:
-        """The LUT of one row: the train LUT for the step's own rows (`stored_step` < 0), else its storing step's."""
-        if stored_step < 0:
-            return self.lut
-        if stored_step >= len(self.stored_luts):
-            raise ValueError(
-                f"a replayed image stored at step {stored_step}, but the stream has look-up tables for images "
-                f"stored at {len(self.stored_luts)} earlier step(s) (expected a storing step before the current one)"
-            )
-        return self.stored_luts[stored_step]
+        """The LUT of one row (`row_lut` below)."""
+        return row_lut(self.lut, self.stored_luts, stored_step)
 
     @property
     def emits_paste_maps(self) -> bool:
         return self.paste is not None or self.replay_per_row > 0
+
+
+def row_lut(lut: np.ndarray, stored_luts: tuple[np.ndarray, ...], stored_step: int) -> np.ndarray:
+    """The LUT of one row: `lut` (the train LUT) for the step's own rows (`stored_step` < 0), else the table of
+    the step that stored it. One rule for the training stream and the old-model passes over replayed images."""
+    if stored_step < 0:
+        return lut
+    if stored_step >= len(stored_luts):
+        raise ValueError(
+            f"a replayed image stored at step {stored_step}, but the stream has look-up tables for images "
+            f"stored at {len(stored_luts)} earlier step(s) (expected a storing step before the current one)"
+        )
+    return stored_luts[stored_step]

@@ -6,7 +6,8 @@ partial annotation a fair image replay has. `replay.image_labels=current` relabe
 images with the current step's classes only, so their old objects are background (DKD-M's
 masking): under this BCE over every channel that teaches "old class = background", which is why
 DKD-M pairs it with a BCE over the new channels only. The loss is the family's BCE; replayed
-images are not pseudo-labelled, whatever `pseudo.enabled` says (their labels are their own).
+images keep their own labels whatever `pseudo.enabled` says, unless `replay.pseudo_label=true` asks
+for them to be pseudo-labelled too (classes learned after an image was stored can then gain labels).
 """
 
 from eir.methods.base import frozen

@@ -164,6 +164,7 @@ class StepDesign:
     replay: MemoryKind | None  # which of step t−1's memory joins the stream (None: none, or it is empty)
     memory: MemorySpec | None  # what this step keeps for the next (None: nothing, or the last step)
     pseudo_rule: PseudoRule | None = None  # how its pseudo-labels are chosen (None: it has none)
+    pseudo_replayed: bool = False  # image replay's stored images are pseudo-labelled too (replay.pseudo_label)
 
     @property
     def pseudo(self) -> bool:
@@ -273,7 +274,8 @@ def plan_step(
         if stream.pseudo
         else None
     )
-    return StepDesign(plan, stream, eval_step, layout.test_lut(step), replay, memory, pseudo_rule)
+    pseudo_replayed = replay == "images" and stream.pseudo and cfg.replay.pseudo_label
+    return StepDesign(plan, stream, eval_step, layout.test_lut(step), replay, memory, pseudo_rule, pseudo_replayed)
 
 
 def _paste(cfg: ExperimentConfig) -> PasteConfig | None:

@@ -127,3 +127,8 @@ def resolve(config: ExperimentConfig, *, progress: bool = True, run_dir: Locatio
 def pseudo_label_dir(exp: Experiment, step: int) -> Location:
     """Where step `step` stores its pseudo-labelled rows (complete once its marker is written)."""
     return exp.step_dir(step).join("pseudo")
+
+
+def replayed_pseudo_label_dir(exp: Experiment, step: int) -> Location:
+    """Where step `step` stores its pseudo-labelled replayed images (`replay.pseudo_label`)."""
+    return exp.step_dir(step).join("pseudo_replayed")

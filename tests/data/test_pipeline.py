@@ -16,7 +16,9 @@ from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     StreamSpec,
     eval_stream,
+    read_manifest_rows,
     read_prepared_rows,
+    read_prepared_table,
     train_stream,
     with_stored_images,
     write_pseudo_labels,
@@ -130,6 +132,81 @@ def test_replayed_images_keep_their_stored_labels_and_get_no_pseudo_labels(ray_s
         assert set(np.unique(replayed_label)) == {0, 3}
 
 
+def _old_model(tmp_path: Path, confident_channel: int | None = None) -> str:
+    """A step-0 checkpoint of synthetic 10-10; `confident_channel`: its sigmoid is ≈ 1 everywhere, the others ≈ 0."""
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", [10], weights=None)
+    if confident_channel is not None:
+        with torch.no_grad():
+            model.heads[1].bias.fill_(-20.0)
+            model.heads[1].bias[confident_channel - 1] = 20.0
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "head_sizes": [10]}, checkpoint)
+    return str(checkpoint)
+
+
+def _label(rows: ray.data.Dataset, out, expected_rows: int, checkpoint: str, lut: np.ndarray, **extra) -> None:
+    """`write_pseudo_labels` by the global score rule at 0.7, with the old model `checkpoint`."""
+    write_pseudo_labels(
+        rows,
+        out,
+        expected_rows=expected_rows,
+        model_uri=checkpoint,
+        backbone="mobilenet_v2",
+        output_stride=16,
+        lut=lut,
+        rule=PseudoRule("score", threshold=0.7),
+        actors=1,
+        use_gpu=False,
+        **extra,
+    )
+
+
+def test_replayed_images_asked_for_are_pseudo_labelled_through_their_storing_steps_table(
+    ray_session, prepared, tmp_path: Path
+) -> None:
+    """`replay.pseudo_label`: the old-model pass reads each stored image through its storing step's table, so only
+    the pixels that table leaves background gain a pseudo-label (the train LUT would have made class 3 background
+    too); the labelled table then joins the stream with its own pseudo column instead of nulls."""
+    root, manifest, task = prepared
+    label = np.zeros((48, 48), dtype=np.uint8)
+    label[:24] = 3  # a class the storing step had learned: kept
+    label[24:] = 5  # a class learned after the image was stored: background in it
+    stored_row = {"image": encode_png(np.full((48, 48, 3), 7, dtype=np.uint8)), "label": encode_png(label)}
+    store = build_image_store(
+        [{"id": f"s{i}", **stored_row, "classes": [3, 5]} for i in range(2)], [3], 2, None, 0, step=0
+    )
+    keeps_3 = np.zeros(256, dtype=np.uint8)
+    keeps_3[[3, 255]] = [3, 255]
+    out = root.join("pseudo-replayed")
+    replayed_rows = ray.data.from_arrow(store.table.select(["id", "image", "label", "stored_step"]))
+    _label(replayed_rows, out, 2, _old_model(tmp_path, confident_channel=5), task.train_lut(1), stored_luts=(keeps_3,))
+    table = read_prepared_table(out)
+    assert table.num_rows == 2 and table.column("stored_step").to_pylist() == [0, 0]
+    for encoded in table.column("pseudo").to_pylist():
+        pseudo = decode_map(encoded)
+        assert (pseudo[:24] == 0).all() and (pseudo[24:] == 5).all()
+
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=48, scale=(1.0, 1.0), pseudo=True, stored_luts=(keeps_3,))
+    joined = with_stored_images(_rows_with_pseudo(manifest, task), table, pseudo=True)
+    batches = list(train_stream(None, None, spec, batch_size=4, rows=joined).iter_batches(batch_format="numpy"))
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    replayed = (images == 7).all(axis=(1, 2, 3))
+    assert replayed.sum() == 2
+    for replayed_label in labels[replayed]:  # the whole image, unscaled: top half kept, bottom half pseudo-labelled
+        assert (replayed_label[:24] == 3).all() and (replayed_label[24:] == 5).all()
+
+
+def test_a_pseudo_label_pass_that_loses_rows_publishes_nothing(ray_session, prepared, tmp_path: Path) -> None:
+    root, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:3]
+    out = root.join("pseudo-short")
+    with pytest.raises(RuntimeError, match="wrote 3 rows .* expected 4"):
+        _label(read_manifest_rows(manifest, ids), out, 4, _old_model(tmp_path), task.train_lut(1))
+    assert not storage.exists(out) and not storage.is_complete(out)
+
+
 def test_eval_stream_keeps_full_images(ray_session, prepared) -> None:
     _, manifest, task = prepared
     ids = read_rows(manifest).column("id").to_pylist()[:5]
@@ -148,28 +225,10 @@ def test_eval_stream_keeps_full_images(ray_session, prepared) -> None:
 
 def test_pseudo_labels_by_batch_inference(ray_session, prepared, tmp_path: Path) -> None:
     root, manifest, task = prepared
-    torch.manual_seed(0)
-    model = build_model("mobilenet_v2", [10], weights=None)
-    with torch.no_grad():  # make class 3 confident everywhere: every background pixel gets pseudo-label 3
-        model.heads[1].bias.fill_(-20.0)
-        model.heads[1].bias[2] = 20.0
-    checkpoint = tmp_path / "model.pt"
-    torch.save({"model": model.state_dict(), "head_sizes": [10]}, checkpoint)
     ids = read_rows(manifest).column("id").to_pylist()[:6]
     out = root.join("pseudo-test")
-    write_pseudo_labels(
-        manifest,
-        ids,
-        out,
-        model_uri=str(checkpoint),
-        backbone="mobilenet_v2",
-        output_stride=16,
-        lut=task.train_lut(1),
-        rule=PseudoRule("score", threshold=0.7),
-        actors=1,
-        use_gpu=False,
-        batch_size=3,
-    )
+    # class 3 confident everywhere: every background pixel gets pseudo-label 3
+    _label(read_manifest_rows(manifest, ids), out, len(ids), _old_model(tmp_path, 3), task.train_lut(1), batch_size=3)
     assert storage.is_complete(out)
     rows = read_prepared_rows(out).take_all()
     assert sorted(r["id"] for r in rows) == sorted(ids)

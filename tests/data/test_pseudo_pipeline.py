@@ -16,6 +16,7 @@ from eir.data.codec import decode_map
 from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     read_class_thresholds,
+    read_manifest_rows,
     read_prepared_rows,
     threshold_histogram_pass,
     write_pseudo_labels,
@@ -105,7 +106,14 @@ def test_pseudo_labels_by_the_entropy_rule_carry_their_thresholds(
     histogram[3, 10] = 8  # τ_3 = the median 0.0105, below the model's entropy, unless the floor lifts it
     thresholds = EntropyThresholds.from_histogram(histogram, floor=0.99 if accepted else 0.0)
     out = root.join(f"pseudo-{accepted}")
-    write_pseudo_labels(manifest, ids, out, rule=ENTROPY_RULE, thresholds=thresholds, **old_model(constant_model, lut))
+    write_pseudo_labels(
+        read_manifest_rows(manifest, ids),
+        out,
+        expected_rows=len(ids),
+        rule=ENTROPY_RULE,
+        thresholds=thresholds,
+        **old_model(constant_model, lut),
+    )
     assert storage.is_complete(out) and not storage.damaged_files(out)
     assert read_class_thresholds(out) == thresholds
     rows = read_prepared_rows(out).take_all()
@@ -120,10 +128,18 @@ def test_score_rule_rows_carry_no_thresholds(ray_session, prepared, constant_mod
     out = root.join("pseudo-score")
     ids = read_rows(manifest).column("id").to_pylist()[:2]
     model = old_model(constant_model, task.train_lut(1))
-    write_pseudo_labels(manifest, ids, out, rule=PseudoRule("score", threshold=0.7), **model)
+    write_pseudo_labels(
+        read_manifest_rows(manifest, ids), out, expected_rows=len(ids), rule=PseudoRule("score", threshold=0.7), **model
+    )
     assert storage.is_complete(out) and read_class_thresholds(out) is None
     with pytest.raises(ValueError, match="score_quantile"):
-        write_pseudo_labels(manifest, ids, root.join("pseudo-missing"), rule=QUANTILE_RULE, **model)
+        write_pseudo_labels(
+            read_manifest_rows(manifest, ids),
+            root.join("pseudo-missing"),
+            expected_rows=len(ids),
+            rule=QUANTILE_RULE,
+            **model,
+        )
 
 
 @pytest.mark.parametrize("accepted", [True, False], ids=["tau_3 below the score", "tau_3 above it"])
@@ -138,7 +154,14 @@ def test_pseudo_labels_by_per_class_score_thresholds(ray_session, prepared, cons
     thresholds = ScoreThresholds.from_histogram(histogram, quantile=0.5, cap=0.99)
     assert thresholds.thresholds[3] == pytest.approx(0.4 if accepted else 0.98)  # the median's bin edge
     out = root.join(f"pseudo-quantile-{accepted}")
-    write_pseudo_labels(manifest, ids, out, rule=QUANTILE_RULE, thresholds=thresholds, **old_model(constant_model, lut))
+    write_pseudo_labels(
+        read_manifest_rows(manifest, ids),
+        out,
+        expected_rows=len(ids),
+        rule=QUANTILE_RULE,
+        thresholds=thresholds,
+        **old_model(constant_model, lut),
+    )
     assert read_class_thresholds(out) == thresholds
     for row in read_prepared_rows(out).take_all():
         label, pseudo = lut[decode_map(row["label"])], decode_map(row["pseudo"])

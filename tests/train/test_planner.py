@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eir.config import load_config
+from eir.config import ConfigError, load_config
 from eir.tasks import get_task
 from eir.train.planner import FaultInjection, PreviousStep, RunFacts, RunLayout, plan_step
 
@@ -31,7 +31,7 @@ def test_a_plan_needs_neither_ray_nor_files() -> None:
     code = f"""
 import builtins, sys
 sys.modules["ray"] = None  # `import ray` now fails
-from eir.config import load_config
+from eir.config import ConfigError, load_config
 from eir.tasks import get_task
 from eir.train.planner import PreviousStep, RunFacts, RunLayout, plan_step
 config = load_config(overrides=["method.name=eir", "model.weights=null"])
@@ -102,6 +102,24 @@ def test_image_replay_adds_the_stored_images_to_every_epoch() -> None:
     design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=12))
     assert design.replay == "images" and design.plan.rows_per_epoch == 52
     assert design.stream.replay_per_row == 0.0 and design.stream.paste is None and not design.pseudo
+
+
+def test_replayed_images_are_pseudo_labelled_only_when_asked() -> None:
+    asked = ("pseudo.enabled=true", "replay.pseudo_label=true")
+    for overrides, expected in [((), False), (("pseudo.enabled=true",), False), (asked, True)]:
+        config, run = facts("image_replay", *overrides)
+        design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=12))
+        assert design.pseudo_replayed is expected and design.pseudo is bool(overrides)
+    config, run = facts("image_replay", *asked)
+    empty = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=0))
+    assert empty.replay is None and not empty.pseudo_replayed  # nothing stored, nothing to label
+
+
+def test_replayed_pseudo_labels_need_the_steps_pseudo_labelling() -> None:
+    with pytest.raises(
+        ConfigError, match=r"replay.pseudo_label=true .* pseudo.enabled=false \(method 'image_replay'\)"
+    ):
+        facts("image_replay", "replay.pseudo_label=true")
 
 
 def test_image_replay_relabels_each_stored_image_by_the_step_that_stored_it() -> None:

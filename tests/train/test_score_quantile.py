@@ -16,14 +16,15 @@ from eir import storage
 from eir.config import load_config
 from eir.data.codec import decode_map
 from eir.data.ingest import read_rows
-from eir.data.pipeline import THRESHOLDS_FILE, read_class_thresholds
+from eir.data.pipeline import THRESHOLDS_FILE, read_class_thresholds, read_prepared_table
 from eir.model import build_model
 from eir.pseudo import PseudoRule, ScoreThresholds
+from eir.replay.image_store import build_image_store
 from eir.replay.store import build_store
 from eir.train import preview, step_data
 from eir.train.memory import memory_file
 from eir.train.planner import PreviousStep
-from eir.train.resolved import pseudo_label_dir, resolve
+from eir.train.resolved import pseudo_label_dir, replayed_pseudo_label_dir, resolve
 
 RULE = ["pseudo.enabled=true", "pseudo.rule=score_quantile", "pseudo.threshold=0.9", "pseudo.quantile=0.3"]
 WINNER, WINNER_LOGIT = 4, 1.0  # the old model predicts channel 4 everywhere, with sigmoid 0.731 (below the cap 0.9)
@@ -128,3 +129,41 @@ def test_preview_reads_the_steps_thresholds_or_computes_them_from_its_images(
         preview._preview_thresholds(exp, 1, design.pseudo_rule, 1 + step0_classes, old_model, batch)
         == written.thresholds
     )
+
+
+@pytest.mark.slow
+def test_replayed_images_asked_for_are_labelled_once_by_the_steps_own_thresholds(
+    ray_session, tiny_run: tuple[str, ...], tmp_path: Path, monkeypatch
+) -> None:
+    """image_replay with `replay.pseudo_label=true`: the step's own images are labelled first and set τ_c; the
+    stored images are then labelled by the same τ_c, each read through its storing step's table (so the step-0
+    classes it keeps are never overwritten), and join the stream; a second attempt reuses them."""
+    overrides = [*tiny_run, "method.name=image_replay", *RULE, "replay.pseudo_label=true"]
+    config = load_config(overrides=[*overrides, f"run.output_dir={tmp_path}", "run.name=r"])
+    exp = resolve(config, progress=False)
+    storage.makedirs(exp.step_dir(0))
+    _constant_old_model(Path(exp.step_dir(0).join("model.pt").path), len(exp.schedule.classes_seen(0)))
+    step0_rows = read_rows(exp.train_manifest, exp.train_splits.step_ids(0)).to_pylist()
+    store = build_image_store(step0_rows, exp.schedule.classes_learned(0), 6, None, 0, step=0)
+    design = exp.design(1, PreviousStep(exp.step_dir(0).join("model.pt").uri, len(store)))
+    assert design.replay == "images" and design.pseudo_replayed
+
+    stream = step_data.training_stream(exp, design, store)
+    assert stream.count() == design.plan.rows_per_epoch * design.plan.epochs
+    folder = replayed_pseudo_label_dir(exp, 1)
+    labelled = read_prepared_table(folder)
+    assert read_class_thresholds(folder) == read_class_thresholds(pseudo_label_dir(exp, 1))
+    assert sorted(labelled.column("id").to_pylist()) == sorted(store.table.column("id").to_pylist())
+    stored_lut, kept = design.stream.stored_luts[0], 0
+    for row in labelled.to_pylist():
+        assert row["stored_step"] == 0
+        label, pseudo = stored_lut[decode_map(row["label"])], decode_map(row["pseudo"])
+        assert (pseudo[label == 0] == WINNER).all() and (pseudo[label != 0] == 0).all()
+        kept += int(np.isin(label, range(1, 256)).sum())
+    assert kept > 0, "the stored images keep step-0 classes, which the train LUT would have made background"
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a finished step's pseudo-labels were computed again")
+
+    monkeypatch.setattr(step_data, "write_pseudo_labels", no_pass)
+    assert step_data.pseudo_labelled_replay(exp, design, store.table).equals(labelled)
