@@ -429,6 +429,14 @@ class LossConfig:
         step0=True,
         active=_read_by_method("loss.bce_weight"),
     )
+    bce_old_background: Literal["push_down", "skip"] = knob(
+        "push_down",
+        CHOICE,
+        "what the BCE says of the old classes on pixels step t labels background (no ground truth, pseudo-label "
+        "or paste): push_down = target 0 on their channels (EIR's loss); skip = no term (only the distillation "
+        "speaks for them there, MiB's unbiased background for a sigmoid loss)",
+        active=_read_by_method("loss.bce_old_background"),
+    )
     rskd_weight: float = knob(
         0.0, NON_NEGATIVE, "weight of the RSKD distillation term (eir: 5)", active=_read_by_method("loss.rskd_weight")
     )

@@ -68,21 +68,46 @@ def _check_classes(values: torch.Tensor, num_channels: int, name: str) -> None:
         )
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def bce_loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, skipped: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sigmoid multi-label BCE over every channel including background (METHOD.md §3.4).
 
     Per pixel the channel losses are summed; the result is the mean over valid pixels. With
     no valid pixel the loss is 0 and still carries a gradient (zeros), so a batch of pure
-    ignore pixels does not break backward or DDP's gradient sync.
+    ignore pixels does not break backward or DDP's gradient sync. `skipped` (bool, broadcastable
+    to B x C x H x W) drops single channel terms from the sum (`unknown_background`) without
+    changing which pixels the mean is over.
     """
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
     if valid.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"valid mask {tuple(valid.shape)} must be B x H x W of logits {tuple(logits.shape)}")
     per_channel = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    if skipped is not None:
+        per_channel = per_channel.masked_fill(skipped, 0.0)
     per_pixel = per_channel.sum(1)
     mask = valid.float()
     return (per_pixel * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def unknown_background(
+    label: torch.Tensor, old_num_channels: int, num_channels: int, paste_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The BCE terms `loss.bce_old_background=skip` drops (bool B x C x H x W): the old foreground channels
+    1..C_old−1 on pixels the step calls background (label 0: no ground truth, pseudo-label or paste names them).
+
+    At step t such a pixel may hold an old object the pseudo-labels missed, so "not this old class" is not
+    known there; the background channel and the new channels keep their terms, and a pasted pixel (λ > 0)
+    keeps every term (its pasted class's target is known). MiB's unbiased view of the background, for a
+    sigmoid loss: there only the distillation speaks for the old classes.
+    """
+    unknown = label == 0
+    if paste_weight is not None:
+        unknown = unknown & (paste_weight.to(label.device) == 0)
+    old = torch.zeros(num_channels, dtype=torch.bool, device=label.device)
+    old[1:old_num_channels] = True
+    return unknown.unsqueeze(1) & old.view(1, -1, 1, 1)
 
 
 def rskd_loss(

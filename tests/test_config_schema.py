@@ -173,6 +173,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
                 "replay.pseudo_label",
                 # the BCE family's keys, which PLOP's softmax loss and MiB's fixed initialisation never read
                 "loss.bce_weight",
+                "loss.bce_old_background",
                 "loss.rskd_weight",
                 "model.new_head_init",
             },

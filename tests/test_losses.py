@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eir.labels import NO_PASTE
-from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets, unknown_background
 
 LN = math.log
 
@@ -74,6 +74,30 @@ def test_bce_without_valid_pixels_is_zero_with_grad():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_unknown_background_skips_old_channels_where_the_step_says_background_by_hand():
+    """Step 1 of a 1+2 / 2 model (channels 0 | 1, 2 old | 3, 4 new). Pixels: background, new class 3, old class 1
+    (a pseudo-label), ignore, and background with a pasted instance (λ = 0.4). Only the old channels 1 and 2 of
+    the first pixel are skipped; the mean stays over the four valid pixels."""
+    label = torch.tensor([[[0, 3, 1, 255, 0]]])
+    paste_class = torch.tensor([[[NO_PASTE, NO_PASTE, NO_PASTE, NO_PASTE, 2]]], dtype=torch.uint8)
+    paste_weight = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.4]]])
+    skipped = unknown_background(label, old_num_channels=3, num_channels=5, paste_weight=paste_weight)
+    assert skipped.shape == (1, 5, 1, 5)
+    assert skipped[0, :, 0].nonzero().tolist() == [[1, 0], [2, 0]]
+    logits = torch.linspace(-2.0, 2.0, 25).reshape(1, 5, 1, 5).requires_grad_()
+    targets, valid = soft_targets(label, 5, paste_class, paste_weight)
+    loss = bce_loss(logits, targets, valid, skipped)
+    x, y = logits.detach()[0, :, 0], targets[0, :, 0]
+    terms = torch.log1p(torch.exp(x)) - y * x  # BCE(x, y) per channel and pixel, written out
+    terms[1:3, 0] = 0.0
+    assert loss.item() == pytest.approx((terms[:, [0, 1, 2, 4]].sum() / 4).item(), abs=1e-6)
+    loss.backward()
+    assert logits.grad[0, 1:3, 0, 0].abs().sum() == 0  # no gradient to the old channels on unknown background
+    assert (logits.grad[0, [0, 3, 4], 0, 0] != 0).all() and (logits.grad[0, 1:3, 0, [1, 2, 4]] != 0).all()
+    # without a paste map every background pixel counts as unknown
+    assert unknown_background(label, 3, 5)[0, 1:3, 0].tolist() == [[True, False, False, False, True]] * 2
 
 
 def test_rskd_two_by_two_by_hand():

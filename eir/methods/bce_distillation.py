@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets
+from eir.losses import bce_loss, region_mask, rskd_loss, soft_targets, unknown_background
 from eir.methods.base import LossInputs, Method
 
 if TYPE_CHECKING:
@@ -23,12 +23,19 @@ NO_EXTRAS = {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": Fa
 
 
 class BceDistillation(Method):
-    """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1."""
+    """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1; at t ≥ 1
+    `loss.bce_old_background=skip` leaves the old channels out of the BCE where the step says background."""
 
     step0_family = "bce"
     stream_extras = frozenset({"paste", "pseudo:score", "pseudo:score_quantile"})
 
-    option_keys = ("loss.bce_weight", "loss.rskd_weight", "loss.rskd_region", "model.new_head_init")
+    option_keys = (
+        "loss.bce_weight",
+        "loss.bce_old_background",
+        "loss.rskd_weight",
+        "loss.rskd_region",
+        "model.new_head_init",
+    )
 
     def needs_old_model(self, step: int) -> bool:
         return step > 0 and self.options["loss.rskd_weight"] > 0
@@ -40,8 +47,12 @@ class BceDistillation(Method):
         return weights
 
     def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        targets, valid = soft_targets(inputs.label, inputs.shape.num_channels, inputs.paste_class, inputs.paste_weight)
-        terms = {"bce": bce_loss(inputs.logits, targets, valid)}
+        shape = inputs.shape
+        targets, valid = soft_targets(inputs.label, shape.num_channels, inputs.paste_class, inputs.paste_weight)
+        skipped = None
+        if shape.step > 0 and self.options["loss.bce_old_background"] == "skip":
+            skipped = unknown_background(inputs.label, shape.old_num_channels, shape.num_channels, inputs.paste_weight)
+        terms = {"bce": bce_loss(inputs.logits, targets, valid, skipped)}
         if self.needs_old_model(inputs.shape.step):
             if inputs.old_logits is None:
                 raise ValueError(f"method {self.name!r} distils at step {inputs.shape.step} but got no old logits")

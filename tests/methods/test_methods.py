@@ -6,6 +6,7 @@ rskd_weight x RSKD on the same tensors), so the re-expression cannot drift unnot
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,33 @@ def test_loss_matches_the_pre_unit_loop(method: str, paste: bool, region: str) -
     assert unit.needs_old_model(1) == (rskd_weight > 0) and not unit.needs_old_model(0)
 
 
+def test_the_unbiased_background_leaves_old_channels_to_the_distillation() -> None:
+    """`loss.bce_old_background=skip`: the old channels get no BCE gradient on pixels labelled background (and not
+    pasted), their gradient elsewhere is unchanged, and step 0 (no old channels) keeps EIR's loss exactly."""
+    inputs = fixed_batch(step=1, paste=True)
+    grads = {}
+    for choice in ("push_down", "skip"):
+        logits = inputs.logits.clone().requires_grad_(True)
+        unit = build_method("eir", options("eir", loss__bce_old_background=choice, loss__rskd_weight=0.0))
+        total, _ = unit.loss(dataclasses.replace(inputs, logits=logits))
+        total.backward()
+        grads[choice] = logits.grad
+    unknown = (inputs.label == 0) & (inputs.paste_weight == 0)
+    old = list(range(1, inputs.shape.old_num_channels))  # 1, 2, 3: the step-0 head's three classes
+    others = [0, *range(inputs.shape.old_num_channels, inputs.shape.num_channels)]
+
+    def per_channel(grad: torch.Tensor, channels: list[int]) -> torch.Tensor:  # C' x B x H x W
+        return grad[:, channels].permute(1, 0, 2, 3)
+
+    skip, push = per_channel(grads["skip"], old), per_channel(grads["push_down"], old)
+    assert unknown.any() and (skip[:, unknown] == 0).all() and (push[:, unknown] != 0).all()
+    known = ~unknown & (inputs.label != 255)
+    assert torch.allclose(skip[:, known], push[:, known])
+    assert torch.equal(grads["skip"][:, others], grads["push_down"][:, others])
+    step0 = build_method("eir", options("eir", loss__bce_old_background="skip")).loss(fixed_batch(step=0))[0]
+    assert step0.item() == pytest.approx(PINNED[False, "new_gt"][0], abs=1e-6)
+
+
 def test_step0_never_distils_whatever_the_weight() -> None:
     unit = build_method("eir", options("eir"))
     total, terms = unit.loss(fixed_batch(step=0))
@@ -125,7 +153,7 @@ def test_prediction_is_the_sigmoid_background_rule() -> None:
 def test_unknown_method_and_missing_options_are_named() -> None:
     with pytest.raises(ValueError, match=rf"^unknown method 'no_such'; known methods: {', '.join(METHOD_NAMES)}$"):
         method_class("no_such")
-    with pytest.raises(ValueError, match=r"needs the options \['loss.rskd_region'"):
+    with pytest.raises(ValueError, match=r"needs the options \['loss.bce_old_background', 'loss.rskd_region'"):
         build_method("eir", {"loss.bce_weight": 1.0, "loss.rskd_weight": 5.0})
 
 
