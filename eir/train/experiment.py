@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[int, dict[str, Any]], None]
 Memory = InstanceStore | ImageStore
 # Per-epoch values a step logs to MLflow, besides the loss and its terms ("loss_<term>").
-EPOCH_METRICS = ("lr", "images_per_s", "data_wait_share")
+EPOCH_METRICS = ("lr", "images_per_s", "data_wait_share", "grad_norm_max", "grad_norm_mean", "skipped_steps")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from eir.data.transforms import normalize
 from eir.methods import LossInputs, Method, build_method
 from eir.model import build_model, check_head_sizes, load_torch
 from eir.train.evaluate import confusion_on_batches
+from eir.train.gradients import GradientWatch
 from eir.train.plan import StepPlan, iterations_per_epoch
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,10 @@ def train_step_worker(plan_dict: dict) -> None:
             batch_size=plan.per_worker_batch, device=device, local_shuffle_buffer_size=4 * plan.per_worker_batch
         )
     )
+    gradients = GradientWatch(device)
     for epoch in range(start_epoch, plan.epochs):
         model.train()
+        gradients.start_epoch()
         started, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         term_sums: dict[str, float] = {}  # the unweighted terms: which one moved when the loss did
         # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
@@ -170,13 +173,16 @@ def train_step_worker(plan_dict: dict) -> None:
             loss_value, term_values = values[0], dict(zip(terms, values[1:]))
             if not math.isfinite(loss_value):
                 parts = ", ".join(f"{name} {value:.4g}" for name, value in term_values.items())
+                norms = ", ".join(f"{norm:.4g}" for norm in gradients.recent_norms())
                 raise FloatingPointError(
                     f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {loss_value} "
-                    f"({parts}); training diverged at learning rate {plan.lr} "
-                    f"(train.lr{'_incremental' if plan.step else ''}): lower it"
+                    f"({parts}); gradient norms of the steps before it: {norms or 'none yet'}; training diverged "
+                    f"at learning rate {plan.lr} (train.lr{'_incremental' if plan.step else ''}): lower it"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # the norm of the real gradients (a no-op without AMP)
+            gradients.observe(core.parameters())
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss_value
@@ -203,13 +209,15 @@ def train_step_worker(plan_dict: dict) -> None:
             "data_wait_share": data_wait / max(elapsed, 1e-9),
             "eta_s": elapsed * (plan.epochs - epoch - 1),
             "restarts": len(resumed_at),
+            **gradients.epoch_metrics(),
         }
         history.append(metrics)
         if rank == 0:
             parts = ", ".join(f"{name} {total / max(1, batches):.4f}" for name, total in term_sums.items())
             log.info(
                 f"[step {plan.step}] epoch {epoch + 1}/{plan.epochs} loss {metrics['loss']:.4f} ({parts}) "
-                f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
+                f"lr {metrics['lr']:.2e} grad norm max {metrics['grad_norm_max']:.3g} "
+                f"{metrics['images_per_s']:.1f} img/s, epoch {elapsed:.0f}s, "
                 f"ETA {metrics['eta_s'] / 60:.1f} min"
             )
         final = (

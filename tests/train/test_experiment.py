@@ -8,6 +8,7 @@ extra steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -166,8 +167,12 @@ def test_mlflow_tree(finetune_run: dict, output_dir: Path) -> None:
     assert "loss" in step1.data.metrics and "hIoU" in step1.data.metrics
     client = mlflow.MlflowClient()
     step0 = next(r for r in children if r.info.run_name == "finetune/step_0")
-    for name in ("loss", "lr", "images_per_s", "data_wait_share"):
+    for name in ("loss", "lr", "images_per_s", "data_wait_share", "grad_norm_max", "grad_norm_mean", "skipped_steps"):
         assert [m.step for m in client.get_metric_history(step0.info.run_id, name)] == [1, 2], name
+    norms = client.get_metric_history(step0.info.run_id, "grad_norm_max")
+    means = client.get_metric_history(step0.info.run_id, "grad_norm_mean")
+    assert all(0 < mean.value <= largest.value < math.inf for mean, largest in zip(means, norms))
+    assert {m.value for m in client.get_metric_history(step0.info.run_id, "skipped_steps")} == {0.0}  # fp32, finite
     artifacts = {a.path for a in client.list_artifacts(step1.info.run_id)}
     assert {"per_class_iou.csv", "confusion.png", "predictions.png"} <= artifacts
     # What a researcher reads: status, commit, description, only the keys finetune reads, the IoU table.
