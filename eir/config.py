@@ -415,7 +415,8 @@ class ReplayConfig:
         False,
         CHOICE,
         "pseudo-label the replayed images' background pixels too, by the step's pseudo.rule and thresholds "
-        "(needs pseudo.enabled): classes the old model learned after an image was stored can gain labels",
+        "(needs pseudo.enabled): under replay.image_labels=stored, classes the old model learned after an image "
+        "was stored can gain labels; under current, every old object the old model sees",
         active=_stores_images,
     )
 
@@ -433,8 +434,9 @@ class LossConfig:
         "push_down",
         CHOICE,
         "what the BCE says of the old classes on pixels step t labels background (no ground truth, pseudo-label "
-        "or paste): push_down = target 0 on their channels (EIR's loss); skip = no term (only the distillation "
-        "speaks for them there, MiB's unbiased background for a sigmoid loss)",
+        "or paste): push_down = target 0 on their channels (EIR's loss); skip = no term (MiB's unbiased background "
+        "for a sigmoid loss: only a distillation that covers those pixels, loss.rskd_region all or complement, "
+        "speaks for them there)",
         active=_read_by_method("loss.bce_old_background"),
     )
     rskd_weight: float = knob(
@@ -951,6 +953,20 @@ def _extras_have_the_instance_store(config: ExperimentConfig) -> None:
 DATASETS_WITH_INSTANCE_MAPS = ("voc", "synthetic")
 
 
+def _warn_of_old_classes_left_unheld(config: ExperimentConfig) -> None:
+    """`loss.bce_old_background=skip` leaves the old classes on unlabelled background to the distillation; where no
+    distillation covers those pixels they get no signal there at all: allowed (an ablation), never silently."""
+    if "loss.bce_old_background" not in method_class(config.method.name).option_keys:
+        return
+    if config.loss.bce_old_background == "skip" and (not _distils(config) or config.loss.rskd_region == "new_gt"):
+        held = "no distillation" if not _distils(config) else "RSKD only on new-class pixels (loss.rskd_region=new_gt)"
+        warnings.warn(
+            f"loss.bce_old_background=skip with {held} (method {config.method.name!r}): nothing trains the old "
+            "classes on the step's unlabelled background; loss.rskd_region=all or complement distils there",
+            stacklevel=3,
+        )
+
+
 def _replayed_pseudo_labels_have_a_rule(config: ExperimentConfig) -> None:
     """Replayed images are labelled by the step's own pseudo-label pass (its rule, model and thresholds), so
     asking for them without that pass would silently label nothing."""
@@ -1012,6 +1028,7 @@ RULES: tuple[Callable[[ExperimentConfig], None], ...] = (
     _dataset_root_is_given,
     _extras_have_the_instance_store,
     _replayed_pseudo_labels_have_a_rule,
+    _warn_of_old_classes_left_unheld,
     _instance_masks_exist,
     _the_method_reads_its_stream_extras,
     _warn_of_an_empty_memory,

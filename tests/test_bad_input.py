@@ -137,6 +137,20 @@ def test_memory_size_zero_warns_and_larger_than_the_candidates_is_covered_by_the
     # assert "memory.size=200 but only 7 instances were found; stored 7".
 
 
+def test_skipping_the_old_classes_bce_without_a_distillation_that_covers_them_warns() -> None:
+    for overrides, held in [
+        (["method.name=eir"], r"RSKD only on new-class pixels \(loss.rskd_region=new_gt\)"),
+        (["method.name=eir_no_rskd"], "no distillation"),
+    ]:
+        with pytest.warns(UserWarning, match=rf"loss.bce_old_background=skip with {held} .*nothing trains the old"):
+            load_config(QUICKSTART, [*overrides, "loss.bce_old_background=skip"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for region in ("all", "complement"):
+            load_config(QUICKSTART, ["method.name=eir", "loss.bce_old_background=skip", f"loss.rskd_region={region}"])
+        load_config(QUICKSTART, ["method.name=mib"])  # a method that does not read the key: nothing to warn about
+
+
 def test_a_checkpoint_from_another_task_is_refused_by_evaluate(tmp_path: Path, capsys) -> None:
     raw = tmp_path / "synthetic"
     generate_synthetic(raw, 12, seed=0, image_size=32, progress=False)

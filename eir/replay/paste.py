@@ -74,6 +74,8 @@ def potential_classes(label: np.ndarray, pseudo: np.ndarray, k: int) -> list[int
     counted by PIL's C histogram (a third of `np.bincount`'s time, which widens every uint8 to int64
     first); the few channels found are then looked up in the label one by one.
     """
+    if pseudo.dtype != np.uint8 or pseudo.ndim != 2:
+        raise ValueError(f"potential_classes: pseudo must be an H x W uint8 map, got {pseudo.dtype} {pseudo.shape}")
     counts = np.asarray(Image.fromarray(pseudo).histogram())
     counts[[0, IGNORE_LABEL]] = 0
     channels = [int(c) for c in np.flatnonzero(counts) if not (label == c).any()]

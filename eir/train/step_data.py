@@ -124,8 +124,9 @@ def pseudo_labelled_replay(exp: Experiment, design: StepDesign, stored: pa.Table
     """Image replay's stored images with step t−1's pseudo-labels (`replay.pseudo_label`), labelled once per step.
 
     The step's own rule and thresholds label them (a per-class rule's τ_c come from the step's own images, which
-    are labelled first), each image read through its storing step's table, so only the pixels its stored labels
-    leave background can gain a class — those the old model learned after the image was stored among them.
+    are labelled first), each image read through the table the stream gives it (`StreamSpec.stored_luts`), so only
+    the pixels its labels leave background can gain a class: under `replay.image_labels=stored` the classes learned
+    after the image was stored, under `current` (DKD-M's masking) every old object the old model recognises.
     """
     plan = design.plan
     folder = replayed_pseudo_label_dir(exp, plan.step)

@@ -51,6 +51,13 @@ def test_potential_classes_ranked_by_pixel_count():
     assert potential_classes(label, np.zeros_like(pseudo), 3) == []
 
 
+def test_potential_classes_needs_a_uint8_map():
+    label = np.zeros((4, 4), dtype=np.uint8)
+    for bad in (np.zeros((4, 4), dtype=np.int64), np.zeros((4, 4), dtype=bool), np.zeros((4, 4, 1), dtype=np.uint8)):
+        with pytest.raises(ValueError, match="pseudo must be an H x W uint8 map"):
+            potential_classes(label, bad, 3)
+
+
 def test_rank_cells_by_background_after_pseudo_labelling():
     label = np.zeros((10, 12), dtype=np.uint8)
     pseudo = np.zeros_like(label)

@@ -31,7 +31,7 @@ def test_a_plan_needs_neither_ray_nor_files() -> None:
     code = f"""
 import builtins, sys
 sys.modules["ray"] = None  # `import ray` now fails
-from eir.config import ConfigError, load_config
+from eir.config import load_config
 from eir.tasks import get_task
 from eir.train.planner import PreviousStep, RunFacts, RunLayout, plan_step
 config = load_config(overrides=["method.name=eir", "model.weights=null"])

@@ -159,7 +159,7 @@ def test_replayed_images_asked_for_are_labelled_once_by_the_steps_own_thresholds
         assert row["stored_step"] == 0
         label, pseudo = stored_lut[decode_map(row["label"])], decode_map(row["pseudo"])
         assert (pseudo[label == 0] == WINNER).all() and (pseudo[label != 0] == 0).all()
-        kept += int(np.isin(label, range(1, 256)).sum())
+        kept += int(((label > 0) & (label != 255)).sum())
     assert kept > 0, "the stored images keep step-0 classes, which the train LUT would have made background"
 
     def no_pass(*args, **kwargs):
