@@ -37,8 +37,8 @@ class GradientWatch:
         norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
         finite = torch.isfinite(norm)
         value = torch.where(finite, norm, torch.zeros_like(norm))
-        step = torch.stack([value, value, finite.double(), (~finite).double()])
-        self._totals = torch.cat([torch.maximum(self._totals[:1], step[:1]), self._totals[1:] + step[1:]])
+        self._totals[0] = torch.maximum(self._totals[0], value)
+        self._totals[1:] += torch.stack([value, finite.double(), (~finite).double()])
         self.recent.append(norm)
 
     def epoch_metrics(self) -> dict[str, float]:
