@@ -19,7 +19,11 @@ consumes them: the DataLoader epoch after epoch, Ray as one stream holding every
 count matters: each Ray Data execution starts with ~1 s at one task (RAY_NOTES.md), a cost a
 step pays once, so timing fewer epochs than a step has would overstate it. `--quick` times
 fewer images over the same epochs.
-Keys: `paste_slowdown` (paste / plain time per image), `ray_vs_dataloader` (Ray img/s / DataLoader img/s).
+The stream ships EIR's paste as plans (`eir.replay.paste.plan_paste`) that the trainer carries out on its
+device; that half is timed apart, on one CPU thread over the paste variant's batches, and reported beside
+the ratios (on a GPU trainer it is a few small kernels per instance).
+Keys: `paste_slowdown` (paste / plain time per image), `ray_vs_dataloader` (Ray img/s / DataLoader img/s),
+`trainer_paste_ms_per_image_cpu`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from eir.data.ingest import read_rows
 from eir.data.pipeline import SampleMaker, read_prepared_rows, train_stream
 from eir.data.stream_spec import StreamSpec
 from eir.raysession import ensure_ray
-from eir.replay.paste import index_by_channel
+from eir.replay.paste import ScaledInstances, apply_paste, index_by_channel
 from eir.replay.store import build_store
 from eir.train.planner import PreviousStep
 from eir.train.resolved import Experiment, resolve
@@ -110,12 +114,8 @@ class _SampleDataset:
             self.make = SampleMaker(self.spec, self.arrays, self.by_channel, np.random.default_rng())
         row = self.rows[index]
         sample = self.make(row["image"], row["label"], row.get("pseudo") if self.spec.pseudo else None)[0]
-        return {
-            "image": sample.image,
-            "label": sample.label,
-            "paste_class": sample.paste_class,
-            "paste_weight": sample.paste_weight,
-        }
+        planned = {} if sample.paste_plan is None else {"paste_plan": sample.paste_plan}
+        return {"image": sample.image, "label": sample.label, **planned}
 
 
 def _single_thread(_: int) -> None:
@@ -133,6 +133,18 @@ def _dataloader(rows: list[dict[str, Any]], spec: StreamSpec, arrays: list, by_c
         drop_last=False,
     )
     return lambda epochs: itertools.chain.from_iterable(loader for _ in range(epochs))
+
+
+def _trainer_paste_ms(batches: list[dict[str, np.ndarray]], instances: ScaledInstances) -> float:
+    """Milliseconds per image the trainer spends carrying out the stream's paste plans (`apply_paste`), on this
+    machine's CPU, one thread, after one untimed pass (each instance is resized once per step, as in training)."""
+    torch.set_num_threads(1)
+    for batch in batches:
+        apply_paste(torch.from_numpy(batch["image"]), batch["paste_plan"], instances)
+    started = time.perf_counter()
+    for batch in batches:
+        apply_paste(torch.from_numpy(batch["image"]), batch["paste_plan"], instances)
+    return 1000 * (time.perf_counter() - started) / sum(len(b["image"]) for b in batches)
 
 
 def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -190,7 +202,10 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
                 f"ray_{name}", *_time_run(_ray_run(exp, ids, spec, pseudo_rows if spec.pseudo else None, batch), epochs)
             )
         in_memory = [row for path in sorted(Path(folder).glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+        planned = list(_ray_run(exp, ids, specs["paste"], pseudo_rows, batch)(1))
     arrays, by_channel = store.decoded(), index_by_channel(store.class_ids(), eir_spec.class_to_channel)
+    trainer_paste_ms = _trainer_paste_ms(planned, ScaledInstances(arrays))
+    print(f"trainer-side paste (apply_paste, one CPU thread): {trainer_paste_ms:.3f} ms per image")
     for name in ("plain", "paste"):
         record(
             f"dataloader_{name}",
@@ -205,6 +220,9 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
         "quick": quick,
         "paste_slowdown": round(per_image("ray_paste") / per_image("ray_plain"), 4),
         "ray_vs_dataloader": round(results["ray_plain"]["img_per_s"] / results["dataloader_plain"]["img_per_s"], 4),
+        # The trainer's share of the paste (blend + maps from the plans), outside the stream's timing: on a GPU
+        # trainer a few small kernels per instance; here, what it would cost a CPU trainer.
+        "trainer_paste_ms_per_image_cpu": round(trainer_paste_ms, 4),
         **environment(),
         "config": {
             "task": "camvid 5-3 step 1",

@@ -3,7 +3,8 @@
 The driver builds a lazy `ray.data.Dataset` per step; Ray Train splits it across workers and
 re-runs it every epoch, so decoding and augmentation happen in Ray Data CPU tasks while the
 trainers compute. Rows carry encoded bytes until the map task decodes them; what reaches the
-trainer is uint8 crops and uint8 label maps (normalisation happens on the trainer's device).
+trainer is uint8 crops, uint8 label maps and EIR's paste plans (the paste itself and normalisation
+happen on the trainer's device).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from eir.data.codec import encode_png
 from eir.data.ingest import Manifest
 from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
-from eir.labels import NO_PASTE
 from eir.model import load_step_model
 from eir.pseudo import (
     HISTOGRAM_BINS,
@@ -36,7 +36,7 @@ from eir.pseudo import (
     thresholds_from_json,
 )
 from eir.replay.image_store import STORED_STEP
-from eir.replay.paste import index_by_channel, paste_instances
+from eir.replay.paste import empty_plan, index_by_channel, plan_paste
 from eir.replay.replay_sample import replay_canvas
 from eir.replay.store import InstanceStore
 from eir.storage import Location
@@ -103,36 +103,35 @@ def with_stored_images(rows: ray.data.Dataset, stored: pa.Table, *, pseudo: bool
     return own.union(ray.data.from_arrow(replayed))
 
 
-_STORES: dict[str, tuple[list, dict[int, np.ndarray], dict]] = {}
+_STORES: dict[str, tuple[list, dict[int, np.ndarray]]] = {}
 
 
-def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray], dict]:
-    """The decoded store, its rows per channel and a cache of cell-sized instances, kept per
-    worker process (decoded once per step, each instance resized once per cell size)."""
+def _store_arrays(spec: StreamSpec) -> tuple[list, dict[int, np.ndarray]]:
+    """The decoded store and its rows per channel, kept per worker process (decoded once per step)."""
     key = spec.store.hex()
     if key not in _STORES:
         store = InstanceStore.from_bytes(ray.get(spec.store))
         _STORES.clear()  # one step's store at a time per process
-        _STORES[key] = (store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel), {})
+        _STORES[key] = (store.decoded(), index_by_channel(store.class_ids(), spec.class_to_channel))
     return _STORES[key]
 
 
 @dataclass
 class Sample:
-    """One training sample as it leaves the data workers (CHW uint8 image, uint8 maps)."""
+    """One training sample as it leaves the data workers (CHW uint8 image, uint8 label map)."""
 
-    image: np.ndarray
+    image: np.ndarray  # not yet pasted: the trainer carries out `paste_plan` on its device
     label: np.ndarray  # with pseudo-labels merged into background pixels
-    paste_class: np.ndarray  # NO_PASTE where nothing was pasted
-    paste_weight: np.ndarray  # float16 λ where pasted, 0 elsewhere
+    paste_plan: np.ndarray | None = None  # `eir.replay.paste.plan_paste`; None when the stream pastes nothing
     pseudo: np.ndarray | None = None  # the cropped pseudo-label map (previews only)
 
 
 class SampleMaker:
-    """Decode → LUT → joint crop/flip (+ pseudo-label) → EIR paste, plus instance-replay samples.
+    """Decode → LUT → joint crop/flip (+ pseudo-label) → EIR's paste plan, plus instance-replay samples.
 
     One piece serves the Ray Data stream (`_train_batch`) and `launch.py preview`, so what a
-    preview shows is exactly what the trainer receives.
+    preview shows is exactly what the trainer receives (the preview then applies the plan as the
+    trainer does, `eir.replay.paste.apply_paste`).
     """
 
     def __init__(
@@ -141,13 +140,10 @@ class SampleMaker:
         arrays: list,
         by_channel: dict[int, np.ndarray],
         rng: np.random.Generator,
-        scaled_cache: dict | None = None,
     ):
         self.spec, self.arrays, self.by_channel, self.rng = spec, arrays, by_channel, rng
-        self.scaled_cache = {} if scaled_cache is None else scaled_cache
         self.augment = JointAugment(spec.crop_size, scale=spec.scale)
-        self.no_paste = np.full((spec.crop_size, spec.crop_size), NO_PASTE, dtype=np.uint8)
-        self.no_weight = np.zeros((spec.crop_size, spec.crop_size), dtype=np.float16)
+        self.no_paste = empty_plan(spec.paste) if spec.paste is not None else None
 
     def __call__(
         self,
@@ -163,39 +159,35 @@ class SampleMaker:
             image_c, label_c, pseudo_c = self.augment(image, label, decode_map(pseudo_bytes))
         else:
             (image_c, label_c), pseudo_c = self.augment(image, label), None
-        paste_class, paste_weight = self.no_paste, self.no_weight
+        plan = self.no_paste
         if spec.paste is not None and self.arrays:
             # Potential classes are those the pseudo-labels see but the ground truth lacks, so
-            # paste before the pseudo-labels are merged into the label.
-            image_c, paste_class, paste_weight, _ = paste_instances(
-                image_c,
+            # plan before the pseudo-labels are merged into the label.
+            plan = plan_paste(
                 label_c,
                 pseudo_c if pseudo_c is not None else np.zeros_like(label_c),
-                self.arrays,
                 self.by_channel,
                 spec.old_channels,
                 spec.paste,
                 self.rng,
-                scaled_cache=self.scaled_cache,
-                channels_first=True,
             )
         if pseudo_c is not None:
             label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8)
-        samples = [Sample(image_c, label_c, paste_class, paste_weight, pseudo_c)]
+        samples = [Sample(image_c, label_c, plan, pseudo_c)]
         if self.arrays and spec.replay_per_row > 0:
             for _ in range(int(spec.replay_per_row + self.rng.random())):
                 class_id, crop, mask = self.arrays[int(self.rng.integers(len(self.arrays)))]
                 channel = int(spec.class_to_channel[class_id])
                 canvas, canvas_label = replay_canvas(crop, mask, channel, spec.crop_size, self.rng)
                 image_r, label_r = self.augment(canvas, canvas_label)
-                samples.append(Sample(image_r, label_r, self.no_paste, self.no_weight))
+                samples.append(Sample(image_r, label_r, self.no_paste))
         return samples
 
 
 def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
     torch.set_num_threads(1)
-    arrays, by_channel, scaled = _store_arrays(spec) if spec.store is not None else ([], {}, {})
-    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng(), scaled)
+    arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
+    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng())
     stored = batch.get(STORED_STEP)  # only beside replayed images (`with_stored_images`)
     samples = [
         sample
@@ -207,7 +199,7 @@ def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np
             NOT_STORED if stored is None else int(stored[row]),
         )
     ]
-    columns = ("image", "label", "paste_class", "paste_weight") if spec.emits_paste_maps else ("image", "label")
+    columns = ("image", "label", "paste_plan") if spec.paste is not None else ("image", "label")
     return {name: np.stack([getattr(s, name) for s in samples]) for name in columns}
 
 

@@ -35,10 +35,6 @@ class StreamSpec:
         """The LUT of one row (`row_lut` below)."""
         return row_lut(self.lut, self.stored_luts, stored_step)
 
-    @property
-    def emits_paste_maps(self) -> bool:
-        return self.paste is not None or self.replay_per_row > 0
-
 
 def row_lut(lut: np.ndarray, stored_luts: tuple[np.ndarray, ...], stored_step: int) -> np.ndarray:
     """The LUT of one row: `lut` (the train LUT) for the step's own rows (`stored_step` < 0), else the table of

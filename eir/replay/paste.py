@@ -9,25 +9,33 @@ METHOD.md §3.3 steps 2–5, on one already-augmented crop, in the model's *chan
        classes, random old channels are added until there are `max_instances`;
     5. scale each instance so its longer side equals the cell side, put it at the top-left of
        the next best cell and blend it inside its mask with λ ~ U(0, 1).
-The targets stay compact: `paste_class` (255 = nothing pasted) and `paste_weight` (λ) per
-pixel; the label map is returned untouched and the trainer builds
-λ·onehot(paste) + (1 − λ)·onehot(label) (`eir.losses.soft_targets`).
+Split in two where each half is cheapest. The choices (steps 2–4 and λ) need the crop's label and
+pseudo-label maps, which only the data workers hold: `plan_paste` turns them into a paste plan of a
+few numbers per instance (store row, channel, corner, cell side, λ). The pixels are the trainer's:
+`apply_paste` blends the planned instances into the batch on its device and builds the compact
+targets there — `paste_class` (255 = nothing pasted) and `paste_weight` (λ) per pixel, from which the
+loss makes λ·onehot(paste) + (1 − λ)·onehot(label) (`eir.losses.soft_targets`). So the stream ships
+72 bytes of plan per sample instead of two crop-sized maps (at a 512 crop, 786 KB), and no data
+worker blends or resizes an instance (`launch.py bench pipeline`).
 
-Pure numpy + PIL, no Ray and no torch: it runs inside Ray Data CPU workers, whose arrays
-are read-only views, so no input is ever modified in place.
+No Ray: the planning half is numpy + PIL and runs inside Ray Data CPU workers, whose arrays are
+read-only views, so no input is modified in place; the applying half is torch on any device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from eir.labels import IGNORE_LABEL, NO_PASTE
 from eir.replay.instances import DecodedInstance
+
+PLAN_COLUMNS = ("index", "channel", "y0", "x0", "side", "lambda")  # one row per planned instance
+NO_INSTANCE = -1.0  # the `index` of a plan row that pastes nothing
 
 
 @dataclass(frozen=True)
@@ -121,12 +129,53 @@ def _choose_channels(
     return chosen
 
 
-def _scaled(crop: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the longer side equals `side`, keeping the aspect ratio (bilinear / nearest).
+def plan_rows(config: PasteConfig) -> int:
+    """Rows of every paste plan under `config`: one per possible instance (at least one, so a stream
+    column of plans never has an empty axis)."""
+    return max(1, config.max_instances)
 
-    Kept as uint8, not as the float32 `_blend` computes in: a worker caches every instance at its cell
-    size, and at a 512 crop a float32 instance is 0.8 MB (converting per paste costs ~10 µs).
+
+def empty_plan(config: PasteConfig) -> np.ndarray:
+    """A plan that pastes nothing (the image was not drawn for pasting, or is an instance-replay sample)."""
+    plan = np.zeros((plan_rows(config), len(PLAN_COLUMNS)), dtype=np.float32)
+    plan[:, 0] = NO_INSTANCE
+    return plan
+
+
+def plan_paste(
+    label: np.ndarray,
+    pseudo: np.ndarray,
+    store_index_by_channel: dict[int, np.ndarray],
+    old_channels: Sequence[int],
+    config: PasteConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """What to paste into one crop (METHOD.md §3.3 steps 2–5 without the pixels); the inputs are not modified.
+
+    label: H x W uint8 step-t channels (255 ignore), without the pseudo-labels; pseudo: H x W uint8 old
+    channels (0 = none). `store_index_by_channel` maps a channel to store rows (see `index_by_channel`).
+    Returns a `plan_rows(config)` x 6 float32 plan (`PLAN_COLUMNS`): per instance its store row, channel,
+    the top-left corner of its cell, the cell side it is scaled to and λ (1 for a hard paste); rows after the
+    last instance hold index `NO_INSTANCE`. The instances of one image take different cells, so they never
+    overlap. Every value is an integer below 2^24 or λ, so float32 holds them exactly.
     """
+    if pseudo.shape != label.shape or label.ndim != 2:
+        raise ValueError(f"paste: label {label.shape}, pseudo {pseudo.shape}; expected two H x W maps")
+    plan = empty_plan(config)
+    if rng.random() >= config.probability:
+        return plan
+    available = {int(c) for c, rows in store_index_by_channel.items() if len(rows)}
+    channels = _choose_channels(label, pseudo, available, old_channels, config, rng)
+    cells = rank_cells(label, pseudo, config.grid)
+    for row, (channel, (y0, x0, y1, x1)) in enumerate(zip(channels, cells)):
+        index = int(rng.choice(store_index_by_channel[channel]))
+        lam = 1.0 if config.hard else float(rng.uniform(0.0, 1.0))
+        plan[row] = (index, channel, y0, x0, min(y1 - y0, x1 - x0), lam)
+    return plan
+
+
+def _scaled(crop: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize so the longer side equals `side`, keeping the aspect ratio (bilinear / nearest)."""
     height, width = mask.shape
     factor = side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
@@ -136,83 +185,70 @@ def _scaled(crop: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, 
     return crop_out, mask_out
 
 
-def _blend(region: np.ndarray, instance: np.ndarray, inside: np.ndarray, lam: float) -> None:
-    """region = λ·instance + (1 − λ)·region inside the mask, rounded, in place on the output copy.
+class ScaledInstances:
+    """The store's instances on the trainer's device, each resized to a cell side once per step.
 
-    `region` and `instance` are h x w x 3 uint8 (`region` possibly a strided view: a channels-first
-    image seen as HWC). Computed as region + λ·(instance − region) over the whole box in one float32
-    buffer, updated in place, and copied back where the mask is set: a third of the cost of boolean
-    indexing on float64 pixels. No clip is needed: a convex blend of two uint8 values stays in 0..255.
+    With a fixed crop the cells never change size, so an instance is resized (on the CPU, by PIL, the
+    resampling the store's crops were made with) the first time a plan asks for it at that side and kept
+    on the device as 3 x h x w uint8 pixels and an h x w mask: a few hundred instances at most per step.
     """
-    base = region.astype(np.float32)
-    blended = instance.astype(np.float32)
-    blended -= base
-    blended *= np.float32(lam)
-    blended += base
-    np.rint(blended, out=blended)
-    np.copyto(region, blended, where=inside[..., None], casting="unsafe")
+
+    def __init__(self, arrays: Sequence[DecodedInstance], device: torch.device | str = "cpu"):
+        self.arrays, self.device = arrays, torch.device(device)
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __call__(self, index: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self.arrays):
+            raise ValueError(f"paste plan: store row {index}, but the instance store holds {len(self.arrays)} rows")
+        if (index, side) not in self._cache:
+            _, crop, mask = self.arrays[index]
+            pixels, inside = _scaled(crop, mask, side)
+            self._cache[index, side] = (
+                torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).to(self.device),
+                torch.from_numpy(inside).to(self.device),
+            )
+        return self._cache[index, side]
 
 
-def paste_instances(
-    image: np.ndarray,
-    label: np.ndarray,
-    pseudo: np.ndarray,
-    store_arrays: Sequence[DecodedInstance],
-    store_index_by_channel: dict[int, np.ndarray],
-    old_channels: Sequence[int],
-    config: PasteConfig,
-    rng: np.random.Generator,
-    scaled_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
-    channels_first: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Paste stored instances into one crop (METHOD.md §3.3); the inputs are not modified.
+def apply_paste(
+    images: torch.Tensor, plans: torch.Tensor | np.ndarray, instances: ScaledInstances
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Carry out a batch of paste plans on the images' device; `images` is not modified.
 
-    image: H x W x 3 uint8 (3 x H x W with `channels_first`, the layout the training stream
-    crops in: pasting through a strided HWC view of it spares two full-image transposes);
-    label: H x W uint8 step-t channels (255 ignore), without the pseudo-labels;
-    pseudo: H x W uint8 old channels (0 = none). `store_index_by_channel` maps a channel to
-    rows of `store_arrays` (see `index_by_channel`).
-    Returns (image, paste_class uint8 with 255 = no paste, paste_weight float16 = λ where
-    pasted and 0 elsewhere, one dict per paste: channel, index, cell, bbox, lambda).
-    The instances of one image land in different cells and never overlap; were they to,
-    the later one would win in both maps. `scaled_cache` keeps each instance resized to a cell
-    side across calls: with a fixed crop the cells never change size, so a data worker resizes
-    an instance once per step instead of once per paste (resizing was half of the paste's cost).
+    images: B x 3 x H x W uint8; plans: B x rows x 6 (`plan_paste`). Each instance lands at its cell's
+    top-left corner (clipped to the crop) and is blended inside its mask as region + λ·(instance − region)
+    in float32, rounded half to even — the arithmetic of METHOD.md §3.3 step 5, exact on uint8 pixels.
+    Returns (images, paste_class B x H x W uint8 with 255 = no paste, paste_weight B x H x W float16 = λ
+    where pasted and 0 elsewhere). The plans are read on the host (a few numbers per image).
     """
-    hwc_shape = image.shape[1:] + image.shape[:1] if channels_first and image.ndim == 3 else image.shape
-    if len(hwc_shape) != 3 or hwc_shape[2] != 3 or hwc_shape[:2] != label.shape or pseudo.shape != label.shape:
-        layout = "3 x H x W" if channels_first else "H x W x 3"
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"paste: images {tuple(images.shape)} {images.dtype}; expected B x 3 x H x W uint8")
+    rows = plans.detach().cpu().numpy() if isinstance(plans, torch.Tensor) else np.asarray(plans)
+    if rows.ndim != 3 or rows.shape[0] != images.shape[0] or rows.shape[2] != len(PLAN_COLUMNS):
         raise ValueError(
-            f"paste: image {image.shape}, label {label.shape}, pseudo {pseudo.shape}; "
-            f"expected {layout} and two H x W maps"
+            f"paste: plans of shape {rows.shape} for {images.shape[0]} images; expected "
+            f"{images.shape[0]} x rows x {len(PLAN_COLUMNS)} ({', '.join(PLAN_COLUMNS)})"
         )
-    out = image.copy()
-    pixels = out.transpose(1, 2, 0) if channels_first else out  # an HWC view of the output
-    paste_class = np.full(label.shape, NO_PASTE, dtype=np.uint8)
-    paste_weight = np.zeros(label.shape, dtype=np.float16)
-    pasted: list[dict[str, Any]] = []
-    if rng.random() >= config.probability:
-        return out, paste_class, paste_weight, pasted
-
-    available = {int(c) for c, rows in store_index_by_channel.items() if len(rows)}
-    channels = _choose_channels(label, pseudo, available, old_channels, config, rng)
-    cells = rank_cells(label, pseudo, config.grid)
-    for channel, cell in zip(channels, cells):
-        index = int(rng.choice(store_index_by_channel[channel]))
-        cy0, cx0, cy1, cx1 = cell
-        side = min(cy1 - cy0, cx1 - cx0)
-        if scaled_cache is not None and (index, side) in scaled_cache:
-            inst, inst_mask = scaled_cache[index, side]
-        else:
-            _, crop, mask = store_arrays[index]
-            inst, inst_mask = _scaled(crop, mask, side)
-            if scaled_cache is not None:
-                scaled_cache[index, side] = (inst, inst_mask)
-        y1, x1 = min(cy0 + inst_mask.shape[0], label.shape[0]), min(cx0 + inst_mask.shape[1], label.shape[1])
-        inside = inst_mask[: y1 - cy0, : x1 - cx0]
-        lam = 1.0 if config.hard else float(rng.uniform(0.0, 1.0))
-        _blend(pixels[cy0:y1, cx0:x1], inst[: y1 - cy0, : x1 - cx0], inside, lam)
-        np.copyto(paste_class[cy0:y1, cx0:x1], np.uint8(channel), where=inside)
-        paste_weight[cy0:y1, cx0:x1][inside] = lam
-        pasted.append({"channel": channel, "index": index, "cell": cell, "bbox": (cy0, cx0, y1, x1), "lambda": lam})
-    return out, paste_class, paste_weight, pasted
+    batch, _, height, width = images.shape
+    out = images.clone()
+    paste_class = torch.full((batch, height, width), NO_PASTE, dtype=torch.uint8, device=images.device)
+    paste_weight = torch.zeros((batch, height, width), dtype=torch.float16, device=images.device)
+    for image, row in zip(*np.nonzero(rows[:, :, 0] != NO_INSTANCE)):
+        index, channel, y0, x0, side = (int(v) for v in rows[image, row, :5])
+        lam = float(rows[image, row, 5])
+        pixels, mask = instances(index, side)
+        y1, x1 = min(y0 + mask.shape[0], height), min(x0 + mask.shape[1], width)
+        inside = mask[: y1 - y0, : x1 - x0]
+        region = out[image, :, y0:y1, x0:x1]
+        base = region.float()
+        blended = pixels[:, : y1 - y0, : x1 - x0].float()
+        blended -= base
+        blended *= lam
+        blended += base
+        region.copy_(torch.where(inside, blended.round_(), base).to(torch.uint8))
+        paste_class[image, y0:y1, x0:x1].masked_fill_(inside, channel)
+        paste_weight[image, y0:y1, x0:x1].masked_fill_(inside, lam)
+    return out, paste_class, paste_weight

@@ -256,7 +256,11 @@ def _run_step(exp: Experiment, step: int, tracker: Tracker, run_ids: dict[str, s
     previous, memory = None, None
     if step > 0:
         memory = load_memory(exp.step_dir(step - 1), exp.config.memory.kind)  # read once: replayed, then pooled
-        previous = PreviousStep(exp.step_dir(step - 1).join("model.pt").uri, len(memory) if memory is not None else 0)
+        previous = PreviousStep(
+            exp.step_dir(step - 1).join("model.pt").uri,
+            len(memory) if memory is not None else 0,
+            memory_file(exp.step_dir(step - 1), exp.config.memory.kind).uri if memory is not None else None,
+        )
     design = exp.design(step, previous, FaultInjection.from_env(os.environ))
     _log_step_params(exp, design, tracker, child)
     trained = _train_or_reuse(exp, design, memory)

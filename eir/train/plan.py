@@ -41,6 +41,9 @@ class StepPlan:
     torch_threads: int = 1
     warmup_fraction: float = 0.0
     progress: bool = True  # rank 0 shows an evaluation progress bar
+    # URI of step t−1's instance store when the stream ships EIR's paste plans: each trainer reads it once and
+    # carries the plans out on its device (`eir.replay.paste.apply_paste`). None when nothing is pasted.
+    paste_store: str | None = None
     # Fault injection (tests of worker fault tolerance): rank 0 exits once at this iteration,
     # leaving `fault_marker` behind so the restarted worker does not fail again.
     fail_at_iteration: int | None = None

@@ -120,10 +120,11 @@ class RunFacts:
 
 @dataclass(frozen=True)
 class PreviousStep:
-    """What step t reads from step t−1: the URI of its model and how many items its memory holds."""
+    """What step t reads from step t−1: the URIs of its model and memory, and how many items the memory holds."""
 
     model: str | None = None
     memory_items: int = 0
+    memory: str | None = None  # the memory file's URI (the trainer reads an instance store to paste from)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def plan_step(
         progress=facts.progress,
         fail_at_iteration=fault.at_iteration,
         fault_marker=fault.marker,
+        paste_store=previous.memory if stream.paste is not None else None,
     )
     keeps = kind != "none" and step < layout.schedule.num_steps - 1
     memory = (

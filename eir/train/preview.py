@@ -1,13 +1,15 @@
 """`launch.py preview`: what EIR feeds the trainer at step t, drawn from an existing run.
 
 It rebuilds step t's samples with the same `SampleMaker` the Ray Data workers use (pseudo-labels
-from the step t−1 model, pastes from the step t−1 instance store), so the picture is the real
-training input, not an illustration.
+from the step t−1 model, paste plans over the step t−1 instance store) and carries the plans out with
+the trainer's own `apply_paste`, so the picture is the real training input, not an illustration.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+from numpy.random import default_rng
 
 from eir import storage
 from eir.config import ConfigError
@@ -21,7 +23,7 @@ from eir.data.pipeline import (
 )
 from eir.labels import NO_PASTE
 from eir.pseudo import PseudoRule, thresholds_from_histogram
-from eir.replay.paste import index_by_channel
+from eir.replay.paste import PasteConfig, ScaledInstances, apply_paste, empty_plan, index_by_channel
 from eir.replay.store import InstanceStore
 from eir.train.memory import memory_file
 from eir.train.planner import PreviousStep
@@ -85,15 +87,20 @@ def preview_panels(exp: Experiment, step: int, count: int = 8, seed: int = 0) ->
         thresholds = _preview_thresholds(exp, step, rule, old_channels, old_model, batch)
         labeler = PseudoLabeler(*old_model, rule, use_gpu=False, thresholds=thresholds)
         pseudo = labeler(batch)["pseudo"]
-    by_channel = index_by_channel(store.class_ids(), spec.class_to_channel)
-    make = SampleMaker(spec, store.decoded(), by_channel, np.random.default_rng(seed))
+    arrays = store.decoded()
+    make = SampleMaker(spec, arrays, index_by_channel(store.class_ids(), spec.class_to_channel), default_rng(seed))
+    instances = ScaledInstances(arrays)  # the trainer's paste, on the CPU
     panels = []
     images, labels = rows.column("image").to_pylist(), rows.column("label").to_pylist()
     for i, (image_bytes, label_bytes) in enumerate(zip(images, labels)):
         sample = make(image_bytes, label_bytes, pseudo[i] if pseudo is not None else None)[0]
         pseudo_map = sample.pseudo if sample.pseudo is not None else np.zeros_like(sample.label)
-        target = blended_target(sample.label, sample.paste_class, sample.paste_weight)
-        panels.append([sample.image.transpose(1, 2, 0), target, colorize(pseudo_map)])
+        plan = sample.paste_plan if sample.paste_plan is not None else empty_plan(PasteConfig())
+        image, paste_class, paste_weight = (
+            t[0].numpy() for t in apply_paste(torch.from_numpy(sample.image[None]), plan[None], instances)
+        )
+        target = blended_target(sample.label, paste_class, paste_weight)
+        panels.append([image.transpose(1, 2, 0), target, colorize(pseudo_map)])
     return panels
 
 

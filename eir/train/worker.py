@@ -2,7 +2,7 @@
 
 Flat on purpose, in the shape of torchvision's segmentation reference: build the model, load
 step t−1, resume from the last epoch checkpoint if Ray Train restarted us, then epochs of
-stream → normalise → forward → loss → SGD, one `ray.train.report` with a checkpoint per epoch,
+stream → EIR's paste → normalise → forward → loss → SGD, one `ray.train.report` with a checkpoint per epoch,
 and after the last epoch the step's confusion matrix on the test stream, summed over workers.
 """
 
@@ -26,6 +26,8 @@ from eir import storage
 from eir.data.transforms import normalize
 from eir.methods import LossInputs, Method, build_method
 from eir.model import build_model, check_head_sizes, load_torch
+from eir.replay.paste import ScaledInstances, apply_paste
+from eir.replay.store import InstanceStore
 from eir.train.evaluate import confusion_on_batches
 from eir.train.gradients import GradientWatch
 from eir.train.plan import StepPlan, iterations_per_epoch
@@ -52,6 +54,29 @@ def build_step_model(plan: StepPlan, method: Method) -> torch.nn.Module:
         method.init_new_head(model, plan.head_sizes[-1])
     model.detach_background = method.detach_background
     return model
+
+
+def paste_instances_for(plan: StepPlan, device: torch.device) -> ScaledInstances | None:
+    """Step t−1's instance store, read once per worker, when the stream ships paste plans for this trainer
+    to carry out on its device; None when nothing is pasted."""
+    if plan.paste_store is None:
+        return None
+    return ScaledInstances(InstanceStore.read(storage.resolve(plan.paste_store)).decoded(), device)
+
+
+def pasted(batch: dict[str, torch.Tensor], instances: ScaledInstances | None) -> dict[str, torch.Tensor]:
+    """The batch with its paste plans carried out: pasted images and the `paste_class` / `paste_weight` maps
+    the loss reads (`eir.replay.paste.apply_paste`). A batch without plans is returned as it is."""
+    if "paste_plan" not in batch:
+        return batch
+    if instances is None:
+        raise RuntimeError(
+            "the training stream ships paste plans but the step plan names no instance store (paste_store): "
+            "the planner sets it from the previous step's memory"
+        )
+    images, paste_class, paste_weight = apply_paste(batch["image"], batch["paste_plan"], instances)
+    rest = {name: value for name, value in batch.items() if name != "paste_plan"}
+    return {**rest, "image": images, "paste_class": paste_class, "paste_weight": paste_weight}
 
 
 def restore_state(checkpoint: ray.train.Checkpoint | None, step: int, rank: int) -> dict | None:
@@ -139,6 +164,7 @@ def train_step_worker(plan_dict: dict) -> None:
         )
     )
     gradients = GradientWatch(device)
+    instances = paste_instances_for(plan, device)
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         gradients.start_epoch()
@@ -147,8 +173,9 @@ def train_step_worker(plan_dict: dict) -> None:
         # Time spent waiting for the next batch: the share of the epoch the input pipeline, not
         # the model, decided (the loss read below syncs the device every iteration).
         data_wait, ready = 0.0, time.perf_counter()
-        for batch in itertools.islice(stream, epoch_iterations[epoch]):
+        for streamed in itertools.islice(stream, epoch_iterations[epoch]):
             data_wait += time.perf_counter() - ready
+            batch = pasted(streamed, instances)
             if (
                 plan.fail_at_iteration == iteration
                 and rank == 0

@@ -27,7 +27,7 @@ from eir.data.prepare import ensure_prepared
 from eir.model import build_model
 from eir.pseudo import PseudoRule
 from eir.replay.image_store import build_image_store
-from eir.replay.paste import PasteConfig
+from eir.replay.paste import NO_INSTANCE, NO_PASTE, PLAN_COLUMNS, PasteConfig, ScaledInstances, apply_paste
 from eir.replay.store import build_store
 from eir.tasks import get_task
 
@@ -92,15 +92,26 @@ def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     )
     stream = train_stream(None, None, spec, batch_size=4, rows=_rows_with_pseudo(manifest, task))
     batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
+    assert all(set(b) == {"image", "label", "paste_plan"} for b in batches), "plans ship, not paste maps"
     images = np.concatenate([b["image"] for b in batches])
-    paste_class = np.concatenate([b["paste_class"] for b in batches])
-    weight = np.concatenate([b["paste_weight"] for b in batches]).astype(np.float32)
+    plans = np.concatenate([b["paste_plan"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
     assert len(images) > len(rows), "instance-replay samples are mixed into the stream"
-    pasted = paste_class != 255
-    assert pasted.any()
-    assert set(np.unique(paste_class[pasted])) <= set(store.classes())
-    assert ((weight >= 0) & (weight <= 1)).all() and (weight[~pasted] == 0).all()
+    assert plans.shape == (len(images), PasteConfig().max_instances, len(PLAN_COLUMNS))
+    planned = plans[plans[:, :, 0] != NO_INSTANCE]
+    assert len(planned), "some images are pasted into"
+    channels = identity[np.asarray(store.class_ids())[planned[:, 0].astype(int)]]
+    assert np.array_equal(planned[:, 1], channels), "each planned instance is a stored row of its channel"
+    assert set(planned[:, 1].astype(int)) <= set(store.classes())
+    assert ((planned[:, 5] >= 0) & (planned[:, 5] <= 1)).all() and (planned[:, 4] == 16).all()  # λ; 2 x 2 cells of 16
+    # The trainer carries the plans out: pasted pixels get the planned channels, the rest stays as it was.
+    pasted, paste_class, weight = apply_paste(
+        torch.from_numpy(images), torch.from_numpy(plans), ScaledInstances(store.decoded())
+    )
+    hit = paste_class != NO_PASTE
+    assert hit.any() and set(np.unique(paste_class[hit].numpy())) <= set(store.classes())
+    untouched = (~hit).unsqueeze(1).expand_as(pasted)
+    assert torch.equal(pasted[untouched], torch.from_numpy(images)[untouched]) and (weight[~hit] == 0).all()
     # Pseudo-labels were merged into the label: old classes appear in the training labels.
     assert np.isin(labels, OLD).any()
 

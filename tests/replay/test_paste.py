@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from eir.replay.paste import (
+    NO_INSTANCE,
     NO_PASTE,
+    PLAN_COLUMNS,
     PasteConfig,
+    ScaledInstances,
+    apply_paste,
+    empty_plan,
     index_by_channel,
-    paste_instances,
+    plan_paste,
     potential_classes,
     rank_cells,
 )
@@ -31,10 +38,18 @@ def _maps(height=16, width=16):
     return image, np.zeros((height, width), dtype=np.uint8), np.zeros((height, width), dtype=np.uint8)
 
 
+def _planned(plan: np.ndarray) -> list[dict]:
+    """The plan's instances as dicts of `PLAN_COLUMNS` (ints, and λ as a float)."""
+    return [dict(zip(PLAN_COLUMNS, (*map(int, row[:5]), float(row[5])))) for row in plan if row[0] != NO_INSTANCE]
+
+
 def _paste(image, label, pseudo, arrays, index, old=(1, 2, 3, 4), seed=0, **config):
-    return paste_instances(
-        image, label, pseudo, arrays, index, list(old), PasteConfig(**config), np.random.default_rng(seed)
-    )
+    """Plan as a data worker does, carry the plan out as the trainer does (on the CPU): an H x W x 3 image in and
+    out, the two target maps, and one dict per pasted instance."""
+    plan = plan_paste(label, pseudo, index, list(old), PasteConfig(**config), np.random.default_rng(seed))
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    out, paste_class, paste_weight = apply_paste(chw, plan[None], ScaledInstances(arrays))
+    return out[0].numpy().transpose(1, 2, 0), paste_class[0].numpy(), paste_weight[0].numpy(), _planned(plan)
 
 
 def test_potential_classes_ranked_by_pixel_count():
@@ -82,9 +97,8 @@ def test_hard_paste_scales_to_the_cell_and_sits_at_its_corner():
     index = {1: np.array([0])}
     out, paste_class, paste_weight, pasted = _paste(image, label, pseudo, arrays, index, old=[1], hard=True)
     (info,) = pasted
-    assert info["cell"] == (5, 0, 10, 8) and info["channel"] == 1 and info["lambda"] == 1.0
-    # longer side 6 → 5 (the cell side), shorter 2 → round(2 * 5 / 6) = 2, at the cell's top-left
-    assert info["bbox"] == (5, 0, 7, 5)
+    assert (info["y0"], info["x0"], info["side"]) == (5, 0, 5) and info["channel"] == 1 and info["lambda"] == 1.0
+    # longer side 6 → 5 (the cell side), shorter 2 → round(2 * 5 / 6) = 2, at the cell's top-left: rows 5–6, cols 0–4
     expected = np.full((10, 16), NO_PASTE, np.uint8)
     expected[5:7, 0:5] = 1
     assert np.array_equal(paste_class, expected)
@@ -100,12 +114,13 @@ def test_pasted_pixels_stay_in_their_cells_and_follow_the_mask():
     index = {c: np.array([c - 1]) for c in (1, 2, 3)}
     for seed in range(5):
         _, paste_class, paste_weight, pasted = _paste(image, label, pseudo, arrays, index, old=[1, 2, 3], seed=seed)
-        assert len(pasted) == 3 and len({p["cell"] for p in pasted}) == 3
+        assert len(pasted) == 3 and len({(p["y0"], p["x0"]) for p in pasted}) == 3
         covered = np.zeros((20, 20), bool)
         for info in pasted:
-            y0, x0, y1, x1 = info["cell"]
+            y0, x0, side = info["y0"], info["x0"], info["side"]
+            assert side == 10
             in_cell = np.zeros((20, 20), bool)
-            in_cell[y0:y1, x0:x1] = True
+            in_cell[y0 : y0 + side, x0 : x0 + side] = True
             mine = paste_class == info["channel"]
             assert mine.any() and not (mine & ~in_cell).any()
             assert not mine[y0 + 4, x0 + 4]  # the ring's hole (scaled 9 → 10) is not pasted
@@ -121,7 +136,7 @@ def test_blend_arithmetic_is_exact():
     (info,) = pasted
     lam = info["lambda"]
     assert 0.0 < lam < 1.0
-    assert info["bbox"] == (0, 0, 4, 4)  # all cells tie: the first (top-left) is used
+    assert (info["y0"], info["x0"], info["side"]) == (0, 0, 4)  # all cells tie: the first (top-left) is used
     expected = np.rint(lam * 200 + (1 - lam) * 100)
     assert round(lam, 4) == 0.2368 and expected == 124  # by hand: 47.36 + 76.32 = 123.68
     assert np.all(out[0:4, 0:4] == expected) and np.all(out[4:, :] == 100) and np.all(out[:, 4:] == 100)
@@ -201,7 +216,7 @@ def test_probability_zero_pastes_nothing():
     image, label, pseudo = _maps()
     arrays, index = _store()
     out, paste_class, paste_weight, pasted = _paste(image, label, pseudo, arrays, index, probability=0.0)
-    assert pasted == [] and np.array_equal(out, image) and out is not image
+    assert pasted == [] and np.array_equal(out, image)
     assert np.all(paste_class == NO_PASTE) and not paste_weight.any()
 
 
@@ -237,7 +252,7 @@ def test_config_is_validated():
         PasteConfig(probability=1.5)
     image, label, pseudo = _maps()
     arrays, index = _store()
-    with pytest.raises(ValueError, match="expected H x W x 3"):
+    with pytest.raises(ValueError, match="expected two H x W maps"):
         _paste(image, label[:4], pseudo, arrays, index)
 
 
@@ -249,41 +264,86 @@ def _random_store(rng: np.random.Generator, channels=(1, 2, 3), width=9):
     return arrays, index_by_channel(np.array(channels), np.arange(256, dtype=np.uint8))
 
 
-def _seeded_paste(image, label, pseudo, arrays, index, seed, **options):
-    return paste_instances(
-        image, label, pseudo, arrays, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed), **options
-    )
+def _reference_paste(image: np.ndarray, plan: np.ndarray, arrays: list) -> tuple[np.ndarray, ...]:
+    """METHOD.md §3.3 step 5 written out pixel by pixel, independently of `apply_paste`: PIL resizes the
+    instance to the cell side (longer side = side), and each masked pixel becomes rint(r + λ·(i − r)) in float32."""
+    out, height, width = image.copy(), *image.shape[:2]
+    paste_class = np.full((height, width), NO_PASTE, np.uint8)
+    paste_weight = np.zeros((height, width), np.float16)
+    for info in _planned(plan):
+        _, crop, mask = arrays[info["index"]]
+        factor = info["side"] / max(mask.shape)
+        size = (max(1, round(mask.shape[1] * factor)), max(1, round(mask.shape[0] * factor)))
+        pixels = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
+        inside = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        lam = np.float32(info["lambda"])
+        for dy in range(inside.shape[0]):
+            for dx in range(inside.shape[1]):
+                y, x = info["y0"] + dy, info["x0"] + dx
+                if y < height and x < width and inside[dy, dx]:
+                    base = out[y, x].astype(np.float32)
+                    out[y, x] = np.rint(base + lam * (pixels[dy, dx].astype(np.float32) - base))
+                    paste_class[y, x], paste_weight[y, x] = info["channel"], info["lambda"]
+    return out, paste_class, paste_weight
 
 
-def test_scaled_cache_changes_nothing_but_the_work():
-    rng = np.random.default_rng(3)
-    arrays, index = _random_store(rng)
-    image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-    label, pseudo = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
-    cache: dict = {}
-    for seed in range(4):
-        plain = _seeded_paste(image, label, pseudo, arrays, index, seed)
-        cached = _seeded_paste(image, label, pseudo, arrays, index, seed, scaled_cache=cache)
-        for a, b in zip(plain[:3], cached[:3]):
-            np.testing.assert_array_equal(a, b)
-    assert cache and all(side == 8 for _, side in cache), "instances are cached per (index, cell side)"
-
-
-def test_channels_first_pastes_the_same_pixels():
-    """The training stream pastes into its 3 x H x W crop directly: the same result as pasting the HWC image."""
+def test_the_trainers_paste_matches_a_pixel_by_pixel_reference():
+    """Random instances, masks and λ in a crop whose sides do not divide by the grid (cells 8 or 9 rows by 10 or 9
+    columns: instances of two sides in one batch): `apply_paste` on a batch equals the reference per image."""
     rng = np.random.default_rng(5)
     arrays, index = _random_store(rng, width=7)
-    image = rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)
-    label, pseudo = np.zeros((16, 20), np.uint8), np.zeros((16, 20), np.uint8)
-    pseudo[:4, :4] = 2
-    chw_image = np.ascontiguousarray(image.transpose(2, 0, 1))
+    images = rng.integers(0, 255, (4, 17, 19, 3), dtype=np.uint8)
+    plans = []
     for seed in range(4):
-        hwc = _seeded_paste(image, label, pseudo, arrays, index, seed)
-        chw = _seeded_paste(chw_image, label, pseudo, arrays, index, seed, channels_first=True)
-        assert hwc[3] and chw[3] == hwc[3]
-        np.testing.assert_array_equal(chw[0], hwc[0].transpose(2, 0, 1))
-        for a, b in zip(hwc[1:3], chw[1:3]):
-            np.testing.assert_array_equal(a, b)
-        assert np.array_equal(chw_image, image.transpose(2, 0, 1)), "the input is not modified"
-    with pytest.raises(ValueError, match="3 x H x W"):
-        _seeded_paste(image, label, pseudo, arrays, index, 0, channels_first=True)
+        label, pseudo = np.zeros((17, 19), np.uint8), np.zeros((17, 19), np.uint8)
+        pseudo[:4, :4] = 1 + seed % 3
+        plans.append(plan_paste(label, pseudo, index, [1, 2, 3], PasteConfig(), np.random.default_rng(seed)))
+    plans[3] = empty_plan(PasteConfig())  # an image drawn not to be pasted, in the same batch
+    batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    before = batch.clone()
+    out, paste_class, paste_weight = apply_paste(batch, torch.from_numpy(np.stack(plans)), ScaledInstances(arrays))
+    assert torch.equal(batch, before), "the input batch is not modified"
+    assert out.dtype == torch.uint8 and paste_class.dtype == torch.uint8 and paste_weight.dtype == torch.float16
+    assert sum(len(_planned(p)) for p in plans) == 9 and {p["side"] for p in map(_planned, plans) for p in p} == {8, 9}
+    for i, plan in enumerate(plans):
+        expected = _reference_paste(images[i], plan, arrays)
+        np.testing.assert_array_equal(out[i].numpy().transpose(1, 2, 0), expected[0])
+        np.testing.assert_array_equal(paste_class[i].numpy(), expected[1])
+        np.testing.assert_array_equal(paste_weight[i].numpy(), expected[2])
+    assert torch.equal(out[3], batch[3]) and bool((paste_class[3] == NO_PASTE).all())
+
+
+def test_same_seed_same_plan_and_the_plan_is_compact():
+    rng = np.random.default_rng(2)
+    _, index = _random_store(rng)
+    label, pseudo = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    pseudo[20:, 20:] = 3
+    plans = [plan_paste(label, pseudo, index, [1, 2, 3], PasteConfig(), np.random.default_rng(s)) for s in (7, 7, 8)]
+    assert np.array_equal(plans[0], plans[1]) and not np.array_equal(plans[0], plans[2])
+    assert plans[0].shape == (3, len(PLAN_COLUMNS)) and plans[0].dtype == np.float32 and plans[0].nbytes == 72
+    assert _planned(plans[0])[0]["channel"] == 3  # the potential class first
+    never_empty = empty_plan(PasteConfig(max_instances=0, min_classes=0))
+    assert never_empty.shape == (1, len(PLAN_COLUMNS)), "a stream column of plans never has an empty axis"
+
+
+def test_scaled_instances_resize_once_per_side_and_check_rows():
+    rng = np.random.default_rng(3)
+    arrays, _ = _random_store(rng)
+    instances = ScaledInstances(arrays)
+    pixels, mask = instances(1, 8)
+    assert pixels.shape == (3, *mask.shape) and max(mask.shape) == 8 and mask.dtype == torch.bool
+    assert instances(1, 8)[0] is pixels, "resized once per (row, side) and kept"
+    assert max(instances(1, 5)[1].shape) == 5
+    with pytest.raises(ValueError, match="store row 3, but the instance store holds 3 rows"):
+        instances(3, 8)
+
+
+def test_apply_paste_refuses_mismatched_plans_and_images():
+    arrays, _ = _store()
+    instances = ScaledInstances(arrays)
+    images = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
+    plan = np.stack([empty_plan(PasteConfig())] * 2)
+    with pytest.raises(ValueError, match="plans of shape \\(1, 3, 6\\) for 2 images"):
+        apply_paste(images, plan[:1], instances)
+    with pytest.raises(ValueError, match="expected B x 3 x H x W uint8"):
+        apply_paste(images.float(), plan, instances)

@@ -340,6 +340,9 @@ def test_replay_methods_run_on_the_cached_step0(finetune_run: dict, output_dir: 
     options = plan["method_options"]
     assert plan["method"] == method and options["loss.rskd_weight"] == (5.0 if method == "eir" else 0.0)
     assert plan["rows_per_epoch"] >= plan["num_train_rows"]
+    # EIR's stream ships paste plans; its trainers read step 0's store to carry them out on their device.
+    assert (plan["paste_store"] or "").endswith("step_0/instances.parquet") == (method == "eir")
+    assert method == "eir" or plan["paste_store"] is None
     # The loss's parts are logged per epoch, so a diverging run shows which term moved.
     runs = _mlflow_runs(output_dir)
     parent = next(r for r in runs if r.info.run_name == method)

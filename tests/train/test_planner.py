@@ -68,7 +68,7 @@ def test_step0_trains_from_the_configured_weights_and_keeps_its_memory() -> None
 
 def test_eir_replays_every_stored_instance_once_per_epoch_and_pastes() -> None:
     config, run = facts("eir")
-    design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=30))
+    design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=30, memory="step_0/instances.parquet"))
     plan, stream = design.plan, design.stream
     assert (plan.head_sizes, plan.weights, plan.previous_model) == ((15, 5), None, MODEL)
     assert (plan.epochs, plan.lr) == (config.train.epochs_incremental, config.train.lr_incremental)
@@ -79,6 +79,7 @@ def test_eir_replays_every_stored_instance_once_per_epoch_and_pastes() -> None:
     assert design.replay == "instances" and design.pseudo and stream.pseudo
     assert stream.paste is not None and stream.paste.max_instances == config.paste.max_instances
     assert stream.old_channels == tuple(range(1, 16)) and stream.store is None
+    assert plan.paste_store == "step_0/instances.parquet", "the trainers carry the paste plans out from this store"
     assert design.memory is None  # the last step keeps nothing
     assert plan.method == "eir" and plan.method_options["loss.rskd_weight"] == 5.0
 
@@ -92,8 +93,9 @@ def test_a_replay_ratio_sets_the_share_of_replayed_samples() -> None:
 
 def test_an_empty_memory_replays_and_pastes_nothing() -> None:
     config, run = facts("eir")
-    design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=0))
+    design = plan_step(config, run, 1, PreviousStep(MODEL, memory_items=0, memory="step_0/instances.parquet"))
     assert design.replay is None and design.stream.paste is None and design.stream.replay_per_row == 0.0
+    assert design.plan.paste_store is None
     assert design.plan.rows_per_epoch == 40 and design.pseudo  # pseudo-labels do not need a memory
 
 
