@@ -66,11 +66,26 @@ def test_potential_classes_ranked_by_pixel_count():
     assert potential_classes(label, np.zeros_like(pseudo), 3) == []
 
 
-def test_potential_classes_needs_a_uint8_map():
+def test_potential_classes_needs_uint8_maps():
     label = np.zeros((4, 4), dtype=np.uint8)
     for bad in (np.zeros((4, 4), dtype=np.int64), np.zeros((4, 4), dtype=bool), np.zeros((4, 4, 1), dtype=np.uint8)):
         with pytest.raises(ValueError, match="pseudo must be an H x W uint8 map"):
             potential_classes(label, bad, 3)
+        with pytest.raises(ValueError, match="label must be an H x W uint8 map"):
+            potential_classes(bad, label, 3)
+
+
+def test_potential_classes_equal_a_set_difference_of_the_two_maps():
+    """Random maps against the definition written with `np.unique`: pseudo's channels minus 0, 255 and every
+    channel of the label, most pseudo pixels first, ties to the smaller channel."""
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        label = rng.choice([0, 1, 2, 3, 7, 255], (12, 10)).astype(np.uint8)
+        pseudo = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 255], (12, 10), p=[0.4] + [0.075] * 8).astype(np.uint8)
+        values, counts = np.unique(pseudo, return_counts=True)
+        found = {int(v): int(n) for v, n in zip(values, counts) if v not in (0, 255) and not (label == v).any()}
+        expected = sorted(found, key=lambda c: (-found[c], c))
+        assert potential_classes(label, pseudo, 256) == expected and potential_classes(label, pseudo, 2) == expected[:2]
 
 
 def test_rank_cells_by_background_after_pseudo_labelling():
