@@ -2,8 +2,10 @@
 
 Two rates of the same EIR step-1 iteration (new model forward/backward + frozen old model + RSKD):
 - **stream**: a real EIR run on synthetic 512-px data (`run_experiment`, 1 Train worker, AMP), step 1
-  fed by the project's Ray Data stream with instance pasting; its last epoch's images/s and the share
-  of that epoch spent waiting for data (`data_wait_share`), read back from MLflow as any run logs them.
+  fed by the project's Ray Data stream with instance pasting (the workers plan each paste, the trainer
+  blends on the GPU: that share is in the stream's rate, not in the on-device one); its last epoch's
+  images/s and the share of that epoch spent waiting for data (`data_wait_share`), read back from MLflow
+  as any run logs them.
   The run finishing with finite scores is the proof that the AMP path runs end to end.
 - **on device**: the same iteration on tensors already on the GPU (`measure_iterations`), with the
   peak GPU memory it needs.
