@@ -45,7 +45,7 @@ import torch
 from eir import storage
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
-from eir.data.codec import decode_map, encode_png
+from eir.data.codec import decode_map, encode_raw_map
 from eir.data.ingest import read_rows
 from eir.data.pipeline import SampleMaker, read_prepared_rows, train_stream
 from eir.data.stream_spec import StreamSpec
@@ -61,13 +61,14 @@ RAY_VARIANTS = ("plain", "pseudo", "paste", "paste_replay")
 
 
 def _oracle_pseudo_rows(exp: Experiment, ids: list[str], folder: Path, shard_rows: int = 32) -> None:
-    """The step's rows with a `pseudo` column (old classes of the ground truth), as Parquet shards."""
+    """The step's rows with a `pseudo` column (old classes of the ground truth, raw maps as the pseudo-label
+    pass writes them), as Parquet shards."""
     old = np.asarray(exp.schedule.classes_seen(0))
     table = read_rows(exp.train_manifest, ids).select(["id", "image", "label"])
     pseudo = []
     for label_bytes in table.column("label").to_pylist():
         label = decode_map(label_bytes)
-        pseudo.append(encode_png(np.where(np.isin(label, old), exp.channels.lut[label], 0).astype(np.uint8)))
+        pseudo.append(encode_raw_map(np.where(np.isin(label, old), exp.channels.lut[label], 0).astype(np.uint8)))
     table = table.append_column("pseudo", pa.array(pseudo, type=pa.binary()))
     for index, start in enumerate(range(0, table.num_rows, shard_rows)):
         pq.write_table(table.slice(start, shard_rows), folder / f"part-{index:05d}.parquet")

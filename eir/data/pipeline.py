@@ -21,7 +21,7 @@ import ray.data
 import torch
 
 from eir import storage
-from eir.data.codec import encode_png
+from eir.data.codec import encode_raw_map
 from eir.data.ingest import Manifest
 from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
@@ -299,8 +299,9 @@ class _OldModelPass:
 
 
 class PseudoLabeler(_OldModelPass):
-    """Rows pass through (every column) with a new `pseudo` column (uint8 PNG), in the same order, chosen by the
-    step's rule (`eir.pseudo.chosen_pseudo_labels`; `thresholds`: the τ_c of a per-class rule)."""
+    """Rows pass through (every column) with a new `pseudo` column, in the same order, chosen by the step's rule
+    (`eir.pseudo.chosen_pseudo_labels`; `thresholds`: the τ_c of a per-class rule). The maps are raw
+    (`encode_raw_map`): written once per step, decoded by the stream every epoch."""
 
     def __init__(
         self,
@@ -322,7 +323,7 @@ class PseudoLabeler(_OldModelPass):
         for rows, logits, target in self.logits(batch):
             chosen = chosen_pseudo_labels(self.rule, logits, target, self.thresholds)
             for row, pseudo in zip(rows, chosen.cpu().numpy()):
-                encoded[row] = encode_png(pseudo)
+                encoded[row] = encode_raw_map(pseudo)
         return {**batch, "pseudo": encoded}
 
 

@@ -11,7 +11,7 @@ import ray.data
 import torch
 
 from eir import storage
-from eir.data.codec import decode_map, encode_png
+from eir.data.codec import decode_map, encode_png, encode_raw_map
 from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     StreamSpec,
@@ -43,12 +43,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _rows_with_pseudo(manifest, task) -> ray.data.Dataset:
-    """Rows whose pseudo-label column marks the old classes of the ground truth (a perfect old model)."""
+    """Rows whose pseudo-label column marks the old classes of the ground truth (a perfect old model), as the
+    pseudo-label pass writes them (raw maps)."""
     items = []
     for row in read_rows(manifest).to_pylist():
         label = decode_map(row["label"])
         pseudo = np.where(np.isin(label, OLD), label, 0).astype(np.uint8)
-        items.append({"id": row["id"], "image": row["image"], "label": row["label"], "pseudo": encode_png(pseudo)})
+        items.append({"id": row["id"], "image": row["image"], "label": row["label"], "pseudo": encode_raw_map(pseudo)})
     return ray.data.from_items(items)
 
 
