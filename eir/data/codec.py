@@ -44,8 +44,8 @@ def encode_raw_map(array: np.ndarray) -> bytes:
     """An H x W uint8 map as raw bytes behind a small header: no PNG to decode on every read.
 
     For maps read far more often than written — a step's pseudo-labels are decoded every epoch by the
-    training stream; at CamVid's half size a PNG decode costs ~0.12 ms per image (BENCHMARKS.md,
-    pipeline). Parquet's column compression keeps them small on disk.
+    training stream; at CamVid's half size a PNG decode costs 0.12–0.16 ms per image, a raw read 0.003 ms
+    (BENCHMARKS.md, pipeline). Parquet's column compression keeps them small on disk.
     """
     if array.dtype != np.uint8 or array.ndim != 2:
         raise ValueError(f"raw map: expected an H x W uint8 array, got {array.dtype} {array.shape}")
