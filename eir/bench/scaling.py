@@ -60,7 +60,6 @@ def _throughput(
                 exp.train_manifest,
                 ids,
                 design.stream,
-                batch_size=plan.per_worker_batch,
                 num_cpus=config.data.num_cpus_per_worker,
                 epochs=epochs,
             ),

@@ -55,7 +55,6 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
         exp.train_manifest,
         ids,
         spec,
-        batch_size=plan.per_worker_batch,
         num_cpus=cfg.data.num_cpus_per_worker,
         rows=rows,
         epochs=plan.epochs,

@@ -220,3 +220,13 @@ def test_rerun_supersedes_a_changed_methods_rows_and_continues_without_it(fake_b
     ]
     document = json.loads(path.read_text())
     assert len(document["superseded"]) == 2 and len(document["runs"]) == 5
+
+
+def test_pipeline_ratios_are_the_median_of_the_rounds_and_the_verdict_names_each_goal() -> None:
+    from eir.bench.pipeline import goals_verdict, ratio_summary
+
+    summary = ratio_summary([11.0, 12.0, 30.0], [10.0, 10.0, 10.0])  # one disturbed round
+    assert summary == {"value": 1.2, "rounds": [1.1, 1.2, 3.0]}
+    verdict = goals_verdict({"paste_slowdown": 1.2, "ray_vs_dataloader": 0.9})
+    assert verdict["paste_slowdown"] == {"max": 1.15, "measured": 1.2, "met": False}
+    assert verdict["ray_vs_dataloader"] == {"min": 0.9, "measured": 0.9, "met": True}

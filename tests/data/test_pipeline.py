@@ -57,7 +57,7 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     _, manifest, task = prepared
     ids = read_rows(manifest).column("id").to_pylist()[:12]
     spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
-    batches = list(train_stream(manifest, ids, spec, batch_size=4).iter_batches(batch_size=None, batch_format="numpy"))
+    batches = list(train_stream(manifest, ids, spec).iter_batches(batch_size=None, batch_format="numpy"))
     assert sum(len(b["image"]) for b in batches) == 12
     batch = batches[0]
     assert set(batch) == {"image", "label"}
@@ -69,10 +69,26 @@ def test_every_epoch_in_one_stream(ray_session, prepared) -> None:
     _, manifest, task = prepared
     ids = read_rows(manifest).column("id").to_pylist()[:12]
     spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
-    stream = train_stream(manifest, ids, spec, batch_size=4, epochs=3)
+    stream = train_stream(manifest, ids, spec, epochs=3)
     assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 36
     with pytest.raises(ValueError, match="epochs"):
         train_stream(manifest, ids, spec, epochs=0)
+
+
+def test_stream_reblocks_rows_whatever_blocks_they_came_in(ray_session, prepared, monkeypatch) -> None:
+    """The map's task count follows `ROWS_PER_BLOCK`, not the blocks the rows were written in (one per row
+    here), and the transform runs once per block: each output block is one re-blocked input block."""
+    import eir.data.pipeline as pipeline
+
+    _, manifest, task = prepared
+    monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 5)
+    rows = read_manifest_rows(manifest, read_rows(manifest).column("id").to_pylist()[:12])
+    one_per_row = ray.data.from_items(rows.take_all(), override_num_blocks=12)
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
+    for source in (one_per_row, rows):
+        stream = train_stream(None, None, spec, rows=source, epochs=2)
+        sizes = sorted(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy"))
+        assert sizes == [4, 4, 4, 4, 4, 4]  # 12 rows → ceil(12 / 5) = 3 blocks per epoch, 2 epochs
 
 
 def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
@@ -91,7 +107,7 @@ def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
         replay_per_row=0.5,
         store=ray.put(store.to_bytes()),
     )
-    stream = train_stream(None, None, spec, batch_size=4, rows=_rows_with_pseudo(manifest, task))
+    stream = train_stream(None, None, spec, rows=_rows_with_pseudo(manifest, task))
     batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
     assert all(set(b) == {"image", "label", "paste_plan"} for b in batches), "plans ship, not paste maps"
     images = np.concatenate([b["image"] for b in batches])
@@ -132,7 +148,7 @@ def test_replayed_images_keep_their_stored_labels_and_get_no_pseudo_labels(ray_s
     own = _rows_with_pseudo(manifest, task)
     joined = with_stored_images(own, store.table, pseudo=True)
     assert joined.schema().names == ["id", "image", "label", "pseudo", "stored_step"]
-    stream = train_stream(None, None, spec, batch_size=1, rows=joined, epochs=2)
+    stream = train_stream(None, None, spec, rows=joined, epochs=2)
     batches = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
     images = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
@@ -201,7 +217,7 @@ def test_replayed_images_asked_for_are_pseudo_labelled_through_their_storing_ste
 
     spec = StreamSpec(lut=task.train_lut(1), crop_size=48, scale=(1.0, 1.0), pseudo=True, stored_luts=(keeps_3,))
     joined = with_stored_images(_rows_with_pseudo(manifest, task), table, pseudo=True)
-    batches = list(train_stream(None, None, spec, batch_size=4, rows=joined).iter_batches(batch_format="numpy"))
+    batches = list(train_stream(None, None, spec, rows=joined).iter_batches(batch_format="numpy"))
     images = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
     replayed = (images == 7).all(axis=(1, 2, 3))
