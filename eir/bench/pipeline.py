@@ -238,12 +238,13 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
     print(f"trainer-side paste (apply_paste, one CPU thread): {trainer_paste_ms:.3f} ms per image")
 
     rows = len(ids) * epochs
+    seconds_of = {name: [run[0] for run in runs_of_variant] for name, runs_of_variant in timed.items()}
     results = {}
     for name, runs_of_variant in timed.items():
-        seconds = float(np.median([run[0] for run in runs_of_variant]))
+        seconds = float(np.median(seconds_of[name]))
         results[name] = {
             "seconds": round(seconds, 3),
-            "seconds_rounds": [round(run[0], 3) for run in runs_of_variant],
+            "seconds_rounds": [round(value, 3) for value in seconds_of[name]],
             "input_rows": rows,
             "samples": runs_of_variant[0][1],
             "first_batch_s": round(float(np.median([run[2] for run in runs_of_variant])), 3),
@@ -252,11 +253,8 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
             "samples_per_s": round(runs_of_variant[0][1] / seconds, 2),
         }
 
-    def seconds_of(name: str) -> list[float]:
-        return [run[0] for run in timed[name]]
-
-    paste = ratio_summary(seconds_of("ray_paste"), seconds_of("ray_plain"))
-    parity = ratio_summary(seconds_of("dataloader_plain"), seconds_of("ray_plain"))
+    paste = ratio_summary(seconds_of["ray_paste"], seconds_of["ray_plain"])
+    parity = ratio_summary(seconds_of["dataloader_plain"], seconds_of["ray_plain"])
     document = {
         "benchmark": "pipeline",
         "quick": quick,
