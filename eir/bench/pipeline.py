@@ -16,11 +16,13 @@ one transform. "Per CPU" divides by the machine's cores. Worker start-up is excl
 untimed two-epoch run each); a timed run covers the step's own epoch count
 (`train.epochs_incremental`) over all its images, the way the trainer consumes them: the
 DataLoader epoch after epoch, Ray as one stream holding every epoch, whose start-up (~0.5 s to the
-first batch, RAY_NOTES.md) a step pays once. The variants are timed in rounds, one run of each
-per round, and the ratios are the medians of the rounds' ratios: runs of the same code spread by
-±15 % on this machine (other processes, Ray's scheduling), which one run each cannot tell from a
-change. `--quick` is one round of the same runs (three in the full form): fewer images would
-weigh Ray's once-per-step start-up more and so measure a different ratio.
+first batch, RAY_NOTES.md) a step pays once. The stream decides for itself whether it needs Ray Data's
+reservation allocator (`eir.data.pipeline.UNTHROTTLED_STORE_SHARE`): this step's does not, as in
+training. The variants are timed in rounds, one run of each per round, and the ratios are the
+medians of the rounds' ratios: runs of the same code spread by ±15 % on this machine (other
+processes, Ray's scheduling), which one run each cannot tell from a change. `--quick` is one
+round of the same runs (three in the full form): fewer images would weigh Ray's once-per-step
+start-up more and so measure a different ratio.
 The stream ships EIR's paste as plans (`eir.replay.paste.plan_paste`) that the trainer carries out on its
 device; that half is timed apart, on one CPU thread over the paste variant's batches, and reported beside
 the ratios (on a GPU trainer it is a few small kernels per instance).

@@ -9,6 +9,7 @@ happen on the trainer's device).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,10 +37,12 @@ from eir.pseudo import (
     thresholds_from_json,
 )
 from eir.replay.image_store import STORED_STEP
-from eir.replay.paste import empty_plan, index_by_channel, plan_paste
+from eir.replay.paste import PLAN_COLUMNS, empty_plan, index_by_channel, plan_paste, plan_rows
 from eir.replay.replay_sample import replay_canvas
 from eir.replay.store import InstanceStore
 from eir.storage import Location
+
+log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["id", "image", "label"]
 NOT_STORED = -1  # the `stored_step` of the step's own rows beside replayed images: they take the train LUT
@@ -212,6 +215,33 @@ def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np
 # at one block's work (~0.2 s on one core) and several blocks per Train worker on small steps.
 ROWS_PER_BLOCK = 64
 
+# Share of a node's object store under which a whole step's stream runs without Ray Data's reservation
+# allocator. The allocator is what holds a stream back when the trainer consumes slower than it produces,
+# but Ray Data 2.60 starts it at a budget of zero for its first second (RAY_NOTES.md): one task at a time,
+# ~9 % of a CamVid step's stream time on 2 cores. It throttles an operator only past its reservation —
+# half of Ray Data's budget (itself half the store), shared by at most the stream's two operators, so at
+# least 1/8 of the store — and a stream whose epochs together fit in a tenth never gets there: measured on
+# CamVid 5-3 with a 0.5 s-per-batch consumer, the whole 450 MB stream entered the store with the allocator
+# as without it. Above the share the allocator stays on (VOC-sized steps are tens of GB).
+UNTHROTTLED_STORE_SHARE = 0.1
+
+
+def sample_nbytes(spec: StreamSpec) -> int:
+    """Bytes of one training sample as the stream ships it: uint8 crop, uint8 label map, paste plan."""
+    plan = plan_rows(spec.paste) * len(PLAN_COLUMNS) * np.dtype(np.float32).itemsize if spec.paste else 0
+    return spec.crop_size * spec.crop_size * (3 + 1) + plan
+
+
+def smallest_object_store() -> int:
+    """The smallest object store of the cluster's live nodes, in bytes (a stream's blocks land on any)."""
+    stores = [node["Resources"].get("object_store_memory", 0) for node in ray.nodes() if node["Alive"]]
+    return int(min(stores, default=0))
+
+
+def needs_backpressure(stream_bytes: int, store_bytes: int) -> bool:
+    """Whether a stream of `stream_bytes` needs the reservation allocator to bound it in a store of `store_bytes`."""
+    return stream_bytes > UNTHROTTLED_STORE_SHARE * store_bytes
+
 
 def train_stream(
     manifest: Manifest | None,
@@ -232,12 +262,15 @@ def train_stream(
     start-up (~0.6 s to the first batch on 2 cores) every epoch, which on a small dataset and a
     fast trainer is a large share of the epoch (`launch.py bench pipeline`). The transform runs
     once per block (one `SampleMaker`, one stacked output): per batch of 8 it cost ~8 % of the
-    plain stream's throughput. The trainer cuts its own batches from the stream.
+    plain stream's throughput. The trainer cuts its own batches from the stream. A stream small
+    enough that nothing could throttle it runs without Ray Data's reservation allocator
+    (`UNTHROTTLED_STORE_SHARE`): its zero-budget first second cost ~9 % of a CamVid step's stream.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     source = (rows if rows is not None else read_manifest_rows(manifest, ids)).materialize()
-    blocks = max(1, -(-source.count() // ROWS_PER_BLOCK))
+    count = source.count()
+    blocks = max(1, -(-count // ROWS_PER_BLOCK))
     if source.num_blocks() != blocks:
         source = source.repartition(blocks).materialize()
     # Every epoch a fresh random order of the same blocks, as one input list: chaining one
@@ -248,13 +281,27 @@ def train_stream(
     chained = ray.data.from_arrow_refs(
         [blocks_in_order[i] for _ in range(epochs) for i in rng.permutation(len(blocks_in_order))]
     )
-    return chained.map_batches(
+    stream = chained.map_batches(
         _train_batch,
         fn_kwargs={"spec": spec},
         batch_size=None,
         batch_format="numpy",
         num_cpus=num_cpus,
     )
+    stream_bytes = round(count * epochs * (1 + spec.replay_per_row) * sample_nbytes(spec))
+    store_bytes = smallest_object_store()
+    throttled = needs_backpressure(stream_bytes, store_bytes)
+    stream.context.op_resource_reservation_enabled = throttled
+    log.info(
+        "training stream: %d rows x %d epochs, ~%.0f MB of samples (smallest object store %.0f MB): "
+        "Ray Data's reservation allocator %s",
+        count,
+        epochs,
+        stream_bytes / 1e6,
+        store_bytes / 1e6,
+        "on (it bounds the stream)" if throttled else "off (the stream fits, nothing to bound)",
+    )
+    return stream
 
 
 def eval_batch(batch: dict[str, np.ndarray], lut: np.ndarray, protocol: str, crop_size: int) -> dict[str, np.ndarray]:

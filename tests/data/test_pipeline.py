@@ -19,6 +19,7 @@ from eir.data.pipeline import (
     read_manifest_rows,
     read_prepared_rows,
     read_prepared_table,
+    sample_nbytes,
     train_stream,
     with_stored_images,
     write_pseudo_labels,
@@ -63,6 +64,7 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert set(batch) == {"image", "label"}
     assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 32, 32)
     assert set(np.unique(np.concatenate([b["label"].ravel() for b in batches]))) <= {0, *range(11, 21), 255}
+    assert sum(column[0].nbytes for column in batch.values()) == sample_nbytes(spec)
 
 
 def test_every_epoch_in_one_stream(ray_session, prepared) -> None:
@@ -91,6 +93,31 @@ def test_stream_reblocks_rows_whatever_blocks_they_came_in(ray_session, prepared
         assert sizes == [4, 4, 4, 4, 4, 4]  # 12 rows → ceil(12 / 5) = 3 blocks per epoch, 2 epochs
 
 
+def test_reservation_allocator_only_for_streams_the_store_could_not_hold(ray_session, prepared, monkeypatch) -> None:
+    """A stream that fits in a tenth of the smallest object store runs without Ray Data's reservation allocator
+    (its zero-budget first second); a larger one keeps it, so a slow trainer holds the stream back."""
+    import eir.data.pipeline as pipeline
+
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:12]
+    spec = StreamSpec(lut=task.train_lut(1), crop_size=32)
+    stream_bytes = 12 * 2 * sample_nbytes(spec)
+    assert (
+        0
+        < pipeline.smallest_object_store()
+        == min(node["Resources"]["object_store_memory"] for node in ray.nodes() if node["Alive"])
+    )
+    assert not pipeline.needs_backpressure(stream_bytes, 10 * stream_bytes)
+    assert pipeline.needs_backpressure(stream_bytes + 1, 10 * stream_bytes)
+    small = train_stream(manifest, ids, spec, epochs=2)
+    assert small.context.op_resource_reservation_enabled is False
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True, "the global context is untouched"
+    monkeypatch.setattr(pipeline, "smallest_object_store", lambda: 10 * stream_bytes - 1)
+    large = train_stream(manifest, ids, spec, epochs=2)
+    assert large.context.op_resource_reservation_enabled is True
+    assert sum(len(b["image"]) for b in large.iter_batches(batch_size=None, batch_format="numpy")) == 24
+
+
 def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     _, manifest, task = prepared
     rows = read_rows(manifest).to_pylist()
@@ -115,6 +142,7 @@ def test_eir_stream_pastes_stored_old_classes(ray_session, prepared) -> None:
     labels = np.concatenate([b["label"] for b in batches])
     assert len(images) > len(rows), "instance-replay samples are mixed into the stream"
     assert plans.shape == (len(images), PasteConfig().max_instances, len(PLAN_COLUMNS))
+    assert images[0].nbytes + labels[0].nbytes + plans[0].nbytes == sample_nbytes(spec)
     planned = plans[plans[:, :, 0] != NO_INSTANCE]
     assert len(planned), "some images are pasted into"
     channels = identity[np.asarray(store.class_ids())[planned[:, 0].astype(int)]]
