@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from eir import storage
-from eir.train.results import git_sha
+from eir.train.results import git_dirty, git_sha
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "results"
 
@@ -37,6 +37,7 @@ def environment() -> dict[str, Any]:
             "mlflow": mlflow.__version__,
         },
         "git_sha": git_sha(),
+        "git_dirty": git_dirty(),  # true: the code differed from that commit when this ran
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -33,6 +33,31 @@ def git_sha() -> str:
         return "unknown"
 
 
+def git_dirty() -> bool | None:
+    """Whether the package or `launch.py` differ from the commit `git_sha` names (None: not a git checkout).
+
+    A benchmark run from an edited tree would otherwise carry the SHA of code it did not run.
+    """
+    package = Path(__file__).resolve().parents[1]
+    return paths_modified(package.parent, [package.name, "launch.py"])
+
+
+def paths_modified(checkout: Path, paths: list[str]) -> bool | None:
+    """Whether `paths` (relative to `checkout`) hold changes git has not committed; None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", *paths],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def step_row(
     step: int,
     scores: StepScores,

@@ -67,6 +67,21 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert sum(column[0].nbytes for column in batch.values()) == sample_nbytes(spec)
 
 
+def test_a_blocks_rows_come_out_in_a_fresh_order_each_time() -> None:
+    """Blocks keep their rows from epoch to epoch; the map draws their order, every row once."""
+    from eir.data.pipeline import _train_batch
+
+    rows = 12
+    batch = {
+        "image": np.array([encode_png(np.full((16, 16, 3), value, np.uint8)) for value in range(rows)], dtype=object),
+        "label": np.array([encode_png(np.zeros((16, 16), np.uint8))] * rows, dtype=object),
+    }
+    spec = StreamSpec(lut=np.arange(256, dtype=np.uint8), crop_size=16, scale=(1.0, 1.0))
+    orders = [tuple(_train_batch(batch, spec)["image"][:, 0, 0, 0]) for _ in range(3)]
+    assert all(sorted(order) == list(range(rows)) for order in orders)
+    assert len(set(orders)) > 1 and orders[0] != tuple(range(rows))
+
+
 def test_every_epoch_in_one_stream(ray_session, prepared) -> None:
     _, manifest, task = prepared
     ids = read_rows(manifest).column("id").to_pylist()[:12]
