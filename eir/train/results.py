@@ -16,21 +16,19 @@ from eir.train.planner import RunFacts
 SCORE_KEYS = ("mIoU_all", "mIoU_old", "mIoU_new", "hIoU", "mIoU_all_fg", "mIoU_old_fg")
 
 
+def _git(checkout: Path, *args: str) -> str | None:
+    """git's stdout for `args` run in `checkout`; None when git is missing, fails or this is not a checkout."""
+    try:
+        out = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 @functools.cache
 def git_sha() -> str:
     """The commit of the code this process imported (read once: a later commit does not change it)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return (_git(Path(__file__).parent, "rev-parse", "HEAD") or "").strip() or "unknown"
 
 
 def git_dirty() -> bool | None:
@@ -44,18 +42,8 @@ def git_dirty() -> bool | None:
 
 def paths_modified(checkout: Path, paths: list[str]) -> bool | None:
     """Whether `paths` (relative to `checkout`) hold changes git has not committed; None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--", *paths],
-            cwd=checkout,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+    status = _git(checkout, "status", "--porcelain", "--", *paths)
+    return None if status is None else bool(status.strip())
 
 
 def step_row(
