@@ -369,8 +369,12 @@ def quantile_pseudo_labels(
 
 
 def merge_pseudo(label, pseudo):
-    """Training label with pseudo-labels filled into background pixels (works on numpy or torch)."""
-    return (label == 0) * pseudo + (label != 0) * label
+    """Training label with pseudo-labels filled into background pixels (works on numpy or torch).
+
+    A sum is exact here — on every pixel one of the two terms is 0 — and takes half the time of selecting
+    between the two maps (a data worker merges every pseudo-labelled crop).
+    """
+    return label + (label == 0) * pseudo
 
 
 def pseudo_label_quality(confusion: np.ndarray, old_channels: Sequence[int]) -> dict[str, Any]:

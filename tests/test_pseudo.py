@@ -65,6 +65,8 @@ def test_merge_fills_background_only() -> None:
     label = np.array([[0, 4, 255], [0, 0, 4]], dtype=np.uint8)
     pseudo = np.array([[2, 0, 0], [0, 1, 0]], dtype=np.uint8)
     assert merge_pseudo(label, pseudo).tolist() == [[2, 4, 255], [0, 1, 4]]
+    merged = merge_pseudo(torch.from_numpy(label), torch.from_numpy(pseudo))
+    assert merged.dtype == torch.uint8 and merged.tolist() == [[2, 4, 255], [0, 1, 4]]
 
 
 def test_bad_threshold_and_shapes() -> None:

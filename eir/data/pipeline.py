@@ -147,6 +147,13 @@ class SampleMaker:
         self.spec, self.arrays, self.by_channel, self.rng = spec, arrays, by_channel, rng
         self.augment = JointAugment(spec.crop_size, scale=spec.scale)
         self.no_paste = empty_plan(spec.paste) if spec.paste is not None else None
+        self.lut_channels: dict[int, frozenset[int]] = {}  # per stored step: the channels its labels can hold
+
+    def label_channels(self, stored_step: int) -> frozenset[int]:
+        """Every channel a label read through `stored_step`'s look-up table can hold (computed once per table)."""
+        if stored_step not in self.lut_channels:
+            self.lut_channels[stored_step] = frozenset(np.unique(self.spec.row_lut(stored_step)).tolist())
+        return self.lut_channels[stored_step]
 
     def __call__(
         self,
@@ -173,9 +180,10 @@ class SampleMaker:
                 spec.old_channels,
                 spec.paste,
                 self.rng,
+                self.label_channels(stored_step),
             )
         if pseudo_c is not None:
-            label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8)
+            label_c = merge_pseudo(label_c, pseudo_c).astype(np.uint8, copy=False)
         samples = [Sample(image_c, label_c, plan, pseudo_c)]
         if self.arrays and spec.replay_per_row > 0:
             for _ in range(int(spec.replay_per_row + self.rng.random())):

@@ -24,7 +24,7 @@ read-only views, so no input is modified in place; the applying half is torch on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,21 +74,29 @@ def index_by_channel(class_ids: np.ndarray, class_to_channel: np.ndarray) -> dic
     return {int(c): np.flatnonzero(channels == c) for c in np.unique(channels) if c not in (0, IGNORE_LABEL)}
 
 
-def potential_classes(label: np.ndarray, pseudo: np.ndarray, k: int) -> list[int]:
+def potential_classes(
+    label: np.ndarray, pseudo: np.ndarray, k: int, label_channels: Collection[int] | None = None
+) -> list[int]:
     """Channels the pseudo-labels show but the ground truth lacks: at most `k`, most pixels first.
 
     Ties go to the smaller channel, so the result does not depend on anything random.
     `label` is the step's ground truth *before* pseudo-labels are merged into it. Both maps are counted by
     PIL's C histogram (a third of `np.bincount`'s time, which widens every uint8 to int64 first, and one pass
-    over the label instead of one comparison per channel found).
+    over the label instead of one comparison per channel found). `label_channels`, when given, are all the
+    channels `label` can hold (the values of its look-up table: a crop or flip only moves pixels); when none
+    of the pseudo-labels' channels is among them the label is not counted at all. That is every image of a
+    step's own data — its look-up table sends every old class to 0 (background shift), and pseudo-labels
+    hold old channels only — and it saves a third of this function's time (~0.03 ms of a data worker's
+    ~2.2 ms per image on CamVid).
     """
     for name, values in (("label", label), ("pseudo", pseudo)):
         if values.dtype != np.uint8 or values.ndim != 2:
             raise ValueError(f"potential_classes: {name} must be an H x W uint8 map, got {values.dtype} {values.shape}")
-    counts = np.asarray(Image.fromarray(pseudo).histogram())
-    in_label = np.asarray(Image.fromarray(label).histogram())
-    counts[[0, IGNORE_LABEL]] = 0
-    channels = np.flatnonzero((counts > 0) & (in_label == 0)).tolist()
+    counts = Image.fromarray(pseudo).histogram()
+    channels = [c for c in range(1, IGNORE_LABEL) if counts[c]]  # neither background nor ignore
+    if label_channels is None or any(c in label_channels for c in channels):
+        in_label = Image.fromarray(label).histogram()
+        channels = [c for c in channels if in_label[c] == 0]
     return sorted(channels, key=lambda c: (-counts[c], c))[:k]  # most pixels first, then the smaller channel
 
 
@@ -101,9 +109,9 @@ def rank_cells(label: np.ndarray, pseudo: np.ndarray, grid: int = 2) -> list[tup
     height, width = label.shape
     ys = [round(i * height / grid) for i in range(grid + 1)]
     xs = [round(i * width / grid) for i in range(grid + 1)]
-    free = (label == 0) & (pseudo == 0)
+    free = (label | pseudo) == 0  # both uint8: zero exactly where both are
     cells = [(ys[r], xs[c], ys[r + 1], xs[c + 1]) for r in range(grid) for c in range(grid)]
-    counts = [int(free[y0:y1, x0:x1].sum()) for y0, x0, y1, x1 in cells]
+    counts = [np.count_nonzero(free[y0:y1, x0:x1]) for y0, x0, y1, x1 in cells]  # a third of bool .sum()'s time
     order = sorted(range(len(cells)), key=lambda i: -counts[i])
     return [cells[i] for i in order]
 
@@ -115,6 +123,7 @@ def _choose_channels(
     old_channels: Sequence[int],
     config: PasteConfig,
     rng: np.random.Generator,
+    label_channels: Collection[int] | None,
 ) -> list[int]:
     """Step 2 + the fill rule of step 4.
 
@@ -122,7 +131,7 @@ def _choose_channels(
     `max_instances`, so an old class that never formed a storable instance does not take a
     slot a replayable one could use.
     """
-    ranked = potential_classes(label, pseudo, k=256)
+    ranked = potential_classes(label, pseudo, k=256, label_channels=label_channels)
     chosen = [c for c in ranked if c in available][: config.max_instances]
     if len(chosen) < config.min_classes:
         extra = sorted({int(c) for c in old_channels if int(c) in available and int(c) not in chosen})
@@ -151,11 +160,13 @@ def plan_paste(
     old_channels: Sequence[int],
     config: PasteConfig,
     rng: np.random.Generator,
+    label_channels: Collection[int] | None = None,
 ) -> np.ndarray:
     """What to paste into one crop (METHOD.md §3.3 steps 2–5 without the pixels); the inputs are not modified.
 
     label: H x W uint8 step-t channels (255 ignore), without the pseudo-labels; pseudo: H x W uint8 old
     channels (0 = none). `store_index_by_channel` maps a channel to store rows (see `index_by_channel`).
+    `label_channels`: the channels `label` can hold at all, when the caller knows them (`potential_classes`).
     Returns a `plan_rows(config)` x 6 float32 plan (`PLAN_COLUMNS`): per instance its store row, channel,
     the top-left corner of its cell, the cell side it is scaled to and λ (1 for a hard paste); rows after the
     last instance hold index `NO_INSTANCE`. The instances of one image take different cells, so they never
@@ -167,7 +178,7 @@ def plan_paste(
     if rng.random() >= config.probability:
         return plan
     available = {int(c) for c, rows in store_index_by_channel.items() if len(rows)}
-    channels = _choose_channels(label, pseudo, available, old_channels, config, rng)
+    channels = _choose_channels(label, pseudo, available, old_channels, config, rng, label_channels)
     cells = rank_cells(label, pseudo, config.grid)
     for row, (channel, (y0, x0, y1, x1)) in enumerate(zip(channels, cells)):
         rows = store_index_by_channel[channel]

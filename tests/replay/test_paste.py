@@ -86,6 +86,16 @@ def test_potential_classes_equal_a_set_difference_of_the_two_maps():
         found = {int(v): int(n) for v, n in zip(values, counts) if v not in (0, 255) and not (label == v).any()}
         expected = sorted(found, key=lambda c: (-found[c], c))
         assert potential_classes(label, pseudo, 256) == expected and potential_classes(label, pseudo, 2) == expected[:2]
+        # Told which channels the label can hold (any superset of its values: the look-up table's), the same answer,
+        # whether those channels meet the pseudo-labels' (the label is counted) or not (it is not).
+        for possible in ({0, 1, 2, 3, 7, 255}, {0, 1, 2, 3, 7, 9, 255}, set(np.unique(label).tolist())):
+            assert potential_classes(label, pseudo, 256, label_channels=possible) == expected
+    # A step's own image: its label holds none of the old channels the pseudo-labels show.
+    label = np.random.default_rng(1).choice([0, 8, 9, 255], (12, 10)).astype(np.uint8)
+    pseudo = np.random.default_rng(2).choice([0, 1, 2, 3], (12, 10)).astype(np.uint8)
+    values, counts = np.unique(pseudo[pseudo > 0], return_counts=True)
+    expected = [int(v) for _, v in sorted(zip(-counts, values))]
+    assert potential_classes(label, pseudo, 256, label_channels={0, 8, 9, 255}) == expected
 
 
 def test_rank_cells_by_background_after_pseudo_labelling():

@@ -86,6 +86,17 @@ def test_stored_labels_keep_the_classes_learned_when_stored(stored) -> None:
     assert _band_labels(spec, _row("own"), NOT_STORED) == [0, 0, CHANNEL[3], 255, 0]
 
 
+def test_the_channels_a_rows_label_can_hold_follow_its_storing_steps_table(stored) -> None:
+    """What the paste planner is told a label can hold (`SampleMaker.label_channels`): the channels of the
+    classes learned by the step whose table reads it, background and ignore; no old channel in a step's own rows."""
+    make = SampleMaker(_stream_at_step2("stored"), [], {}, np.random.default_rng(0))
+    assert make.label_channels(NOT_STORED) == {0, 255, *range(16, 21)}
+    assert make.label_channels(0) == {0, 255, *range(1, 11)}
+    assert make.label_channels(1) == {0, 255, *range(1, 16)}
+    for row in stored:
+        assert set(_band_labels(make.spec, row, row["stored_step"])) <= make.label_channels(row["stored_step"])
+
+
 def test_current_labels_are_the_steps_own_classes_only(stored) -> None:
     spec = _stream_at_step2("current")
     for row in stored:  # DKD-M's masking: the old objects are background, the current class is labelled
