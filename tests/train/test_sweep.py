@@ -47,6 +47,13 @@ def write_sweep(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_loads_with_every_trial_checked(path: Path) -> None:
+    """A sweep the README or a results page tells users to run must not fail on its own file."""
+    spec = load_sweep(path)
+    assert spec.space and spec.name == path.stem
+
+
 def test_unknown_sweep_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="schedular"):
         load_sweep(write_sweep(tmp_path, "name: s\nbase: BASE\nspace: {}\nschedular: asha\n"))
