@@ -196,16 +196,14 @@ class SampleMaker:
 
 
 def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np.ndarray]:
+    """The samples of a batch of rows, stacked per column, rows in the batch's order."""
     torch.set_num_threads(1)
     arrays, by_channel = _store_arrays(spec) if spec.store is not None else ([], {})
-    rng = np.random.default_rng()
-    make = SampleMaker(spec, arrays, by_channel, rng)
+    make = SampleMaker(spec, arrays, by_channel, np.random.default_rng())
     stored = batch.get(STORED_STEP)  # only beside replayed images (`with_stored_images`)
-    # A block keeps its rows every epoch (only the blocks' order is drawn anew): the rows' order within
-    # it is drawn here, so the trainer's batches differ from epoch to epoch.
     samples = [
         sample
-        for row in rng.permutation(len(batch["image"]))
+        for row in range(len(batch["image"]))
         for sample in make(
             batch["image"][row],
             batch["label"][row],
@@ -215,6 +213,35 @@ def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np
     ]
     columns = ("image", "label", "paste_plan") if spec.paste is not None else ("image", "label")
     return {name: np.stack([getattr(s, name) for s in samples]) for name in columns}
+
+
+def epoch_row_blocks(count: int, epochs: int, rows_per_block: int, rng: np.random.Generator) -> list[pa.Table]:
+    """Every epoch a fresh permutation of the step's `count` rows, cut into blocks of at most `rows_per_block`.
+
+    A block is what one map task turns into samples, and the trainer cuts its batches from a few blocks at a
+    time (its local shuffle buffer), so a block must be a draw from the whole step. The rows' own blocks hold
+    them in the order they were written — CamVid's in video order, consecutive frames of one sequence — and
+    batches cut from those were near duplicates: DKD's step 2 diverged in 3 of 4 such runs at the protocol's
+    learning rate (BENCHMARKS.md).
+    """
+    per_epoch = max(1, -(-count // rows_per_block))
+    return [
+        pa.table({"row": rows.astype(np.int64)})
+        for _ in range(epochs)
+        for rows in np.array_split(rng.permutation(count), per_epoch)
+    ]
+
+
+def gather_rows(rows: np.ndarray, sources: Sequence[pa.Table]) -> dict[str, np.ndarray]:
+    """Rows `rows` (indices into the `sources` tables one after the other), in that order, as a numpy batch."""
+    taken = pa.concat_tables(sources, promote_options="default").take(pa.array(rows))
+    return {name: taken.column(name).to_numpy(zero_copy_only=False) for name in taken.column_names}
+
+
+def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, np.ndarray]:
+    """One map task: the rows it was dealt, read from the step's materialised blocks (zero-copy on their node),
+    made into samples."""
+    return _train_batch(gather_rows(block.column("row").to_numpy(), ray.get(sources)), spec)
 
 
 # Rows per block of a step's training stream. A Ray Data map task carries a fixed cost (worker lease,
@@ -269,11 +296,12 @@ def train_stream(
 
     Rows come from the prepared dataset (`manifest` + `ids`) or, when the step has
     pseudo-labels or replayed images, from a ready Dataset (`rows`). They are read once and
-    kept in the object store (encoded bytes: the step's share of the dataset) in blocks of
-    `ROWS_PER_BLOCK`, and every epoch is a fresh random order of those blocks, all epochs one
-    input list of one stream. Re-executing the pipeline per epoch instead re-read the Parquet and paid Ray Data's
-    start-up (~0.6 s to the first batch on 2 cores) every epoch, which on a small dataset and a
-    fast trainer is a large share of the epoch (`launch.py bench pipeline`). The transform runs
+    kept in the object store (encoded bytes: the step's share of the dataset); every epoch is a
+    fresh permutation of all of them dealt to map tasks in blocks of `ROWS_PER_BLOCK`
+    (`epoch_row_blocks`), all epochs one input list of one stream. Re-executing the pipeline per
+    epoch instead re-read the Parquet and paid Ray Data's start-up (~0.6 s to the first batch on
+    2 cores) every epoch, which on a small dataset and a fast trainer is a large share of the
+    epoch (`launch.py bench pipeline`). The transform runs
     once per block (one `SampleMaker`, one stacked output): per batch of 8 it cost ~8 % of the
     plain stream's throughput. The trainer cuts its own batches from the stream. A stream small
     enough that nothing could throttle it runs without Ray Data's reservation allocator
@@ -283,22 +311,14 @@ def train_stream(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     source = (rows if rows is not None else read_manifest_rows(manifest, ids)).materialize()
     count = source.count()
-    blocks = max(1, -(-count // ROWS_PER_BLOCK))
-    if source.num_blocks() != blocks:
-        source = source.repartition(blocks).materialize()
-    # Every epoch a fresh random order of the same blocks, as one input list: chaining one
-    # `randomize_block_order()` per epoch with `union` gave the driver's scheduler an operator per
-    # epoch to poll (driver CPU 0.9 s against 0.65 s per 3620 images, 3-7 % of the stream's rate).
-    blocks_in_order = source.to_arrow_refs()
-    rng = np.random.default_rng()
-    chained = ray.data.from_arrow_refs(
-        [blocks_in_order[i] for _ in range(epochs) for i in rng.permutation(len(blocks_in_order))]
-    )
-    stream = chained.map_batches(
-        _train_batch,
-        fn_kwargs={"spec": spec},
+    # The stream's input is the rows' indices, a fresh permutation per epoch in blocks of `ROWS_PER_BLOCK`,
+    # all epochs one input list (`from_arrow`: one block per table, no operator per epoch).
+    blocks = epoch_row_blocks(count, epochs, ROWS_PER_BLOCK, np.random.default_rng())
+    stream = ray.data.from_arrow(blocks).map_batches(
+        _train_block,
+        fn_kwargs={"spec": spec, "sources": source.to_arrow_refs()},
         batch_size=None,
-        batch_format="numpy",
+        batch_format="pyarrow",
         num_cpus=num_cpus,
     )
     stream_bytes = round(count * epochs * (1 + spec.replay_per_row) * sample_nbytes(spec))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import ray.data
@@ -15,7 +16,9 @@ from eir.data.codec import decode_map, encode_png, encode_raw_map
 from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     StreamSpec,
+    epoch_row_blocks,
     eval_stream,
+    gather_rows,
     read_manifest_rows,
     read_prepared_rows,
     read_prepared_table,
@@ -67,19 +70,44 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert sum(column[0].nbytes for column in batch.values()) == sample_nbytes(spec)
 
 
-def test_a_blocks_rows_come_out_in_a_fresh_order_each_time() -> None:
-    """Blocks keep their rows from epoch to epoch; the map draws their order, every row once."""
-    from eir.data.pipeline import _train_batch
+def test_every_epoch_deals_a_fresh_permutation_of_all_rows() -> None:
+    rng = np.random.default_rng(0)
+    blocks = epoch_row_blocks(10, 3, 4, rng)
+    assert [block.num_rows for block in blocks] == [4, 3, 3] * 3  # ceil(10 / 4) = 3 balanced blocks per epoch
+    epochs = [np.concatenate([block.column("row").to_numpy() for block in blocks[i : i + 3]]) for i in (0, 3, 6)]
+    assert all(sorted(order) == list(range(10)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3 and tuple(epochs[0]) != tuple(range(10))
+    assert [block.num_rows for block in epoch_row_blocks(3, 2, 128, rng)] == [3, 3]
 
-    rows = 12
-    batch = {
-        "image": np.array([encode_png(np.full((16, 16, 3), value, np.uint8)) for value in range(rows)], dtype=object),
-        "label": np.array([encode_png(np.zeros((16, 16), np.uint8))] * rows, dtype=object),
-    }
+
+def test_gather_rows_reads_across_blocks_in_the_order_asked() -> None:
+    sources = [pa.table({"id": ids, "n": ns}) for ids, ns in ((["a", "b"], [0, 1]), (["c"], [2]), (["d"], [3]))]
+    batch = gather_rows(np.array([3, 0, 2]), sources)
+    assert batch["id"].tolist() == ["d", "a", "c"] and batch["n"].tolist() == [3, 0, 2]
+
+
+def _numbered_rows(count: int, blocks: int) -> ray.data.Dataset:
+    """Rows whose image is filled with the row's number, written in order into `blocks` contiguous blocks."""
+    label = encode_png(np.zeros((16, 16), np.uint8))
+    items = [{"image": encode_png(np.full((16, 16, 3), n, np.uint8)), "label": label} for n in range(count)]
+    return ray.data.from_items(items, override_num_blocks=blocks)
+
+
+def test_stream_blocks_draw_from_the_whole_step_not_from_the_blocks_rows_were_written_in(
+    ray_session, monkeypatch
+) -> None:
+    """Rows written in order (as CamVid's are: video frames) reach the trainer mixed across the whole step:
+    each map task's block is a draw from all rows, every row once per epoch."""
+    import eir.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_BLOCK", 4)
     spec = StreamSpec(lut=np.arange(256, dtype=np.uint8), crop_size=16, scale=(1.0, 1.0))
-    orders = [tuple(_train_batch(batch, spec)["image"][:, 0, 0, 0]) for _ in range(3)]
-    assert all(sorted(order) == list(range(rows)) for order in orders)
-    assert len(set(orders)) > 1 and orders[0] != tuple(range(rows))
+    stream = train_stream(None, None, spec, rows=_numbered_rows(12, 3), epochs=4)
+    blocks = [b["image"][:, 0, 0, 0] for b in stream.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sorted(np.concatenate(blocks).tolist()) == sorted(list(range(12)) * 4)
+    written_in = [set((block // 4).tolist()) for block in blocks]  # the written block of each row
+    # A block of 4 drawn from 12 rows lies inside one written block with probability 3 / 495.
+    assert sum(len(written) > 1 for written in written_in) >= 9, written_in
 
 
 def test_every_epoch_in_one_stream(ray_session, prepared) -> None:

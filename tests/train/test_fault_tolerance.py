@@ -110,34 +110,40 @@ def test_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(ray_session, 
     assert abs(clean["steps"][0]["mIoU_all"] - killed["steps"][0]["mIoU_all"]) <= MIOU_TOLERANCE
 
 
+LAUNCH_LOG = "launch.log"  # the killed run's console output, beside its outputs
+
+
 def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "launch.py"),
-            "run",
-            str(REPO / "experiments" / "quickstart.yaml"),
-            *TINY,
-            f"run.output_dir={tmp_path}",
-            "run.name=interrupted",
-            *extra,
-        ],
-        cwd=REPO,
-        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "EIR_RAY_NUM_CPUS": "4"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    """The run in its own process group; its console output goes to `LAUNCH_LOG`, which a failure quotes."""
+    with (tmp_path / LAUNCH_LOG).open("w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "launch.py"),
+                "run",
+                str(REPO / "experiments" / "quickstart.yaml"),
+                *TINY,
+                f"run.output_dir={tmp_path}",
+                "run.name=interrupted",
+                *extra,
+            ],
+            cwd=REPO,
+            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "EIR_RAY_NUM_CPUS": "4"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def _kill_when(process: subprocess.Popen, condition, timeout: float = 600) -> None:
+def _kill_when(process: subprocess.Popen, condition, log: Path, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
             if condition():
                 return
             if process.poll() is not None:
-                pytest.fail("the run ended before the kill point")
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                pytest.fail(f"the run ended (exit {process.returncode}) before the kill point:\n" + "\n".join(tail))
             time.sleep(1)
         pytest.fail("the kill point was not reached")
     finally:
@@ -169,7 +175,7 @@ def test_driver_killed_then_resumed(ray_session, tmp_path: Path, kill_point: str
         condition = (run / "step_0" / "_COMPLETE").exists
     else:  # Ray Train has registered an epoch checkpoint of step 1, the step is not finished
         condition = lambda: _registered_checkpoint(run / "step_1")  # noqa: E731
-    _kill_when(_launch(tmp_path, *EIR), condition)
+    _kill_when(_launch(tmp_path, *EIR), condition, tmp_path / LAUNCH_LOG)
     assert not (run / "results.json").exists() or json.loads((run / "results.json").read_text())["status"] != "finished"
     # What a finished step (and an unfinished step's finished phases) left must be reused, not redone.
     reused = [run / "step_0" / "model.pt", run / "step_0" / "instances.parquet"]
