@@ -233,9 +233,22 @@ def epoch_row_blocks(count: int, epochs: int, rows_per_block: int, rng: np.rando
 
 
 def gather_rows(rows: np.ndarray, sources: Sequence[pa.Table]) -> dict[str, np.ndarray]:
-    """Rows `rows` (indices into the `sources` tables one after the other), in that order, as a numpy batch."""
-    taken = pa.concat_tables(sources, promote_options="default").take(pa.array(rows))
-    return {name: taken.column(name).to_numpy(zero_copy_only=False) for name in taken.column_names}
+    """Rows `rows` (indices into the `sources` tables one after the other), in that order, as a numpy batch.
+
+    Each source table gives up only its own rows (`take` per table): a `take` across a concatenation
+    would first join every chunk of a column, copying the whole step's encoded images per task.
+    """
+    ends = np.cumsum([table.num_rows for table in sources])
+    block = np.searchsorted(ends, rows, side="right")
+    picked, columns = [], {}
+    for index in np.unique(block):
+        mine = np.flatnonzero(block == index)
+        table = sources[index].take(pa.array(rows[mine] - (ends[index] - sources[index].num_rows)))
+        picked.append(mine)
+        for name in table.column_names:
+            columns.setdefault(name, []).append(table.column(name).to_numpy(zero_copy_only=False))
+    order = np.argsort(np.concatenate(picked), kind="stable")  # back to the order asked for
+    return {name: np.concatenate(parts)[order] for name, parts in columns.items()}
 
 
 def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, np.ndarray]:

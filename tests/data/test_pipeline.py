@@ -84,6 +84,8 @@ def test_gather_rows_reads_across_blocks_in_the_order_asked() -> None:
     sources = [pa.table({"id": ids, "n": ns}) for ids, ns in ((["a", "b"], [0, 1]), (["c"], [2]), (["d"], [3]))]
     batch = gather_rows(np.array([3, 0, 2]), sources)
     assert batch["id"].tolist() == ["d", "a", "c"] and batch["n"].tolist() == [3, 0, 2]
+    order = np.random.default_rng(0).permutation(4)
+    assert gather_rows(order, sources)["n"].tolist() == order.tolist()
 
 
 def _numbered_rows(count: int, blocks: int) -> ray.data.Dataset:
