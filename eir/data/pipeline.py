@@ -263,7 +263,8 @@ def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, 
 # 30 / 15 / 8 rows, and with the reservation allocator off (below) 0.94 / 0.95 / 0.98 of the DataLoader's
 # rate with blocks of 64 / 96 / 128 (medians of 3 rounds). The step's rows arrive in whatever blocks wrote
 # them (the ingest shards, the pseudo-label pass's files, the replayed images' table), so the stream
-# re-blocks them to this size: variants of one step then differ in their work, not in their task count.
+# deals them to tasks in blocks of this size (`epoch_row_blocks`): variants of one step then differ in
+# their work, not in their task count.
 # The price of larger blocks is the first batch (one block's work: ~0.8 s at 64 rows, ~1.3 s at 128 with
 # 8 tasks sharing 2 cores), paid once per step.
 ROWS_PER_BLOCK = 128
