@@ -59,6 +59,7 @@ from eir.train.experiment import run_experiment, step0_cache_entry
 from eir.train.resolved import resolve
 from eir.train.results import step_table
 from eir.train.step import worker_resources
+from eir.train.sweep_state import check_saved_trials, missing_grid_points, saved_trial_params
 from eir.weights import imagenet_file
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,9 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         imagenet_file(backbone)
 
     with hold(folder):  # one live sweep per sweep folder (its Tune state, mlflow_sweep.json)
+        saved = saved_trial_params(folder) if resume else None
+        if saved is not None:  # before Ray: restoring trials the file does not produce would run them
+            check_saved_trials(saved[1], spec.space, spec.num_samples, saved[0], str(path))
         ensure_ray()
         tracker = Tracker(storage.resolve(first.run.output_dir), f"eir-sweep-{spec.name}")
         parent = _start_parent(spec, tracker, folder.join("mlflow_sweep.json"))
@@ -345,7 +349,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, *, resume: bool 
         tracker.tags(parent, {"best_trial": best["name"] if best else "none"})
         if best:
             tracker.params(parent, {f"best.{k}": v for k, v in best["params"].items()})
-        tracker.finish(parent, FAILED if summary["failed"] else FINISHED)
+        tracker.finish(parent, FAILED if summary["failed"] or summary["missing"] else FINISHED)
         storage.write_json_atomic(folder.join("summary.json"), summary)
     print(summary_table(summary))
     return summary
@@ -571,6 +575,9 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
                 "run_dir": folder.join("runs", trial_id).uri,
             }
         )
+    missing = missing_grid_points([t["params"] for t in trials + failed], spec.space, spec.num_samples)
+    if missing:
+        log.error("sweep %s: %d grid point(s) never ran: %s", spec.name, len(missing), missing)
     ranked = [t for t in trials if t["metric"] is not None]
     best = (max if spec.mode == "max" else min)(ranked, key=lambda t: t["metric"]) if ranked else None
     return {
@@ -579,6 +586,7 @@ def summarize(spec: SweepSpec, grid: Any, folder: storage.Location) -> dict[str,
         "mode": spec.mode,
         "trials": trials,
         "failed": failed,
+        "missing": missing,
         "best": best,
         "step0_trained": sum(t["step0"] == "trained" for t in trials),
         "step0_reused": sum(t["step0"] == "cache" for t in trials),
@@ -600,4 +608,6 @@ def summary_table(summary: dict[str, Any]) -> str:
         )
     for failure in summary["failed"]:
         lines.append(f"  FAILED {failure['name']}: {failure['error']}")
+    for params in summary["missing"]:
+        lines.append(f"  MISSING {trial_label(params)}: no trial ran this grid point")
     return "\n".join(lines)

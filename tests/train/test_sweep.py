@@ -19,10 +19,12 @@ import mlflow
 import pytest
 from local_services import mlflow_server as start_mlflow_server
 
+from eir import storage
 from eir.config import ConfigError, load_config
 from eir.report import write_report
 from eir.train import sweep as sweep_module
 from eir.train.sweep import default_concurrency, load_sweep, run_sweep, trial_label
+from eir.train.sweep_state import saved_trial_params
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "experiments" / "sweeps" / "synthetic_tiny.yaml"
@@ -367,6 +369,7 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
         ]
         assert key in trial.data.params and "final_hIoU" in trial.data.metrics
     assert "best_hIoU" in parent.data.metrics
+    _resume_refuses_an_edited_sweep_file(tmp_path, summary)
     step1 = next(r for r in runs if r.info.run_name.endswith("/step_1"))
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(step1.info.run_id)}
     assert "confusion.png" in artifacts, "artifacts arrive through the server"
@@ -382,6 +385,22 @@ def test_sweep_against_a_tracking_server(ray_session, mlflow_server: str, tmp_pa
     assert (out / "miou_per_step.png").is_file()
     attached = {a.path for a in mlflow.MlflowClient(mlflow_server).list_artifacts(parent.info.run_id, "report")}
     assert "report/report.md" in attached
+
+
+def _resume_refuses_an_edited_sweep_file(tmp_path: Path, summary: dict) -> None:
+    """The experiment state Tune wrote reads back as the grid; a grid value changed since is refused."""
+    folder = Path(summary["dir"].replace("file://", ""))
+    uri, saved = saved_trial_params(storage.resolve(str(folder)))
+    assert sorted(map(trial_label, saved)) == sorted(t["name"] for t in summary["trials"])
+    edited = tmp_path / "edited" / "synthetic_tiny.yaml"
+    edited.parent.mkdir()
+    edited.write_text(
+        TINY.read_text()
+        .replace("../quickstart.yaml", str(TINY.parent.parent / "quickstart.yaml"))
+        .replace("[finetune, eir]", "[finetune, mib]")
+    )
+    with pytest.raises(ConfigError, match=rf"--resume: {uri} lists 1 trial\(s\) that {edited} does not produce"):
+        run_sweep(edited, [*SMALL, "run.output_dir=runs"], resume=True)
 
 
 @pytest.mark.slow
@@ -426,5 +445,5 @@ def test_resume_finishes_an_interrupted_sweep(ray_session, tmp_path: Path, monke
     before = trained.stat().st_mtime_ns
     summary = run_sweep(TINY, [*SMALL, f"run.output_dir={tmp_path}"], resume=True)
     assert len(summary["trials"]) == grid and not summary["failed"]
-    assert all(t["status"] == "finished" for t in summary["trials"])
+    assert all(t["status"] == "finished" for t in summary["trials"]) and summary["missing"] == []
     assert trained.stat().st_mtime_ns == before, "the trial finished before the interruption is not trained again"
