@@ -102,7 +102,7 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
             "seed",
         }
     )
-    assert cache.STEP0_CODE_VERSION == 4
+    assert cache.STEP0_CODE_VERSION == 5
 
 
 @pytest.mark.parametrize(
