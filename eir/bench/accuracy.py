@@ -164,7 +164,11 @@ def _publish(name: str, path: Path, document: dict[str, Any], extra_overrides: l
     document.update(environment())
     document["config"] = {"plan": [p.__dict__ for p in _plan(name)], "overrides": extra_overrides or []}
     write_results(path, document)
-    steps_figure(document["runs"], path.with_suffix(".png"))
+    figure = path.with_suffix(".png")
+    if document["runs"]:
+        steps_figure(document["runs"], figure)
+    else:  # every row superseded (`--rerun --limit 0`): a figure would show numbers the file no longer stands behind
+        figure.unlink(missing_ok=True)
 
 
 def _groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:

@@ -230,3 +230,17 @@ def test_pipeline_ratios_are_the_median_of_the_rounds_and_the_verdict_names_each
     verdict = goals_verdict({"paste_slowdown": 1.2, "ray_vs_dataloader": 0.9})
     assert verdict["paste_slowdown"] == {"max": 1.15, "measured": 1.2, "met": False}
     assert verdict["ray_vs_dataloader"] == {"min": 0.9, "measured": 0.9, "met": True}
+
+
+def test_superseding_every_row_leaves_a_file_without_a_figure(fake_bench, tmp_path: Path) -> None:
+    """`--rerun --limit 0` moves the rows aside before any training (re-measuring a whole table over sessions)."""
+    path, trained = fake_bench
+    path.write_text(json.dumps({"benchmark": "accuracy_camvid", "runs": [_recorded("finetune", 0)]}))
+    path.with_suffix(".png").write_bytes(b"the old rows' figure")
+    outputs = [f"run.output_dir={tmp_path / 'outputs'}"]
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", "finetune", "--rerun", "--limit", "0"])
+    document = json.loads(path.read_text())
+    assert trained == [] and document["runs"] == [] and len(document["superseded"]) == 1
+    assert not path.with_suffix(".png").exists()
+    launch.main(["bench", "accuracy_camvid", *outputs, "--methods", "finetune", "--limit", "1"])
+    assert trained == ["camvid_5-3_finetune_v2"] and path.with_suffix(".png").is_file()
