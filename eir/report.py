@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from eir import method_table, storage
 from eir.config import ConfigError
-from eir.tracking import bound_http_retries, check_reachable, tracking_uri
+from eir.tracking import check_reachable, set_mlflow_defaults, tracking_uri
 from eir.visualize import knob_figure, steps_figure
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def _attach_to_mlflow(name: str, folder: Path, files: list[str]) -> None:
     try:
         ids = _read_object(ids_path, "the report is not attached to MLflow")
         uri = ids.get("tracking_uri") or tracking_uri(storage.resolve(folder.parents[1]))
-        bound_http_retries()  # a dead server costs seconds, not MLflow's minutes of retries
+        set_mlflow_defaults()  # a dead server costs seconds, not MLflow's minutes of retries
         check_reachable(uri)
         client = MlflowClient(uri)
         for path in files:

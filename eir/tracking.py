@@ -55,10 +55,13 @@ PROBE_TIMEOUT_S = 5.0
 # MLflow retries a failed request 7 times with backoff factor 2 (about 4.6 minutes on a dead server)
 # and waits 120 s for each answer. These bounds (a user's own settings win) make a server that dies
 # mid-run fail within ~10 s when it refuses connections, ~1.5 min when it hangs.
-HTTP_LIMITS = {
+MLFLOW_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # The per-class IoU table is read back before every step's rows are added: MLflow's download bar would
+    # print two lines of "Downloading artifacts" between the step tables of the console.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # What a TrackingError suggests: before anything ran, the setting; once a run logs, resuming it.
 OPEN_HINT = (
@@ -115,9 +118,10 @@ def _credentials_replaced(uri: str, netloc: Callable[[urllib.parse.SplitResult],
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc(parts)))
 
 
-def bound_http_retries(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set MLflow's HTTP retry and timeout knobs (read at every request) unless the user set them."""
-    for name, value in HTTP_LIMITS.items():
+def set_mlflow_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set MLflow's HTTP retry and timeout knobs and its artifact progress bar (read at every request)
+    unless the user set them."""
+    for name, value in MLFLOW_DEFAULTS.items():
         environ.setdefault(name, value)
 
 
@@ -196,7 +200,7 @@ class Tracker:
 
     def __init__(self, output_root: Location, experiment: str, *, probe_timeout: float = PROBE_TIMEOUT_S):
         self.uri = tracking_uri(output_root)
-        bound_http_retries()
+        set_mlflow_defaults()
         check_reachable(self.uri, probe_timeout)
         self.client = MlflowClient(self.uri)
         with self._calling(f"opening experiment {experiment!r}", OPEN_HINT):

@@ -27,19 +27,19 @@ from eir.config import ConfigError, inactive_keys, load_config
 from eir.tracking import (
     FAILED,
     FINISHED,
-    HTTP_LIMITS,
     IOU_TABLE,
     KILLED,
+    MLFLOW_DEFAULTS,
     Tracker,
     TrackingError,
     artifact_location,
-    bound_http_retries,
     check_reachable,
     load_run_ids,
     run_description,
     run_params,
     run_status,
     save_run_ids,
+    set_mlflow_defaults,
     source_tags,
     step_run_name,
     tracking_uri,
@@ -79,7 +79,7 @@ def test_remote_root_with_sqlite_puts_artifacts_beside_the_database(tmp_path: Pa
 @pytest.fixture(autouse=True)
 def _own_http_limits(monkeypatch) -> Iterator[None]:
     """Each test starts without MLflow's HTTP settings and leaves none behind (the Tracker sets them)."""
-    saved = {name: os.environ.pop(name, None) for name in HTTP_LIMITS}
+    saved = {name: os.environ.pop(name, None) for name in MLFLOW_DEFAULTS}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     for name, value in saved.items():
@@ -167,7 +167,7 @@ def test_a_server_that_dies_mid_run_fails_within_seconds(short_lived_server, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracker = Tracker(storage.resolve(str(tmp_path)), "eir-test")
     assert tracker.experiment_id == "1"
-    assert {name: os.environ[name] for name in HTTP_LIMITS} == HTTP_LIMITS
+    assert {name: os.environ[name] for name in MLFLOW_DEFAULTS} == MLFLOW_DEFAULTS
     stop()
     start = time.monotonic()
     with pytest.raises(
@@ -225,8 +225,8 @@ def test_a_server_that_refuses_the_api_names_the_setting_to_check(tmp_path: Path
 
 def test_bounds_leave_the_users_own_settings() -> None:
     environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
-    bound_http_retries(environ)
-    assert environ == {**HTTP_LIMITS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
+    set_mlflow_defaults(environ)
+    assert environ == {**MLFLOW_DEFAULTS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "300"}
 
 
 # ---------------------------------------------------------------- what a researcher reads (a real sqlite store)
@@ -353,6 +353,17 @@ def _table(tracker: Tracker, run_id: str) -> list[list[Any]]:
         document = json.loads(Path(tracker.client.download_artifacts(run_id, IOU_TABLE, folder)).read_text())
     assert document["columns"] == ["step", "class", "IoU"]
     return document["data"]
+
+
+def test_reading_the_iou_table_back_prints_no_download_bar(tracker: Tracker, capfd) -> None:
+    """The table is read back before each step's rows are added; the console shows step tables, not MLflow's bars."""
+    run = tracker.start("quiet")
+    for step in range(3):
+        tracker.iou_table(run, step, {"background": 90.0, "car": 50.0 + step})
+    tracker.iou_table(run, 1, {"background": 90.0, "car": 52.0})
+    captured = capfd.readouterr()
+    assert "Downloading artifacts" not in captured.err + captured.out
+    assert len(_table(tracker, run)) == 6
 
 
 def test_per_class_iou_table_compares_across_runs(tracker: Tracker) -> None:
