@@ -236,6 +236,9 @@ def tables(runs: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> str:
             ),
             "",
         ]
+        # Grid points no trial ran (a summary written before `missing` existed has none to show).
+        lines += [f"- not run: `{json.dumps(params, sort_keys=True)}`" for params in sweep.get("missing", [])]
+        lines += [""] if sweep.get("missing") else []
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ def _run(folder: Path, method: str, seed: int, final: float) -> None:
     )
 
 
-def _sweep(folder: Path, ran_in: str, sizes: dict[str, int]) -> None:
+def _sweep(folder: Path, ran_in: str, sizes: dict[str, int], missing: list[dict] | None = None) -> None:
     trials = [
         {
             "trial_id": trial,
@@ -61,6 +61,7 @@ def _sweep(folder: Path, ran_in: str, sizes: dict[str, int]) -> None:
                 "best": trials[0],
                 "step0_trained": 1,
                 "step0_reused": len(trials) - 1,
+                **({"missing": missing} if missing is not None else {}),
             }
         )
     )
@@ -82,6 +83,15 @@ def test_sweep_trials_are_rows_of_their_own_even_after_the_sweep_dir_moved(tmp_p
     assert "**camvid 5-3 eir memory.size=25** (1 run(s))" in text
     assert (tmp_path / "out" / "memory_hIoU_vs_memory.size.png").is_file()
     assert not list((tmp_path / "out").glob("*_method_table*")), "a memory sweep has no method table"
+
+
+def test_a_sweeps_grid_points_that_never_ran_are_listed(tmp_path: Path) -> None:
+    sweep = tmp_path / "memory"
+    _run(sweep / "runs" / "a_00000", "eir", 0, 30.0)
+    _sweep(sweep, str(sweep), {"a_00000": 100}, missing=[{"memory.size": 25}, {"memory.size": 0}])
+    write_report([str(sweep)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert '- not run: `{"memory.size": 25}`' in text and '- not run: `{"memory.size": 0}`' in text
 
 
 def test_seeds_of_one_setting_are_averaged(tmp_path: Path) -> None:
