@@ -61,7 +61,7 @@ def check_saved_trials(
         params for params in saved if set(params) != keys or not all(_allowed(space[k], params[k]) for k in keys)
     ]
     if not foreign and _all_grid(space):
-        excess = Counter(map(_canonical, saved)) - Counter(map(_canonical, _grid_points(space) * num_samples))
+        excess = Counter(map(_canonical, saved)) - _grid_counts(space, num_samples)
         foreign = [json.loads(text) for text in excess.elements()]
     if foreign:
         shown = "; ".join(json.dumps(params, sort_keys=True) for params in foreign[:3])
@@ -79,7 +79,7 @@ def missing_grid_points(
     """The grid points (repeats counted) no trial ran; [] for a space that samples."""
     if not _all_grid(space):
         return []
-    missing = Counter(map(_canonical, _grid_points(space) * num_samples)) - Counter(map(_canonical, finished))
+    missing = _grid_counts(space, num_samples) - Counter(map(_canonical, finished))
     return [json.loads(text) for text in sorted(missing.elements())]
 
 
@@ -87,22 +87,19 @@ def _all_grid(space: dict[str, dict[str, list]]) -> bool:
     return all("grid" in dist for dist in space.values())
 
 
-def _grid_points(space: dict[str, dict[str, list]]) -> list[dict[str, Any]]:
+def _grid_counts(space: dict[str, dict[str, list]], num_samples: int) -> Counter[str]:
+    """Each grid point (canonical JSON) with the number of trials Tune makes of it."""
     keys = list(space)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k]["grid"] for k in keys))]
+    points = (dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k]["grid"] for k in keys)))
+    return Counter({_canonical(point): num_samples for point in points})
 
 
 def _allowed(dist: dict[str, list], value: Any) -> bool:
     kind, values = next(iter(dist.items()))
     if kind in ("grid", "choice"):
-        return any(_same(value, v) for v in values)
+        return _canonical(value) in {_canonical(v) for v in values}  # as the JSON round trip leaves them
     lo, hi = values
     return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as the JSON round trip leaves them (a saved 0.001 is the file's 1e-3; a list stays a list)."""
-    return _canonical(a) == _canonical(b)
 
 
 def _canonical(value: Any) -> str:
