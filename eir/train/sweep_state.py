@@ -91,7 +91,7 @@ def _grid_counts(space: dict[str, dict[str, list]], num_samples: int) -> Counter
     """Each grid point (canonical JSON) with the number of trials Tune makes of it."""
     keys = list(space)
     points = (dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k]["grid"] for k in keys)))
-    return Counter({_canonical(point): num_samples for point in points})
+    return Counter(_canonical(point) for point in points for _ in range(num_samples))
 
 
 def _allowed(dist: dict[str, list], value: Any) -> bool:
