@@ -215,7 +215,9 @@ def _train_batch(batch: dict[str, np.ndarray], spec: StreamSpec) -> dict[str, np
     return {name: np.stack([getattr(s, name) for s in samples]) for name in columns}
 
 
-def epoch_row_blocks(count: int, epochs: int, rows_per_block: int, rng: np.random.Generator) -> list[pa.Table]:
+def epoch_row_blocks(
+    count: int, epochs: int, rows_per_block: int, rng: np.random.Generator, first_rows: int | None = None
+) -> list[pa.Table]:
     """Every epoch a fresh permutation of the step's `count` rows, cut into blocks of at most `rows_per_block`.
 
     A block is what one map task turns into samples, and the trainer cuts its batches from a few blocks at a
@@ -223,13 +225,26 @@ def epoch_row_blocks(count: int, epochs: int, rows_per_block: int, rng: np.rando
     them in the order they were written — CamVid's in video order, consecutive frames of one sequence — and
     batches cut from those were near duplicates: DKD's step 2 diverged in 3 of 4 such runs at the protocol's
     learning rate (BENCHMARKS.md).
+
+    `first_rows`: the stream's very first block is cut into a ramp of `first_rows`, `first_rows`, then pieces
+    as large as all before them (16, 16, 32, 64 of a 128-row block), so the first samples reach the trainer
+    after a small task, not after a whole block (`FIRST_BLOCK_ROWS`).
     """
     per_epoch = max(1, -(-count // rows_per_block))
-    return [
-        pa.table({"row": rows.astype(np.int64)})
-        for _ in range(epochs)
-        for rows in np.array_split(rng.permutation(count), per_epoch)
-    ]
+    pieces = [rows for _ in range(epochs) for rows in np.array_split(rng.permutation(count), per_epoch)]
+    if first_rows is not None and len(pieces[0]) > first_rows:
+        pieces[:1] = _ramp(pieces[0], first_rows)
+    return [pa.table({"row": rows.astype(np.int64)}) for rows in pieces]
+
+
+def _ramp(rows: np.ndarray, first: int) -> list[np.ndarray]:
+    """`rows` in pieces of `first`, `first`, then each as large as all the pieces before it (the last: the rest)."""
+    pieces, start = [], 0
+    while start < len(rows):
+        size = max(first, start)
+        pieces.append(rows[start : start + size])
+        start += size
+    return pieces
 
 
 def gather_rows(rows: np.ndarray, sources: Sequence[pa.Table]) -> dict[str, np.ndarray]:
@@ -265,9 +280,13 @@ def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, 
 # them (the ingest shards, the pseudo-label pass's files, the replayed images' table), so the stream
 # deals them to tasks in blocks of this size (`epoch_row_blocks`): variants of one step then differ in
 # their work, not in their task count.
-# The price of larger blocks is the first batch (one block's work: ~0.8 s at 64 rows, ~1.3 s at 128 with
-# 8 tasks sharing 2 cores), paid once per step.
+# The price of larger blocks was the first batch: every task slot starts at once and shares the cores, so
+# the first block finished only after about as many rows as all slots together hold (1.69 s of the plain
+# stream's 6.78 s at 128 rows, 8 slots on 2 cores; a DataLoader's first batch took 0.03 s). The stream's
+# first block is therefore cut into a ramp (`FIRST_BLOCK_ROWS`, `epoch_row_blocks`): a few small tasks more
+# per step, and the trainer starts after the first 16-row task.
 ROWS_PER_BLOCK = 128
+FIRST_BLOCK_ROWS = 16
 
 # Share of a node's object store under which a whole step's stream runs without Ray Data's reservation
 # allocator. The allocator is what holds a stream back when the trainer consumes slower than it produces,
@@ -327,7 +346,7 @@ def train_stream(
     count = source.count()
     # The stream's input is the rows' indices, a fresh permutation per epoch in blocks of `ROWS_PER_BLOCK`,
     # all epochs one input list (`from_arrow`: one block per table, no operator per epoch).
-    blocks = epoch_row_blocks(count, epochs, ROWS_PER_BLOCK, np.random.default_rng())
+    blocks = epoch_row_blocks(count, epochs, ROWS_PER_BLOCK, np.random.default_rng(), FIRST_BLOCK_ROWS)
     stream = ray.data.from_arrow(blocks).map_batches(
         _train_block,
         fn_kwargs={"spec": spec, "sources": source.to_arrow_refs()},

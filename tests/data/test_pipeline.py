@@ -80,6 +80,18 @@ def test_every_epoch_deals_a_fresh_permutation_of_all_rows() -> None:
     assert [block.num_rows for block in epoch_row_blocks(3, 2, 128, rng)] == [3, 3]
 
 
+def test_the_streams_first_block_is_cut_into_a_ramp_and_epochs_stay_permutations() -> None:
+    """The first block becomes pieces of 2, 2, 4, 8, rest (the first samples come from a small task); the
+    other blocks and every epoch's rows are as without the ramp."""
+    blocks = epoch_row_blocks(40, 2, 20, np.random.default_rng(1), first_rows=2)
+    assert [block.num_rows for block in blocks] == [2, 2, 4, 8, 4, 20, 20, 20]
+    rows = [block.column("row").to_numpy() for block in blocks]
+    assert sorted(np.concatenate(rows[:6]).tolist()) == list(range(40))
+    assert sorted(np.concatenate(rows[6:]).tolist()) == list(range(40))
+    small = epoch_row_blocks(3, 2, 128, np.random.default_rng(1), first_rows=16)  # a block under the ramp's start
+    assert [block.num_rows for block in small] == [3, 3]
+
+
 def test_gather_rows_reads_across_blocks_in_the_order_asked() -> None:
     sources = [pa.table({"id": ids, "n": ns}) for ids, ns in ((["a", "b"], [0, 1]), (["c"], [2]), (["d"], [3]))]
     batch = gather_rows(np.array([3, 0, 2]), sources)
