@@ -21,7 +21,11 @@ class GradientWatch:
     many steps had a non-finite one. Call `observe` after the gradients are final (after
     `GradScaler.unscale_` under AMP) and before the optimizer step."""
 
-    def __init__(self, device: torch.device, recent: int = 5):
+    # Steps kept for the message of a diverged run: DKD's runaway on CamVid (BENCHMARKS.md) already had norms
+    # of 10^4 five steps before its infinite loss, so five did not show where it began.
+    RECENT_STEPS = 20
+
+    def __init__(self, device: torch.device, recent: int = RECENT_STEPS):
         self.device = device
         self.recent: deque[torch.Tensor] = deque(maxlen=recent)
         self.start_epoch()

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from collections import deque
 
 import ray.train
 import ray.train.torch
@@ -164,6 +165,7 @@ def train_step_worker(plan_dict: dict) -> None:
         )
     )
     gradients = GradientWatch(device)
+    recent_losses: deque[float] = deque(maxlen=GradientWatch.RECENT_STEPS)  # beside the norms, for a diverged run
     instances = paste_instances_for(plan, device)
     for epoch in range(start_epoch, plan.epochs):
         model.train()
@@ -201,10 +203,12 @@ def train_step_worker(plan_dict: dict) -> None:
             if not math.isfinite(loss_value):
                 parts = ", ".join(f"{name} {value:.4g}" for name, value in term_values.items())
                 norms = ", ".join(f"{norm:.4g}" for norm in gradients.recent_norms())
+                losses = ", ".join(f"{value:.4g}" for value in recent_losses)
                 raise FloatingPointError(
                     f"step {plan.step}, epoch {epoch + 1}, iteration {iteration}: the loss is {loss_value} "
-                    f"({parts}); gradient norms of the steps before it: {norms or 'none yet'}; training diverged "
-                    f"at learning rate {plan.lr} (train.lr{'_incremental' if plan.step else ''}): lower it"
+                    f"({parts}); gradient norms of the steps before it: {norms or 'none yet'} (their losses: "
+                    f"{losses or 'none'}); training diverged at learning rate {plan.lr} "
+                    f"(train.lr{'_incremental' if plan.step else ''}): lower it"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -213,6 +217,7 @@ def train_step_worker(plan_dict: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss_value
+            recent_losses.append(loss_value)
             for name, value in term_values.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value
             seen += images.shape[0]

@@ -61,8 +61,9 @@ def test_the_norm_is_read_after_the_scaler_unscales() -> None:
 @pytest.mark.slow
 def test_a_diverging_step_names_the_gradient_norms_before_it(ray_session, tiny_run, tmp_path) -> None:
     """A learning rate no model survives: the run stops at the first non-finite loss, and the error names the key
-    to change and the global gradient norms of the steps that led there."""
+    to change and the global gradient norms and losses of the steps that led there."""
     overrides = [*tiny_run, "method.name=finetune", "train.lr=1e12", f"run.output_dir={tmp_path}", "run.name=d"]
-    with pytest.raises(Exception, match=r"gradient norms of the steps before it: \d.*train\.lr\)") as failure:
+    expected = r"gradient norms of the steps before it: \d.*\(their losses: \d.*train\.lr\)"
+    with pytest.raises(Exception, match=expected) as failure:
         run_experiment(load_config(overrides=overrides), progress=False)
     assert "step 0, epoch 1" in str(failure.value)
