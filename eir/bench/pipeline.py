@@ -22,8 +22,9 @@ training. The variants are timed in rounds, one run of each per round, and the r
 medians of the rounds' ratios: runs of the same code spread by ±15 % on this machine (other
 processes, Ray's scheduling), which one run each cannot tell from a change; a median of three keeps
 one disturbed round out of a verdict but not two (seen once). The full form times every
-variant in five rounds; `--quick` times only the three runs the ratios rest on (`VERDICT_RUNS`),
-in three rounds — the same runs at the same length, so the same measurement, with the same number
+variant in five rounds, the three runs the ratios rest on (`VERDICT_RUNS`) first and back to back;
+`--quick` times only those three, in three rounds — the same runs at the same length in the same order, so
+the same measurement, with the same number
 of runs as one round of everything (its earlier form, whose single round gave the full form's
 verdicts in 2 of 4 paired tries). Fewer images per run would weigh Ray's once-per-step start-up more and
 so measure a different ratio.
@@ -70,7 +71,11 @@ RAY_VARIANTS = ("plain", "pseudo", "paste", "paste_replay")
 # Each ratio as (numerator, denominator) run, both in seconds per run: paste time over plain time, and Ray's
 # rate over the DataLoader's (the DataLoader's time over Ray's).
 RATIOS = {"paste_slowdown": ("ray_paste", "ray_plain"), "ray_vs_dataloader": ("dataloader_plain", "ray_plain")}
-VERDICT_RUNS = tuple(dict.fromkeys(name for pair in RATIOS.values() for name in pair))  # what the ratios rest on
+# The runs the ratios rest on, in the order each round times them: first, back to back, each ratio's two runs
+# adjacent. The machine's speed drifts within a round (runs of one code spread ±15 %), so a ratio of runs timed
+# seconds apart is less noisy than one of runs a round apart; and `--quick`, which times only these, measures
+# exactly what each round of the full form begins with.
+VERDICT_RUNS = ("dataloader_plain", "ray_plain", "ray_paste")
 ROUNDS = {"full": 5, "quick": 3}
 
 
@@ -234,8 +239,8 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
                 for name in ("plain", "paste")
             },
         }
-        if quick:  # in the full form's order
-            runs = {name: make_run for name, make_run in runs.items() if name in VERDICT_RUNS}
+        order = [*VERDICT_RUNS, *(name for name in runs if name not in VERDICT_RUNS and not quick)]
+        runs = {name: runs[name] for name in order}
         for make_run in runs.values():
             _warm_up(make_run, epochs)
         for round_index in range(rounds):
