@@ -232,7 +232,7 @@ def epoch_row_blocks(
     """
     per_epoch = max(1, -(-count // rows_per_block))
     pieces = [rows for _ in range(epochs) for rows in np.array_split(rng.permutation(count), per_epoch)]
-    if first_rows is not None and len(pieces[0]) > first_rows:
+    if first_rows is not None:  # a block no larger than `first_rows` stays one piece
         pieces[:1] = _ramp(pieces[0], first_rows)
     return [pa.table({"row": rows.astype(np.int64)}) for rows in pieces]
 
@@ -284,7 +284,7 @@ def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, 
 # the first block finished only after about as many rows as all slots together hold (1.69 s of the plain
 # stream's 6.78 s at 128 rows, 8 slots on 2 cores; a DataLoader's first batch took 0.03 s). The stream's
 # first block is therefore cut into a ramp (`FIRST_BLOCK_ROWS`, `epoch_row_blocks`): a few small tasks more
-# per step, and the trainer starts after the first 16-row task.
+# per step, and the trainer starts after the first small tasks (its 32-sample shuffle buffer: two of 16 rows).
 ROWS_PER_BLOCK = 128
 FIRST_BLOCK_ROWS = 16
 
