@@ -19,7 +19,9 @@ picks them: image replay moves the probabilities (finetune's are 0.000) without 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection, Iterable
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -32,30 +34,43 @@ from eir.train.resolved import Experiment, resolve
 from eir.train.rundir import read_run_config
 
 
+def count_votes(
+    old: tuple[int, ...],
+    own_pixels: Iterable[dict[int, int]],
+    stored: Iterable[tuple[np.ndarray, Collection[int]]],
+) -> dict[int, tuple[int, int]]:
+    """Old class → (its pixels in the step's own images, all labelled background there; its pixels in stored images
+    whose labels keep it). `own_pixels`: per own image, class → pixel count; `stored`: per stored image, its label
+    map and the classes its labels keep (those its storing step had learned; none under DKD-M's masking)."""
+    down, up = dict.fromkeys(old, 0), dict.fromkeys(old, 0)
+    for pixels in own_pixels:
+        for c in old:
+            down[c] += pixels.get(c, 0)
+    for label, kept in stored:
+        for c in old:
+            if c in kept:
+                up[c] += int((label == c).sum())
+    return {c: (down[c], up[c]) for c in old}
+
+
 def label_votes(exp: Experiment, step: int) -> dict[int, tuple[int, int]]:
-    """Old class id → (pixels the step's own images label background, pixels stored images label the class)."""
-    old = exp.schedule.old_classes(step)
+    """`count_votes` for `step` of a run: its own training images against step t−1's stored ones."""
     own_ids = set(exp.train_splits.step_ids(step))
-    down = dict.fromkeys(old, 0)
-    for uri in exp.train_manifest.shard_uris:
-        table = pq.read_table(uri, columns=["id", "classes", "class_pixels"]).to_pylist()
-        for row in (r for r in table if r["id"] in own_ids):
-            pixels = dict(zip(row["classes"], row["class_pixels"], strict=True))
-            for c in old:
-                down[c] += pixels.get(c, 0)
+    own_pixels = [
+        dict(zip(row["classes"], row["class_pixels"], strict=True))
+        for uri in exp.train_manifest.shard_uris
+        for row in pq.read_table(uri, columns=["id", "classes", "class_pixels"]).to_pylist()
+        if row["id"] in own_ids
+    ]
     memory = load_memory(exp.step_dir(step - 1), "images")
     if memory is None:
         raise SystemExit(f"{exp.step_dir(step - 1).uri} stores no images: run this on a memory.kind=images run")
-    up = dict.fromkeys(old, 0)
-    if exp.config.replay.image_labels == "current":  # DKD-M's masking: a stored image's old classes are 0
-        return {c: (down[c], 0) for c in old}
-    stored = memory.table.select(["label", "stored_step"]).to_pylist()
-    for row in stored:
-        label = decode_map(row["label"])
-        for c in exp.schedule.classes_seen(row["stored_step"]):  # classes learned later are 0 in it
-            if c in up:
-                up[c] += int((label == c).sum())
-    return {c: (down[c], up[c]) for c in old}
+    masked = exp.config.replay.image_labels == "current"  # DKD-M's masking: a stored image's old classes are 0
+    stored = (
+        (decode_map(row["label"]), () if masked else exp.schedule.classes_seen(row["stored_step"]))
+        for row in memory.table.select(["label", "stored_step"]).to_pylist()
+    )
+    return count_votes(exp.schedule.old_classes(step), own_pixels, stored)
 
 
 def mean_sigmoid(exp: Experiment, step: int, classes: tuple[int, ...], every: int) -> dict[int, float]:
