@@ -32,6 +32,9 @@ so measure a different ratio.
 The stream ships EIR's paste as plans (`eir.replay.paste.plan_paste`) that the trainer carries out on its
 device; that half is timed apart, on one CPU thread over the paste variant's batches, and reported beside
 the ratios (on a GPU trainer it is a few small kernels per instance).
+The profile of where the time goes is each run's CPU seconds per role of process (`results.<run>.cpu_s`: the
+driver, the sample-making workers, Ray's own processes, the rest; `eir.bench.process_cpu`): on a CPU-bound
+machine it says whether a slower stream does more work or has less of the cores.
 Keys: `paste_slowdown` (paste / plain time per image), `ray_vs_dataloader` (Ray img/s / DataLoader img/s),
 each with its rounds (`rounds`), `goals` (the targets and whether the ratios meet them),
 `trainer_paste_ms_per_image_cpu`.
@@ -54,6 +57,7 @@ import ray
 import torch
 
 from eir import storage
+from eir.bench import process_cpu
 from eir.bench.common import environment, results_path, write_results
 from eir.config import load_config
 from eir.data.codec import decode_map, encode_raw_map
@@ -109,16 +113,18 @@ def _warm_up(make_run, epochs: int) -> None:
         pass
 
 
-def _time_run(make_run, epochs: int) -> tuple[float, int, float]:
-    """Wall seconds and output samples of `make_run(epochs)`, and the wait for the first batch (the
-    start-up a run pays before any work reaches the trainer)."""
+def _time_run(make_run, epochs: int) -> tuple[float, int, float, dict[str, float]]:
+    """Wall seconds and output samples of `make_run(epochs)`, the wait for the first batch (the start-up a
+    run pays before any work reaches the trainer), and the CPU seconds each role of process used meanwhile."""
     run = make_run(epochs)
+    before = process_cpu.snapshot()
     started, samples, first_batch = time.perf_counter(), 0, None
     for batch in run:
         if first_batch is None:
             first_batch = time.perf_counter() - started
         samples += len(batch["image"])
-    return time.perf_counter() - started, samples, first_batch or 0.0
+    seconds = time.perf_counter() - started
+    return seconds, samples, first_batch or 0.0, process_cpu.cpu_by_role(before, process_cpu.snapshot(), os.getpid())
 
 
 def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
         "paste": dataclasses.replace(eir_spec, replay_per_row=0.0),
         "paste_replay": eir_spec,
     }
-    timed: dict[str, list[tuple[float, int, float]]] = {}
+    timed: dict[str, list[tuple[float, int, float, dict[str, float]]]] = {}
 
     with tempfile.TemporaryDirectory() as folder:
         _oracle_pseudo_rows(exp, ids, Path(folder))
@@ -247,10 +253,12 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
         for round_index in range(rounds):
             for name, make_run in runs.items():
                 timed.setdefault(name, []).append(_time_run(make_run, epochs))
-                seconds, samples, first_batch_s = timed[name][-1]
+                seconds, samples, first_batch_s, cpu = timed[name][-1]
                 print(
                     f"round {round_index + 1}/{rounds}  {name:20s} {len(ids) * epochs / seconds:7.1f} img/s  "
-                    f"({samples / seconds:7.1f} samples/s, first batch after {first_batch_s:.2f} s)",
+                    f"({samples / seconds:7.1f} samples/s, first batch after {first_batch_s:.2f} s; CPU s "
+                    + ", ".join(f"{role} {value:.2f}" for role, value in cpu.items())
+                    + ")",
                     flush=True,
                 )
         planned = list(runs["ray_paste"](1))
@@ -271,6 +279,11 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
             "img_per_s": round(rows / seconds, 2),
             "img_per_s_per_cpu": round(rows / seconds / cpus, 2),
             "samples_per_s": round(runs_of_variant[0][1] / seconds, 2),
+            # Who used the cores during the run (medians over the rounds): `eir.bench.process_cpu`.
+            "cpu_s": {
+                role: round(float(np.median([run[3][role] for run in runs_of_variant])), 3)
+                for role in process_cpu.ROLES
+            },
         }
 
     ratios = {key: ratio_summary(seconds_of[top], seconds_of[bottom]) for key, (top, bottom) in RATIOS.items()}
