@@ -10,7 +10,6 @@ happen on the trainer's device).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -306,32 +305,6 @@ def sample_nbytes(spec: StreamSpec) -> int:
     return spec.crop_size * spec.crop_size * (3 + 1) + plan
 
 
-# Concurrent map tasks per core of the training stream on a node that has more logical CPUs than that. Ray Data
-# runs one task per logical CPU, and the local instance starts with twice the cores, at least 8 (so a Tune trial,
-# its Train workers and the stream's tasks can all be scheduled: `eir.raysession.local_num_cpus`): 8 tasks on 2
-# cores. Time-shared that way the same transform cost ~35 % more CPU per sample (9.5 s of in-task CPU per 3,620-row
-# run against 7.1 s with 4 tasks: CamVid 5-3 step 1, plain stream, 2026-12-07), and the stream ran at 0.885 / 0.925
-# / 0.997 of the DataLoader's rate with 8 / 6 / 4 tasks (medians of 8 interleaved rounds). With one task per core
-# a block waits for a task to finish: 6.80 s per run with 2 tasks against 4.69 s with 8 (BENCHMARKS.md).
-TASKS_PER_CORE = 2
-
-
-def task_slots(logical_cpus: float, cores: int) -> int | None:
-    """Concurrent training-stream tasks for a node of `logical_cpus` and `cores`: `TASKS_PER_CORE` per core when
-    its logical CPUs exceed that, else None (Ray Data's default, one per logical CPU)."""
-    cap = TASKS_PER_CORE * max(1, cores)
-    return cap if logical_cpus > cap else None
-
-
-def stream_task_slots() -> int | None:
-    """`task_slots` of the cluster when it is this machine alone (the local instance, or a one-node cluster
-    started here); None on any other cluster, whose logical CPUs are its nodes' cores and not known here."""
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    if len(nodes) != 1 or nodes[0]["NodeID"] != ray.get_runtime_context().get_node_id():
-        return None
-    return task_slots(nodes[0]["Resources"].get("CPU", 0), os.cpu_count() or 1)
-
-
 def smallest_object_store() -> int:
     """The smallest object store of the cluster's live nodes, in bytes (a stream's blocks land on any)."""
     stores = [node["Resources"].get("object_store_memory", 0) for node in ray.nodes() if node["Alive"]]
@@ -380,7 +353,6 @@ def train_stream(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=slots) if (slots := stream_task_slots()) else None,
     )
     stream_bytes = round(count * epochs * (1 + spec.replay_per_row) * sample_nbytes(spec))
     store_bytes = smallest_object_store()
@@ -388,13 +360,12 @@ def train_stream(
     stream.context.op_resource_reservation_enabled = throttled
     log.info(
         "training stream: %d rows x %d epochs, ~%.0f MB of samples (smallest object store %.0f MB): "
-        "Ray Data's reservation allocator %s; %s",
+        "Ray Data's reservation allocator %s",
         count,
         epochs,
         stream_bytes / 1e6,
         store_bytes / 1e6,
         "on (it bounds the stream)" if throttled else "off (the stream fits, nothing to bound)",
-        f"at most {slots} tasks at a time ({TASKS_PER_CORE} per core)" if slots else "one task per logical CPU",
     )
     return stream
 

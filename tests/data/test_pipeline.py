@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from eir.data.pipeline import (
     read_prepared_rows,
     read_prepared_table,
     sample_nbytes,
-    stream_task_slots,
-    task_slots,
     train_stream,
     with_stored_images,
     write_pseudo_labels,
@@ -71,23 +68,6 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 32, 32)
     assert set(np.unique(np.concatenate([b["label"].ravel() for b in batches]))) <= {0, *range(11, 21), 255}
     assert sum(column[0].nbytes for column in batch.values()) == sample_nbytes(spec)
-
-
-def test_a_capped_stream_still_yields_every_row(ray_session, prepared, monkeypatch) -> None:
-    """The local instance's cap (`TaskPoolStrategy`) takes the same path as a cluster's default."""
-    _, manifest, task = prepared
-    ids = read_rows(manifest).column("id").to_pylist()[:12]
-    monkeypatch.setattr("eir.data.pipeline.stream_task_slots", lambda: 1)
-    stream = train_stream(manifest, ids, StreamSpec(lut=task.train_lut(1), crop_size=32), epochs=2)
-    assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 24
-
-
-def test_task_slots_cap_a_node_with_more_logical_cpus_than_two_per_core(ray_session) -> None:
-    assert task_slots(8, 2) == 4  # the local instance on this project's 2-core machine
-    assert task_slots(4, 2) is None and task_slots(16, 16) is None  # nothing to cap: Ray Data's default
-    assert task_slots(64, 0) == 2  # an unknown core count counts as one
-    node = ray.nodes()[0]["Resources"]["CPU"]
-    assert stream_task_slots() == task_slots(node, os.cpu_count() or 1)  # the suite's one-node instance
 
 
 def test_every_epoch_deals_a_fresh_permutation_of_all_rows() -> None:
