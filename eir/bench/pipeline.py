@@ -208,7 +208,6 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
     cpus = os.cpu_count() or 1
     batch = config.train.batch_size // config.scaling.num_workers
     ids, epochs = list(exp.train_splits.step_ids(1)), config.train.epochs_incremental
-    rounds = ROUNDS
     store, _ = build_store(
         read_rows(exp.train_manifest, exp.train_splits.step_ids(0)).to_pylist(),
         exp.schedule.classes_learned(0),
@@ -250,12 +249,12 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
         runs = {name: runs[name] for name in order}
         for make_run in runs.values():
             _warm_up(make_run, epochs)
-        for round_index in range(rounds):
+        for round_index in range(ROUNDS):
             for name, make_run in runs.items():
                 timed.setdefault(name, []).append(_time_run(make_run, epochs))
                 seconds, samples, first_batch_s, cpu = timed[name][-1]
                 print(
-                    f"round {round_index + 1}/{rounds}  {name:20s} {len(ids) * epochs / seconds:7.1f} img/s  "
+                    f"round {round_index + 1}/{ROUNDS}  {name:20s} {len(ids) * epochs / seconds:7.1f} img/s  "
                     f"({samples / seconds:7.1f} samples/s, first batch after {first_batch_s:.2f} s; CPU s "
                     + ", ".join(f"{role} {value:.2f}" for role, value in cpu.items())
                     + ")",
@@ -301,7 +300,7 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
             "task": "camvid 5-3 step 1",
             "images": len(ids),
             "timed_epochs": epochs,
-            "rounds": rounds,
+            "rounds": ROUNDS,
             "cpus": cpus,
             "batch": batch,
             "crop": config.train.crop_size,
