@@ -253,6 +253,12 @@ def _stores_images(config: ExperimentConfig) -> bool:
     return config.memory.kind == "images"
 
 
+def _speed_only(_: ExperimentConfig) -> bool:
+    """`active=` of a setting that changes how fast a run goes, never its results (how the stream's tasks share the
+    cores): `--resume` ignores it, so a paused run can continue under other settings."""
+    return False
+
+
 def _pseudo_labels(config: ExperimentConfig) -> bool:
     return config.pseudo.enabled
 
@@ -510,6 +516,20 @@ class LossConfig:
 @dataclass
 class DataConfig:
     num_cpus_per_worker: float = knob(1.0, CPUS, "CPUs of each Ray Data decode/augment/paste task")
+    stream_tasks_per_core: int = knob(
+        2,
+        COUNT,
+        "at most this many training-stream tasks at once per core, on a one-node cluster with more logical CPUs "
+        "than that (the local instance); 0 = one per logical CPU (Ray Data's default)",
+        active=_speed_only,
+    )
+    stream_cpu_priority: Literal["idle", "normal"] = knob(
+        "idle",
+        CHOICE,
+        "CPU priority of the training stream's tasks: idle = a trainer on the same cores goes first (Linux "
+        "SCHED_IDLE), normal = Ray's worker priority, the trainer's",
+        active=_speed_only,
+    )
     pseudo_actors: int = knob(1, POSITIVE_INT, "actor-pool size of the pseudo-label inference", active=_pseudo_labels)
 
 

@@ -69,6 +69,7 @@ from eir.replay.paste import ScaledInstances, apply_paste, index_by_channel
 from eir.replay.store import build_store
 from eir.train.planner import PreviousStep
 from eir.train.resolved import Experiment, resolve
+from eir.train.step_data import stream_tasks
 from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ def _ray_run(exp: Experiment, ids: list[str], spec: StreamSpec, rows: ray.data.D
     reads the step's rows once (as the DataLoader's rows are loaded once): not timed."""
 
     def run(epochs: int):
-        stream = train_stream(exp.train_manifest, ids, spec, num_cpus=1.0, rows=rows, epochs=epochs)
+        stream = train_stream(exp.train_manifest, ids, spec, tasks=stream_tasks(exp.config), rows=rows, epochs=epochs)
         return stream.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2)
 
     return run

@@ -26,6 +26,7 @@ from eir.data.pipeline import eval_stream, train_stream
 from eir.raysession import ensure_ray
 from eir.train.resolved import resolve
 from eir.train.step import run_train_step
+from eir.train.step_data import stream_tasks
 from eir.visualize import hbar_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def _throughput(
                 exp.train_manifest,
                 ids,
                 design.stream,
-                num_cpus=config.data.num_cpus_per_worker,
+                tasks=stream_tasks(config),
                 epochs=epochs,
             ),
             eval_stream(

@@ -16,8 +16,10 @@ import ray
 import ray.data
 
 from eir import storage
+from eir.config import ExperimentConfig
 from eir.data.pipeline import (
     ROW_COLUMNS,
+    StreamTasks,
     eval_stream,
     read_class_thresholds,
     read_manifest_rows,
@@ -51,14 +53,13 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
         rows = with_stored_images(own, stored, pseudo=design.pseudo)
     elif design.replay == "instances":
         spec = dataclasses.replace(spec, store=ray.put(memory.to_bytes()))
-    return train_stream(
-        exp.train_manifest,
-        ids,
-        spec,
-        num_cpus=cfg.data.num_cpus_per_worker,
-        rows=rows,
-        epochs=plan.epochs,
-    )
+    return train_stream(exp.train_manifest, ids, spec, tasks=stream_tasks(cfg), rows=rows, epochs=plan.epochs)
+
+
+def stream_tasks(config: ExperimentConfig) -> StreamTasks:
+    """How the configured training stream's tasks run (`data.*`)."""
+    data = config.data
+    return StreamTasks(data.num_cpus_per_worker, data.stream_tasks_per_core, data.stream_cpu_priority == "idle")
 
 
 def _old_model(exp: Experiment, design: StepDesign) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import torch
 
 from eir import storage
 from eir.data.codec import decode_map, encode_png, encode_raw_map
+from eir.data.cpu_priority import is_idle_priority
 from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     StreamSpec,
+    StreamTasks,
     epoch_row_blocks,
     eval_stream,
     gather_rows,
@@ -23,6 +26,8 @@ from eir.data.pipeline import (
     read_prepared_rows,
     read_prepared_table,
     sample_nbytes,
+    stream_task_slots,
+    task_slots,
     train_stream,
     with_stored_images,
     write_pseudo_labels,
@@ -68,6 +73,59 @@ def test_plain_stream_yields_uint8_crops(ray_session, prepared) -> None:
     assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (3, 32, 32)
     assert set(np.unique(np.concatenate([b["label"].ravel() for b in batches]))) <= {0, *range(11, 21), 255}
     assert sum(column[0].nbytes for column in batch.values()) == sample_nbytes(spec)
+
+
+def test_a_capped_stream_still_yields_every_row(ray_session, prepared, monkeypatch) -> None:
+    """The local instance's cap (`TaskPoolStrategy`) takes the same path as a cluster's default."""
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:12]
+    monkeypatch.setattr("eir.data.pipeline.stream_task_slots", lambda per_core: 1)
+    stream = train_stream(manifest, ids, StreamSpec(lut=task.train_lut(1), crop_size=32), epochs=2)
+    assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 24
+
+
+def test_task_slots_cap_a_node_with_more_logical_cpus_than_asked_per_core(ray_session) -> None:
+    assert task_slots(8, 2, 2) == 4  # the local instance on this project's 2-core machine
+    assert task_slots(8, 2, 3) == 6 and task_slots(8, 2, 4) is None  # 8 logical CPUs: nothing left to cap
+    assert task_slots(4, 2, 2) is None and task_slots(16, 16, 2) is None  # nothing to cap: Ray Data's default
+    assert task_slots(64, 0, 2) == 2  # an unknown core count counts as one
+    assert task_slots(64, 2, 0) is None  # per_core 0: never capped
+    node = ray.nodes()[0]["Resources"]["CPU"]
+    assert stream_task_slots(2) == task_slots(node, os.cpu_count() or 1, 2)  # the suite's one-node instance
+
+
+def _ray_workers_of_this_process() -> list[int]:
+    """PIDs of the Ray worker processes under this test process (Ray retitles them `ray::…`)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # the process ended while we read
+                continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        grown = mine | {pid for pid, parent in parents.items() if parent in mine}
+        grew, mine = grown != mine, grown
+    workers = []
+    for pid in mine:
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if command.startswith(b"ray::") or b"default_worker.py" in command:  # titled ray::IDLE, ray::<task>, …
+            workers.append(pid)
+    return workers
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE")
+def test_the_streams_tasks_run_at_idle_cpu_priority(ray_session, prepared) -> None:
+    """Ray never uses SCHED_IDLE itself: a worker at it ran a training-stream task (`cpu_priority`)."""
+    _, manifest, task = prepared
+    ids = read_rows(manifest).column("id").to_pylist()[:12]
+    stream = train_stream(manifest, ids, StreamSpec(lut=task.train_lut(1), crop_size=32), tasks=StreamTasks())
+    assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 12
+    assert any(is_idle_priority(pid) for pid in _ray_workers_of_this_process())
 
 
 def test_every_epoch_deals_a_fresh_permutation_of_all_rows() -> None:
