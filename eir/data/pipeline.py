@@ -24,7 +24,7 @@ import torch
 
 from eir import storage
 from eir.data.codec import encode_raw_map
-from eir.data.cpu_priority import yield_cpu
+from eir.data.cpu_priority import at_idle_priority
 from eir.data.ingest import Manifest
 from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
@@ -271,9 +271,14 @@ def gather_rows(rows: np.ndarray, sources: Sequence[pa.Table]) -> dict[str, np.n
 def _train_block(block: pa.Table, spec: StreamSpec, sources: list, idle: bool) -> dict[str, np.ndarray]:
     """One map task: the rows it was dealt, read from the step's materialised blocks (zero-copy on their node),
     made into samples; `idle`: at idle CPU priority, so that a trainer on the same cores goes first (`cpu_priority`)."""
+    blocks = ray.get(sources)
     if idle:
-        yield_cpu()
-    return _train_batch(gather_rows(block.column("row").to_numpy(), ray.get(sources)), spec)
+        return at_idle_priority(_block_samples, block, blocks, spec)
+    return _block_samples(block, blocks, spec)
+
+
+def _block_samples(block: pa.Table, blocks: list[pa.Table], spec: StreamSpec) -> dict[str, np.ndarray]:
+    return _train_batch(gather_rows(block.column("row").to_numpy(), blocks), spec)
 
 
 # Rows per block of a step's training stream. A Ray Data map task carries a fixed cost (worker lease,
