@@ -523,11 +523,12 @@ class DataConfig:
         "than that (the local instance); 0 = one per logical CPU (Ray Data's default)",
         active=_speed_only,
     )
-    stream_cpu_priority: Literal["idle", "normal"] = knob(
-        "idle",
+    stream_cpu_priority: Literal["auto", "idle", "normal"] = knob(
+        "auto",
         CHOICE,
         "CPU priority of the training stream's tasks: idle = a trainer on the same cores goes first (Linux "
-        "SCHED_IDLE), normal = Ray's worker priority, the trainer's",
+        "SCHED_IDLE), normal = Ray's worker priority, the trainer's; auto = idle when the trainer computes on the "
+        "CPU, normal with scaling.use_gpu",
         active=_speed_only,
     )
     pseudo_actors: int = knob(1, POSITIVE_INT, "actor-pool size of the pseudo-label inference", active=_pseudo_labels)
