@@ -517,18 +517,10 @@ class LossConfig:
 class DataConfig:
     num_cpus_per_worker: float = knob(1.0, CPUS, "CPUs of each Ray Data decode/augment/paste task")
     stream_tasks_per_core: int = knob(
-        2,
+        0,
         COUNT,
         "at most this many training-stream tasks at once per core, on a one-node cluster with more logical CPUs "
-        "than that (the local instance); 0 = one per logical CPU (Ray Data's default)",
-        active=_speed_only,
-    )
-    stream_cpu_priority: Literal["auto", "idle", "normal"] = knob(
-        "auto",
-        CHOICE,
-        "CPU priority of the training stream's tasks: idle = a trainer on the same cores goes first (Linux "
-        "SCHED_IDLE), normal = Ray's worker priority, the trainer's; auto = idle when the trainer computes on the "
-        "CPU, normal with scaling.use_gpu",
+        "than that (the local instance); 0 = one per logical CPU (Ray Data's default; faster under a CPU trainer)",
         active=_speed_only,
     )
     pseudo_actors: int = knob(1, POSITIVE_INT, "actor-pool size of the pseudo-label inference", active=_pseudo_labels)

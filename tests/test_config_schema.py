@@ -182,10 +182,10 @@ def test_the_step0_cache_key_holds_the_same_keys_as_before() -> None:
 )
 def test_inactive_keys_follow_what_the_method_switches_on(method: str, inactive: set[str]) -> None:
     # dataset.ade_ignore_other is inactive on every dataset but ade20k (the default is synthetic), pseudo.quantile
-    # under every rule but score_quantile (no method presets it), the stream's task settings under every method
-    # (they change how fast a run goes, never its results).
+    # under every rule but score_quantile (no method presets it), data.stream_tasks_per_core under every method
+    # (it changes how fast a run goes, never its results).
     expected = inactive | {"dataset.ade_ignore_other", "loss.unkd_weight", "pseudo.quantile"} | set(DKD_KEYS)
-    expected |= {"data.stream_tasks_per_core", "data.stream_cpu_priority"}
+    expected |= {"data.stream_tasks_per_core"}
     assert inactive_keys(load_config(overrides=[f"method.name={method}"])) == expected | (
         set() if method == "plop" else set(PLOP_KEYS)
     )

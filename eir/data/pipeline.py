@@ -24,7 +24,6 @@ import torch
 
 from eir import storage
 from eir.data.codec import encode_raw_map
-from eir.data.cpu_priority import at_idle_priority
 from eir.data.ingest import Manifest
 from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
@@ -268,17 +267,10 @@ def gather_rows(rows: np.ndarray, sources: Sequence[pa.Table]) -> dict[str, np.n
     return {name: np.concatenate(parts)[order] for name, parts in columns.items()}
 
 
-def _train_block(block: pa.Table, spec: StreamSpec, sources: list, idle: bool) -> dict[str, np.ndarray]:
+def _train_block(block: pa.Table, spec: StreamSpec, sources: list) -> dict[str, np.ndarray]:
     """One map task: the rows it was dealt, read from the step's materialised blocks (zero-copy on their node),
-    made into samples; `idle`: at idle CPU priority, so that a trainer on the same cores goes first (`cpu_priority`)."""
-    blocks = ray.get(sources)
-    if idle:
-        return at_idle_priority(_block_samples, block, blocks, spec)
-    return _block_samples(block, blocks, spec)
-
-
-def _block_samples(block: pa.Table, blocks: list[pa.Table], spec: StreamSpec) -> dict[str, np.ndarray]:
-    return _train_batch(gather_rows(block.column("row").to_numpy(), blocks), spec)
+    made into samples."""
+    return _train_batch(gather_rows(block.column("row").to_numpy(), ray.get(sources)), spec)
 
 
 # Rows per block of a step's training stream. A Ray Data map task carries a fixed cost (worker lease,
@@ -308,28 +300,23 @@ FIRST_BLOCK_ROWS = 16
 UNTHROTTLED_STORE_SHARE = 0.1
 
 
-# Concurrent map tasks per core of the training stream on a node that has more logical CPUs than that. Ray Data
-# runs one task per logical CPU, and the local instance starts with twice the cores, at least 8
-# (`eir.raysession.local_num_cpus`, so that a Tune trial, its Train workers and the stream's tasks can all be
-# scheduled): 8 tasks on 2 cores. Time-shared that way the same transform cost ~35 % more CPU per sample (9.5 s
-# of in-task CPU per 3,620-row run against 7.1 s with 4 tasks: CamVid 5-3 step 1, plain stream, 2026-12-07), and
-# the stream ran at 0.885 / 0.925 / 0.997 of the DataLoader's rate with 8 / 6 / 4 tasks (medians of 8
-# interleaved rounds). With one task per core a block waits for a task to finish: 6.80 s per run with 2 tasks
-# against 4.69 s with 8 (BENCHMARKS.md). On a cluster started with `ray start`, logical CPUs are the cores and
-# nothing is capped.
-TASKS_PER_CORE = 2
-
-
 @dataclass(frozen=True)
 class StreamTasks:
-    """How the training stream's map tasks run: CPUs each (Ray's resource), at most `per_core` at once per core
-    of a node with more logical CPUs than that (0: Ray Data's default, one per logical CPU), and whether at idle
-    CPU priority (`cpu_priority`: capped alone, the stream took longer to produce a CPU trainer's epochs while
-    competing with it, and training was 20–26 % slower, BENCHMARKS.md)."""
+    """How the training stream's map tasks run: CPUs each (Ray's resource), and at most `per_core` at once per
+    core of a one-node cluster with more logical CPUs than that (0: Ray Data's default, one per logical CPU).
+
+    Why the cap is off by default: Ray Data runs one task per logical CPU, and the local instance starts with
+    twice the cores, at least 8 (`eir.raysession.local_num_cpus`, so that a Tune trial, its Train workers and the
+    stream's tasks can all be scheduled): 8 tasks on 2 cores. Time-shared that way the same transform costs ~35 %
+    more CPU per sample (9.5 s of in-task CPU per 3,620-row run against 7.1 s with 4 tasks: CamVid 5-3 step 1,
+    plain stream), and 2 per core brought the stream alone to 0.92 of a DataLoader's rate against 0.79 uncapped
+    (`bench pipeline`, full form; `data.stream_tasks_per_core=2`). But a CPU trainer on the same cores trains slower
+    while the stream produces, and the capped stream takes longer to produce: training was 20–26 % slower capped
+    (BENCHMARKS.md, "Two map tasks per core"). The cap is for a node whose trainer does not compute on its cores.
+    """
 
     num_cpus: float = 1.0
-    per_core: int = TASKS_PER_CORE
-    idle_priority: bool = True
+    per_core: int = 0
 
 
 def task_slots(logical_cpus: float, cores: int, per_core: int) -> int | None:
@@ -342,6 +329,8 @@ def task_slots(logical_cpus: float, cores: int, per_core: int) -> int | None:
 def stream_task_slots(per_core: int) -> int | None:
     """`task_slots` of the cluster when it is this machine alone (the local instance, or a one-node cluster
     started here); None on any other cluster, whose logical CPUs are its nodes' cores and not known here."""
+    if not per_core:
+        return None
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if len(nodes) != 1 or nodes[0]["NodeID"] != ray.get_runtime_context().get_node_id():
         return None
@@ -388,7 +377,7 @@ def train_stream(
     plain stream's throughput. The trainer cuts its own batches from the stream. A stream small
     enough that nothing could throttle it runs without Ray Data's reservation allocator
     (`UNTHROTTLED_STORE_SHARE`): its zero-budget first second cost ~9 % of a CamVid step's stream.
-    `tasks` bounds how many map tasks share a core and puts them below a trainer's priority (`StreamTasks`).
+    `tasks` can bound how many map tasks share a core (`StreamTasks`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -399,7 +388,7 @@ def train_stream(
     blocks = epoch_row_blocks(count, epochs, ROWS_PER_BLOCK, np.random.default_rng(), FIRST_BLOCK_ROWS)
     stream = ray.data.from_arrow(blocks).map_batches(
         _train_block,
-        fn_kwargs={"spec": spec, "sources": source.to_arrow_refs(), "idle": tasks.idle_priority},
+        fn_kwargs={"spec": spec, "sources": source.to_arrow_refs()},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=tasks.num_cpus,
@@ -411,14 +400,13 @@ def train_stream(
     stream.context.op_resource_reservation_enabled = throttled
     log.info(
         "training stream: %d rows x %d epochs, ~%.0f MB of samples (smallest object store %.0f MB): "
-        "Ray Data's reservation allocator %s; %s, %s",
+        "Ray Data's reservation allocator %s; %s",
         count,
         epochs,
         stream_bytes / 1e6,
         store_bytes / 1e6,
         "on (it bounds the stream)" if throttled else "off (the stream fits, nothing to bound)",
         f"at most {slots} tasks at a time ({tasks.per_core} per core)" if slots else "one task per logical CPU",
-        "at idle CPU priority" if tasks.idle_priority else "at the trainer's CPU priority",
     )
     return stream
 

@@ -57,12 +57,8 @@ def training_stream(exp: Experiment, design: StepDesign, memory: InstanceStore |
 
 
 def stream_tasks(config: ExperimentConfig) -> StreamTasks:
-    """How the configured training stream's tasks run (`data.*`). `auto` priority is idle only under a CPU trainer:
-    that is where the stream and the trainer compete for the cores; a GPU trainer's node keeps its cores for the
-    stream, which must not then lose them to any other load (idle priority yields to everything)."""
-    data = config.data
-    idle = data.stream_cpu_priority == "idle" or (data.stream_cpu_priority == "auto" and not config.scaling.use_gpu)
-    return StreamTasks(data.num_cpus_per_worker, data.stream_tasks_per_core, idle)
+    """How the configured training stream's tasks run (`data.*`)."""
+    return StreamTasks(config.data.num_cpus_per_worker, config.data.stream_tasks_per_core)
 
 
 def _old_model(exp: Experiment, design: StepDesign) -> dict:

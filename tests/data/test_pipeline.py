@@ -14,11 +14,9 @@ import torch
 
 from eir import storage
 from eir.data.codec import decode_map, encode_png, encode_raw_map
-from eir.data.cpu_priority import is_idle_priority
 from eir.data.ingest import read_rows
 from eir.data.pipeline import (
     StreamSpec,
-    StreamTasks,
     epoch_row_blocks,
     eval_stream,
     gather_rows,
@@ -92,57 +90,6 @@ def test_task_slots_cap_a_node_with_more_logical_cpus_than_asked_per_core(ray_se
     assert task_slots(64, 2, 0) is None  # per_core 0: never capped
     node = ray.nodes()[0]["Resources"]["CPU"]
     assert stream_task_slots(2) == task_slots(node, os.cpu_count() or 1, 2)  # the suite's one-node instance
-
-
-def _ray_workers_of_this_process() -> list[int]:
-    """PIDs of the Ray worker processes under this test process (Ray retitles them `ray::…`)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):  # the process ended while we read
-                continue
-    mine, grew = {os.getpid()}, True
-    while grew:
-        grown = mine | {pid for pid, parent in parents.items() if parent in mine}
-        grew, mine = grown != mine, grown
-    workers = []
-    for pid in mine:
-        try:
-            command = (Path("/proc") / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if command.startswith(b"ray::") or b"default_worker.py" in command:  # titled ray::IDLE, ray::<task>, …
-            workers.append(pid)
-    return workers
-
-
-def _idle_threads(pid: int) -> list[int]:
-    """Threads of process `pid` at idle CPU priority (none when it ended while we looked)."""
-    idle = []
-    try:
-        for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-            try:
-                if is_idle_priority(tid):
-                    idle.append(tid)
-            except ProcessLookupError:
-                continue
-    except FileNotFoundError:
-        return []
-    return idle
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE")
-def test_the_streams_tasks_run_at_idle_cpu_priority(ray_session, prepared) -> None:
-    """Ray never uses SCHED_IDLE itself: a worker with a thread at it ran a training-stream task, and the worker's
-    own (main) thread kept Ray's priority (`cpu_priority`)."""
-    _, manifest, task = prepared
-    ids = read_rows(manifest).column("id").to_pylist()[:12]
-    stream = train_stream(manifest, ids, StreamSpec(lut=task.train_lut(1), crop_size=32), tasks=StreamTasks())
-    assert sum(len(b["image"]) for b in stream.iter_batches(batch_size=None, batch_format="numpy")) == 12
-    ran_stream = [pid for pid in _ray_workers_of_this_process() if _idle_threads(pid)]
-    assert ran_stream and not any(is_idle_priority(pid) for pid in ran_stream)
 
 
 def test_every_epoch_deals_a_fresh_permutation_of_all_rows() -> None:
