@@ -436,13 +436,14 @@ class LossConfig:
         step0=True,
         active=_read_by_method("loss.bce_weight"),
     )
-    bce_old_background: Literal["push_down", "skip"] = knob(
+    bce_old_background: Literal["push_down", "skip", "skip_old_argmax"] = knob(
         "push_down",
         CHOICE,
         "what the BCE says of the old classes on pixels step t labels background (no ground truth, pseudo-label "
         "or paste): push_down = target 0 on their channels (EIR's loss); skip = no term (MiB's unbiased background "
         "for a sigmoid loss: only a distillation that covers those pixels, loss.rskd_region all or complement, "
-        "speaks for them there)",
+        "speaks for them there); skip_old_argmax = skip, and no background-channel term either where the old "
+        "model's argmax is an old class (an old object below the pseudo-label threshold)",
         active=_read_by_method("loss.bce_old_background"),
     )
     rskd_weight: float = knob(
@@ -967,14 +968,16 @@ DATASETS_WITH_INSTANCE_MAPS = ("voc", "synthetic")
 
 
 def _warn_of_old_classes_left_unheld(config: ExperimentConfig) -> None:
-    """`loss.bce_old_background=skip` leaves the old classes on unlabelled background to the distillation; where no
-    distillation covers those pixels they get no signal there at all: allowed (an ablation), never silently."""
+    """`loss.bce_old_background=skip` (or `skip_old_argmax`) leaves the old classes on unlabelled background to the
+    distillation; where no distillation covers those pixels they get no signal there at all: allowed (an ablation),
+    never silently."""
     if "loss.bce_old_background" not in method_class(config.method.name).option_keys:
         return
-    if config.loss.bce_old_background == "skip" and (not _distils(config) or config.loss.rskd_region == "new_gt"):
+    rule = config.loss.bce_old_background
+    if rule != "push_down" and (not _distils(config) or config.loss.rskd_region == "new_gt"):
         held = "no distillation" if not _distils(config) else "RSKD only on new-class pixels (loss.rskd_region=new_gt)"
         warnings.warn(
-            f"loss.bce_old_background=skip with {held} (method {config.method.name!r}): nothing trains the old "
+            f"loss.bce_old_background={rule} with {held} (method {config.method.name!r}): nothing trains the old "
             "classes on the step's unlabelled background; loss.rskd_region=all or complement distils there",
             stacklevel=3,
         )

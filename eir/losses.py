@@ -92,7 +92,11 @@ def bce_loss(
 
 
 def unknown_background(
-    label: torch.Tensor, old_num_channels: int, num_channels: int, paste_weight: torch.Tensor | None = None
+    label: torch.Tensor,
+    old_num_channels: int,
+    num_channels: int,
+    paste_weight: torch.Tensor | None = None,
+    old_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The BCE terms `loss.bce_old_background=skip` drops (bool B x C x H x W): the old foreground channels
     1..C_old−1 on pixels the step calls background (label 0: no ground truth, pseudo-label or paste names them).
@@ -101,13 +105,28 @@ def unknown_background(
     known there; the background channel and the new channels keep their terms, and a pasted pixel (λ > 0)
     keeps every term (its pasted class's target is known). MiB's unbiased view of the background, for a
     sigmoid loss: there only the distillation speaks for the old classes.
+
+    With `old_logits` (B x C_old x H x W; `skip_old_argmax`) the background channel's term is dropped too on
+    those of the pixels where the old model's argmax is an old foreground class: an old object it saw but did not
+    score above the pseudo-label threshold. "Background" is no more known there than "not this old class", and
+    pushing channel 0 up on them is what teaches the new model to cover such objects with background (CamVid's
+    pavement: pseudo-label recall 44 % at 5-3's step 1, BENCHMARKS.md).
     """
     unknown = label == 0
     if paste_weight is not None:
         unknown = unknown & (paste_weight.to(label.device) == 0)
     old = torch.zeros(num_channels, dtype=torch.bool, device=label.device)
     old[1:old_num_channels] = True
-    return unknown.unsqueeze(1) & old.view(1, -1, 1, 1)
+    skipped = unknown.unsqueeze(1) & old.view(1, -1, 1, 1)
+    if old_logits is not None:
+        if old_logits.shape[1] != old_num_channels or old_logits.shape[-2:] != label.shape[-2:]:
+            raise ValueError(
+                f"old logits {tuple(old_logits.shape)} must have the {old_num_channels} old channels at the "
+                f"label's size {tuple(label.shape[-2:])}"
+            )
+        seen_old = unknown & (old_logits.argmax(dim=1) > 0)
+        skipped[:, 0] |= seen_old
+    return skipped
 
 
 def rskd_loss(

@@ -137,17 +137,19 @@ def test_memory_size_zero_warns_and_larger_than_the_candidates_is_covered_by_the
     # assert "memory.size=200 but only 7 instances were found; stored 7".
 
 
-def test_skipping_the_old_classes_bce_without_a_distillation_that_covers_them_warns() -> None:
+@pytest.mark.parametrize("rule", ["skip", "skip_old_argmax"])
+def test_skipping_the_old_classes_bce_without_a_distillation_that_covers_them_warns(rule: str) -> None:
     for overrides, held in [
         (["method.name=eir"], r"RSKD only on new-class pixels \(loss.rskd_region=new_gt\)"),
         (["method.name=eir_no_rskd"], "no distillation"),
     ]:
-        with pytest.warns(UserWarning, match=rf"loss.bce_old_background=skip with {held} .*nothing trains the old"):
-            load_config(QUICKSTART, [*overrides, "loss.bce_old_background=skip"])
+        with pytest.warns(UserWarning, match=rf"loss.bce_old_background={rule} with {held} .*nothing trains the old"):
+            load_config(QUICKSTART, [*overrides, f"loss.bce_old_background={rule}"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for region in ("all", "complement"):
-            load_config(QUICKSTART, ["method.name=eir", "loss.bce_old_background=skip", f"loss.rskd_region={region}"])
+            overrides = ["method.name=eir", f"loss.bce_old_background={rule}", f"loss.rskd_region={region}"]
+            load_config(QUICKSTART, overrides)
         load_config(QUICKSTART, ["method.name=mib"])  # a method that does not read the key: nothing to warn about
 
 

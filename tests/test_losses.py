@@ -100,6 +100,24 @@ def test_unknown_background_skips_old_channels_where_the_step_says_background_by
     assert unknown_background(label, 3, 5)[0, 1:3, 0].tolist() == [[True, False, False, False, True]] * 2
 
 
+def test_skip_old_argmax_also_skips_background_where_the_old_model_sees_an_old_class_by_hand():
+    """The same step, one more pixel (background the old model calls background). Old model 1+2 channels: its
+    argmax is old class 2 on pixel 0 (unknown background: channel 0 skipped too), old class 1 on pixel 2 (a
+    pseudo-label: every term kept) and on the pasted pixel 4 (every term kept), background on pixel 5 (only the
+    old channels skipped, as under `skip`)."""
+    label = torch.tensor([[[0, 3, 1, 255, 0, 0]]])
+    paste_weight = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.4, 0.0]]])
+    old_logits = torch.tensor(
+        [[[[0.1, 2.0, -1.0, 0.0, -3.0, 1.5]], [[-2.0, -1.0, 0.5, 0.0, 1.0, -0.5]], [[0.3, 1.0, -2.0, 0.0, 0.0, 1.4]]]]
+    )
+    skipped = unknown_background(label, 3, 5, paste_weight, old_logits)
+    plain = unknown_background(label, 3, 5, paste_weight)
+    assert skipped[0, :, 0].nonzero().tolist() == [[0, 0], [1, 0], [1, 5], [2, 0], [2, 5]]
+    assert torch.equal(skipped[:, 1:], plain[:, 1:]) and not plain[:, 0].any()
+    with pytest.raises(ValueError, match=r"old logits \(1, 2, 1, 6\) must have the 3 old channels"):
+        unknown_background(label, 3, 5, paste_weight, old_logits[:, :2])
+
+
 def test_rskd_two_by_two_by_hand():
     # Old model: background + class 1. New model adds class 2 (channel 2).
     old = torch.tensor(

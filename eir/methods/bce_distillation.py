@@ -24,7 +24,8 @@ NO_EXTRAS = {"memory.kind": "none", "pseudo.enabled": False, "paste.enabled": Fa
 
 class BceDistillation(Method):
     """bce_weight · BCE(all channels) + rskd_weight · RSKD(region), RSKD only at t ≥ 1; at t ≥ 1
-    `loss.bce_old_background=skip` leaves the old channels out of the BCE where the step says background."""
+    `loss.bce_old_background=skip` leaves the old channels out of the BCE where the step says background, and
+    `skip_old_argmax` the background channel too where the old model's argmax there is an old class."""
 
     step0_family = "bce"
     stream_extras = frozenset({"paste", "pseudo:score", "pseudo:score_quantile"})
@@ -38,24 +39,31 @@ class BceDistillation(Method):
     )
 
     def needs_old_model(self, step: int) -> bool:
+        return step > 0 and (self._distils(step) or self.options["loss.bce_old_background"] == "skip_old_argmax")
+
+    def _distils(self, step: int) -> bool:
         return step > 0 and self.options["loss.rskd_weight"] > 0
 
     def loss_weights(self, step: int) -> dict[str, float]:
         weights = {"bce": float(self.options["loss.bce_weight"])}
-        if self.needs_old_model(step):
+        if self._distils(step):
             weights["rskd"] = float(self.options["loss.rskd_weight"])
         return weights
 
     def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         shape = inputs.shape
         targets, valid = soft_targets(inputs.label, shape.num_channels, inputs.paste_class, inputs.paste_weight)
+        if self.needs_old_model(shape.step) and inputs.old_logits is None:
+            raise ValueError(f"method {self.name!r} reads the old model at step {shape.step} but got no old logits")
         skipped = None
-        if shape.step > 0 and self.options["loss.bce_old_background"] == "skip":
-            skipped = unknown_background(inputs.label, shape.old_num_channels, shape.num_channels, inputs.paste_weight)
+        rule = self.options["loss.bce_old_background"]
+        if shape.step > 0 and rule in ("skip", "skip_old_argmax"):
+            old_logits = inputs.old_logits if rule == "skip_old_argmax" else None
+            skipped = unknown_background(
+                inputs.label, shape.old_num_channels, shape.num_channels, inputs.paste_weight, old_logits
+            )
         terms = {"bce": bce_loss(inputs.logits, targets, valid, skipped)}
-        if self.needs_old_model(inputs.shape.step):
-            if inputs.old_logits is None:
-                raise ValueError(f"method {self.name!r} distils at step {inputs.shape.step} but got no old logits")
+        if self._distils(shape.step):
             region = region_mask(inputs.label, inputs.shape.current_channels, self.options["loss.rskd_region"])
             terms["rskd"] = rskd_loss(inputs.logits, inputs.old_logits, region)
         return terms

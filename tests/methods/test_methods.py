@@ -115,6 +115,35 @@ def test_the_unbiased_background_leaves_old_channels_to_the_distillation() -> No
     assert step0.item() == pytest.approx(PINNED[False, "new_gt"][0], abs=1e-6)
 
 
+@pytest.mark.parametrize("rskd_weight", [0.0, 5.0])
+def test_skip_old_argmax_leaves_the_background_channel_where_the_old_model_sees_an_old_class(rskd_weight) -> None:
+    """`skip_old_argmax` = `skip` plus no background-channel gradient on unknown background where the old model's
+    argmax is an old class; every other gradient is `skip`'s. It reads the old model, so it asks for it even
+    without distillation, and says so when the logits are missing."""
+    inputs = fixed_batch(step=1, paste=True)
+    grads = {}
+    for choice in ("skip", "skip_old_argmax"):
+        logits = inputs.logits.clone().requires_grad_(True)
+        unit = build_method("eir", options("eir", loss__bce_old_background=choice, loss__rskd_weight=rskd_weight))
+        assert unit.needs_old_model(1) == (choice == "skip_old_argmax" or rskd_weight > 0)
+        assert not unit.needs_old_model(0)
+        total, terms = unit.loss(dataclasses.replace(inputs, logits=logits))
+        assert ("rskd" in terms) == (rskd_weight > 0)
+        total.backward()
+        grads[choice] = logits.grad
+    unknown = (inputs.label == 0) & (inputs.paste_weight == 0)
+    seen_old = unknown & (inputs.old_logits.argmax(1) > 0)
+    assert seen_old.any() and (unknown & ~seen_old).any()
+    background = grads["skip_old_argmax"][:, 0]
+    assert (background[seen_old] == 0).all() and (grads["skip"][:, 0][seen_old] != 0).all()
+    assert torch.equal(background[~seen_old], grads["skip"][:, 0][~seen_old])
+    assert torch.equal(grads["skip_old_argmax"][:, 1:], grads["skip"][:, 1:])
+    with pytest.raises(ValueError, match="reads the old model at step 1 but got no old logits"):
+        build_method("eir", options("eir", loss__bce_old_background="skip_old_argmax", loss__rskd_weight=0.0)).loss(
+            dataclasses.replace(inputs, old_logits=None)
+        )
+
+
 def test_step0_never_distils_whatever_the_weight() -> None:
     unit = build_method("eir", options("eir"))
     total, terms = unit.loss(fixed_batch(step=0))
@@ -124,7 +153,7 @@ def test_step0_never_distils_whatever_the_weight() -> None:
 def test_a_distilling_method_without_old_logits_says_so() -> None:
     inputs = fixed_batch(step=1)
     inputs.old_logits = None
-    with pytest.raises(ValueError, match="distils at step 1 but got no old logits"):
+    with pytest.raises(ValueError, match="reads the old model at step 1 but got no old logits"):
         build_method("eir", options("eir")).loss(inputs)
 
 

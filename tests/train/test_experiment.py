@@ -217,6 +217,19 @@ def test_second_method_reuses_step0_from_cache(finetune_run: dict, output_dir: P
     assert other["steps"][1]["source"] == "trained"
 
 
+def test_skip_old_argmax_without_distillation_runs_the_old_model(finetune_run: dict, output_dir: Path) -> None:
+    """`loss.bce_old_background=skip_old_argmax` reads the old model's argmax, so a method that does not distil
+    (eir_no_rskd) must still run it in the step: the loss refuses a batch without old logits."""
+    with pytest.warns(UserWarning, match="skip_old_argmax with no distillation"):
+        config = tiny_config(
+            output_dir, "run.name=no-rskd-skip", "method.name=eir_no_rskd", "loss.bce_old_background=skip_old_argmax"
+        )
+    run = run_experiment(config, progress=False)
+    assert run["status"] == "finished"
+    assert [step["source"] for step in run["steps"]] == ["cache", "trained"]
+    assert math.isfinite(run["steps"][1]["mIoU_all"])
+
+
 def test_ctrl_c_after_a_step_reaches_the_driver(finetune_run: dict, output_dir: Path) -> None:
     """Ray Train's `fit()` leaves its own SIGINT handler behind; the step runner must put the driver's back.
 
