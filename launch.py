@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each incremental step of RUN_DIR with stored pseudo-labels (eir, eir_no_rskd, plop), count "
         "how many old-class pixels of the step's training images the pseudo-labels recover (recall) and how many of "
         "the pixels they claim are right (precision), overall and per old class, with each class's threshold under a "
-        "per-class rule. Several RUN_DIRs (e.g. the same run under pseudo.rule=score and score_quantile) are scored "
+        "per-class rule and the share of its pixels pseudo-labelled as another old class (and which). Several "
+        "RUN_DIRs (e.g. the same run under pseudo.rule=score and score_quantile) are scored "
         "and plotted side by side. An oracle diagnostic: it uses the dataset's complete labels, which training never "
         "sees; meaningful where those are complete (overlapped CamVid, VOC, ADE).",
     )

@@ -385,16 +385,30 @@ def pseudo_label_quality(confusion: np.ndarray, old_channels: Sequence[int]) -> 
     at step t. It says how much of the old classes the targets still carry, which bounds what a
     step can keep; recall that falls step after step explains forgetting that compounds with the
     number of steps. A channel with no pixel to recover (or none claimed) gets None, not 0.
+
+    `as_other_old` is the share of a channel's pixels pseudo-labelled as *another* old class, and
+    `mostly_as` that class (the most frequent one; None when there is none): missed recall that is not
+    merely left to background but taught as a wrong old class — a hard BCE target against the true one,
+    which is how CamVid's pavement erodes into road (BENCHMARKS.md).
     """
     matrix = np.asarray(confusion, dtype=np.int64)
     old = [int(c) for c in old_channels]
     hits, truth, claimed = matrix.diagonal()[old], matrix[old].sum(axis=1), matrix[:, old].sum(axis=0)
+    crossed = matrix[np.ix_(old, old)].copy()
+    np.fill_diagonal(crossed, 0)  # row i: channel old[i]'s pixels claimed as each other old channel
     return {
         "recall_old": _percent(hits.sum(), truth.sum()),
         "precision_old": _percent(hits.sum(), claimed.sum()),
+        "as_other_old": _percent(crossed.sum(), truth.sum()),
         "per_channel": {
-            c: {"recall": _percent(h, t), "precision": _percent(h, p), "pixels": int(t)}
-            for c, h, t, p in zip(old, hits, truth, claimed)
+            c: {
+                "recall": _percent(h, t),
+                "precision": _percent(h, p),
+                "as_other_old": _percent(row.sum(), t),
+                "mostly_as": old[int(row.argmax())] if row.any() else None,
+                "pixels": int(t),
+            }
+            for c, h, t, p, row in zip(old, hits, truth, claimed, crossed)
         },
     }
 

@@ -168,10 +168,11 @@ def knob_figure(points: list[tuple], knob: str, metric: str, path) -> None:
 
 
 def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
-    """Pseudo-label recall (top) and precision (bottom) of each old class after each step (`launch.py
-    pseudo-labels`), one column per run — the same run under two pseudo-label rules side by side — with the
-    pixel-weighted value over all old classes in black: a falling recall line is forgetting in the making."""
-    fig, axes = plt.subplots(2, len(documents), figsize=(5.2 * len(documents) + 1.6, 6.4), squeeze=False, sharey=True)
+    """Pseudo-label recall (top), precision (middle) and the share pseudo-labelled as another old class
+    (bottom) of each old class after each step (`launch.py pseudo-labels`), one column per run — the same run
+    under two pseudo-label rules side by side — with the pixel-weighted value over all old classes in black: a
+    falling recall line is forgetting in the making, a rising bottom line is one old class taught as another."""
+    fig, axes = plt.subplots(3, len(documents), figsize=(5.2 * len(documents) + 1.6, 9.2), squeeze=False, sharey=True)
     for column, document in enumerate(documents):
         steps = [s["step"] for s in document["steps"]]
         classes = list(dict.fromkeys(name for s in document["steps"] for name in s["per_class"]))
@@ -179,6 +180,7 @@ def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
             (
                 ("recall", "recall_old", "old-class pixels recovered (%)"),
                 ("precision", "precision_old", "claimed pixels right (%)"),
+                ("as_other_old", "as_other_old", "labelled another old class (%)"),
             )
         ):
             ax = axes[row][column]
@@ -203,7 +205,7 @@ def pseudo_quality_figure(documents: Sequence[dict], path) -> None:
                     f"{document['dataset']} {document['task']} {document['method']}\n{document['rule_label']}",
                     fontsize=9,
                 )
-            else:
+            if row == len(axes) - 1:
                 ax.set_xlabel("step")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.0))
     fig.tight_layout()

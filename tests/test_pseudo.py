@@ -92,9 +92,34 @@ def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
     assert quality["per_channel"][1] == {
         "recall": pytest.approx(75.0),
         "precision": pytest.approx(100 * 30 / 35),
+        "as_other_old": 0.0,
+        "mostly_as": None,
         "pixels": 40,
     }
-    assert quality["per_channel"][2] == {"recall": 0.0, "precision": None, "pixels": 20}
+    assert quality["per_channel"][2] == {
+        "recall": 0.0,
+        "precision": None,
+        "as_other_old": 0.0,
+        "mostly_as": None,
+        "pixels": 20,
+    }
+    assert quality["as_other_old"] == 0.0
+
+
+def test_quality_counts_old_pixels_taught_as_another_old_class() -> None:
+    # channel 1 (60 pixels): 30 right, 12 as channel 3, 6 as channel 2, 12 to none; channel 4 is new.
+    confusion = np.zeros((5, 5), dtype=np.int64)
+    confusion[1, [0, 1, 2, 3]] = [12, 30, 6, 12]
+    confusion[2, [0, 2]] = [5, 15]
+    confusion[3, [1, 3]] = [4, 16]
+    confusion[4, 1] = 9  # a new-class pixel claimed as old: a precision loss, not an old class crossed
+    quality = pseudo_label_quality(confusion, old_channels=[1, 2, 3])
+    first, second, third = (quality["per_channel"][c] for c in (1, 2, 3))
+    assert (first["as_other_old"], first["mostly_as"]) == (pytest.approx(100 * 18 / 60), 3)
+    assert (second["as_other_old"], second["mostly_as"]) == (0.0, None)
+    assert (third["as_other_old"], third["mostly_as"]) == (pytest.approx(100 * 4 / 20), 1)
+    assert quality["as_other_old"] == pytest.approx(100 * 22 / 100)
+    assert first["precision"] == pytest.approx(100 * 30 / 43)
 
 
 def test_quality_with_nothing_to_recover_is_none_not_zero() -> None:

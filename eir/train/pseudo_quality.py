@@ -89,27 +89,38 @@ def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
     old_channels = range(1, len(exp.schedule.classes_seen(step - 1)) + 1)
     quality = pseudo_label_quality(matrix.matrix, old_channels)
     names = exp.train_manifest.info.class_names
-    per_class = {names[channels.class_of_channel[c]]: scores for c, scores in quality.pop("per_channel").items()}
+    name_of = {c: names[channels.class_of_channel[c]] for c in old_channels}
+    per_class = {
+        name_of[c]: {**scores, "mostly_as": None if scores["mostly_as"] is None else name_of[scores["mostly_as"]]}
+        for c, scores in quality.pop("per_channel").items()
+    }
     scored = {"step": step, "images": images, **quality, "per_class": per_class}
     thresholds = read_class_thresholds(folder)
     if thresholds is not None:  # a per-class rule: each old class's τ_c beside its recall
-        scored["thresholds"] = {names[channels.class_of_channel[c]]: thresholds.thresholds[c] for c in old_channels}
+        scored["thresholds"] = {name_of[c]: thresholds.thresholds[c] for c in old_channels}
     return scored
 
 
 def quality_table(document: dict[str, Any]) -> str:
-    """Plain-text table: one line per step, then each old class's recall (precision) at that step."""
+    """Plain-text table: one line per step, then each old class's recall (precision) at that step and, where
+    some of its pixels are pseudo-labelled as another old class, that share and the class (`→road 33.9`)."""
 
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.1f}"
 
-    lines = [f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  per class: recall (precision)"]
+    def crossed(scores: dict[str, Any]) -> str:
+        return "" if scores["mostly_as"] is None else f" →{scores['mostly_as']} {fmt(scores['as_other_old'])}"
+
+    lines = [
+        f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  {'as other old':>12}  "
+        "per class: recall (precision) →mostly as, share as another old class"
+    ]
     for step in document["steps"]:
         classes = ", ".join(
-            f"{name} {fmt(s['recall'])} ({fmt(s['precision'])})" for name, s in step["per_class"].items()
+            f"{name} {fmt(s['recall'])} ({fmt(s['precision'])}){crossed(s)}" for name, s in step["per_class"].items()
         )
         lines.append(
             f"{step['step']:>4}  {step['images']:>6}  {fmt(step['recall_old']):>10}  "
-            f"{fmt(step['precision_old']):>13}  {classes}"
+            f"{fmt(step['precision_old']):>13}  {fmt(step['as_other_old']):>12}  {classes}"
         )
     return "\n".join(lines)

@@ -48,8 +48,9 @@ def launch(*args: str) -> subprocess.CompletedProcess:
 def _hand_made_run(
     output_dir: Path, method: str, *overrides: str, name: str | None = None
 ) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
-    """A run dir whose step 1 pseudo-labels keep the old pixels of each label's left half and wrongly
-    claim channel 1 on the background of its bottom row. Returns (run dir, channel labels, pseudo maps)."""
+    """A run dir whose step 1 pseudo-labels keep the old pixels of each label's left half, claim channel 3's
+    right half as channel 1 and wrongly claim channel 1 on the background of its bottom row. Returns (run dir,
+    channel labels, pseudo maps)."""
     name = name or method
     config = load_config(
         overrides=[*TINY, f"run.output_dir={output_dir}", f"run.name={name}", f"method.name={method}", *overrides]
@@ -66,6 +67,7 @@ def _hand_made_run(
         old = (channels >= 1) & (channels <= n_old)
         left = np.arange(channels.shape[1])[None, :] < channels.shape[1] // 2
         pseudo = np.where(old & left, channels, 0).astype(np.uint8)
+        pseudo[(channels == 3) & ~left] = 1
         pseudo[-1][channels[-1] == 0] = 1
         labels.append(channels)
         pseudos.append(pseudo)
@@ -118,6 +120,13 @@ def test_scores_match_pixel_counts(output_dir: Path) -> None:
     assert first["pixels"] == (truth == 1).sum()
     assert first["precision"] == pytest.approx(100 * (hits & (truth == 1)).sum() / (pseudo == 1).sum())
     assert len(step["per_class"]) == 15, "every old class is listed"
+    crossed = old & (pseudo != truth) & (pseudo >= 1) & (pseudo <= 15)
+    assert crossed.sum() == ((truth == 3) & (pseudo == 1)).sum() > 0, "the hand-made maps cross only 3 -> 1"
+    assert step["as_other_old"] == pytest.approx(100 * crossed.sum() / old.sum())
+    third = step["per_class"][class_name(output_dir, 8)]  # channel 3
+    assert third["as_other_old"] == pytest.approx(100 * crossed.sum() / (truth == 3).sum())
+    assert third["mostly_as"] == name and first["mostly_as"] is None
+    assert f"→{name} " in result.stdout
     assert "recall old" in result.stdout and plot.is_file()
 
 
