@@ -25,6 +25,7 @@ import torch
 from eir import storage
 from eir.data.codec import encode_raw_map
 from eir.data.ingest import Manifest
+from eir.data.pacing import pace
 from eir.data.stream_spec import StreamSpec, row_lut
 from eir.data.transforms import JointAugment, center_crop_eval, decode_map, decode_rgb, logits_by_size
 from eir.model import load_step_model
@@ -58,6 +59,7 @@ def _read_files(locations: list[Location], fs) -> ray.data.Dataset:
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False  # one bar per operator floods driver logs; eir prints its own progress
+    pace(ctx)  # a backpressured stream must not spin a core (eir.data.pacing)
     return ray.data.read_parquet(
         [loc.path if loc.is_local else loc.uri for loc in locations],
         filesystem=fs,
@@ -398,6 +400,7 @@ def train_stream(
     store_bytes = smallest_object_store()
     throttled = needs_backpressure(stream_bytes, store_bytes)
     stream.context.op_resource_reservation_enabled = throttled
+    pace(stream.context)
     log.info(
         "training stream: %d rows x %d epochs, ~%.0f MB of samples (smallest object store %.0f MB): "
         "Ray Data's reservation allocator %s; %s",
