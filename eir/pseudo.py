@@ -386,8 +386,9 @@ def pseudo_label_quality(confusion: np.ndarray, old_channels: Sequence[int]) -> 
     step can keep; recall that falls step after step explains forgetting that compounds with the
     number of steps. A channel with no pixel to recover (or none claimed) gets None, not 0.
 
-    `as_other_old` is the share of a channel's pixels pseudo-labelled as *another* old class, and
-    `mostly_as` that class (the most frequent one; None when there is none): missed recall that is not
+    `as_other_old` is the share of a channel's pixels pseudo-labelled as *another* old class, `mostly_as`
+    the most frequent of those classes (the lowest channel on ties; None when there is none) and
+    `mostly_as_share` the share that went to it alone: missed recall that is not
     merely left to background but taught as a wrong old class — a hard BCE target against the true one,
     which is how CamVid's pavement erodes into road (BENCHMARKS.md).
     """
@@ -406,6 +407,7 @@ def pseudo_label_quality(confusion: np.ndarray, old_channels: Sequence[int]) -> 
                 "precision": _percent(h, p),
                 "as_other_old": _percent(row.sum(), t),
                 "mostly_as": old[int(row.argmax())] if row.any() else None,
+                "mostly_as_share": _percent(row.max(), t) if row.any() else None,
                 "pixels": int(t),
             }
             for c, h, t, p, row in zip(old, hits, truth, claimed, crossed)

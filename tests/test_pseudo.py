@@ -94,6 +94,7 @@ def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
         "precision": pytest.approx(100 * 30 / 35),
         "as_other_old": 0.0,
         "mostly_as": None,
+        "mostly_as_share": None,
         "pixels": 40,
     }
     assert quality["per_channel"][2] == {
@@ -101,6 +102,7 @@ def test_quality_counts_recall_over_truth_and_precision_over_claims() -> None:
         "precision": None,
         "as_other_old": 0.0,
         "mostly_as": None,
+        "mostly_as_share": None,
         "pixels": 20,
     }
     assert quality["as_other_old"] == 0.0
@@ -116,6 +118,7 @@ def test_quality_counts_old_pixels_taught_as_another_old_class() -> None:
     quality = pseudo_label_quality(confusion, old_channels=[1, 2, 3])
     first, second, third = (quality["per_channel"][c] for c in (1, 2, 3))
     assert (first["as_other_old"], first["mostly_as"]) == (pytest.approx(100 * 18 / 60), 3)
+    assert first["mostly_as_share"] == pytest.approx(100 * 12 / 60), "channel 3's 12, not all 18 crossed pixels"
     assert (second["as_other_old"], second["mostly_as"]) == (0.0, None)
     assert (third["as_other_old"], third["mostly_as"]) == (pytest.approx(100 * 4 / 20), 1)
     assert quality["as_other_old"] == pytest.approx(100 * 22 / 100)

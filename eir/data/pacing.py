@@ -10,8 +10,10 @@ two torch threads share one core with it and a CamVid step ran at 2.8 img/s inst
 
 `PacedSchedulingLoop` is registered on a Dataset's context (`pace`, via `custom_execution_callback_classes`) and runs in
 whichever process executes the Dataset (the driver, or a `SplitCoordinator` for a Train worker's shard): after a
-step it sleeps out the rest of `MIN_STEP_S` since the previous one. A step that waited in `ray.wait` or did work
-is already longer and never sleeps; a spinning loop is held to one step per `MIN_STEP_S`.
+step it sleeps out the rest of `MIN_STEP_S` since the previous one. A step longer than `MIN_STEP_S` (one that
+waited in `ray.wait`, or did much work) never sleeps; a spinning loop is held to one step per `MIN_STEP_S`.
+`ExecutionCallback` comes from `ray.data._internal` (the registration hook is public, its base class is not
+exported): Ray is pinned.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class PacedSchedulingLoop(ExecutionCallback):
 
     def __init__(self) -> None:
         self._last_step = time.perf_counter()
+
+    def before_execution_starts(self, executor) -> None:
+        self._last_step = time.perf_counter()  # the planner builds the callback earlier than the loop starts
 
     def on_execution_step(self, executor) -> None:
         elapsed = time.perf_counter() - self._last_step

@@ -103,17 +103,18 @@ def _score_step(exp: Experiment, step: int, progress: bool) -> dict[str, Any]:
 
 def quality_table(document: dict[str, Any]) -> str:
     """Plain-text table: one line per step, then each old class's recall (precision) at that step and, where
-    some of its pixels are pseudo-labelled as another old class, that share and the class (`→road 33.9`)."""
+    some of its pixels are pseudo-labelled as another old class, the one most of them went to and its share
+    (`→road 33.2`); the step's `as other old` column is the share over all old classes and all others."""
 
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.1f}"
 
     def crossed(scores: dict[str, Any]) -> str:
-        return "" if scores["mostly_as"] is None else f" →{scores['mostly_as']} {fmt(scores['as_other_old'])}"
+        return "" if scores["mostly_as"] is None else f" →{scores['mostly_as']} {fmt(scores['mostly_as_share'])}"
 
     lines = [
         f"{'step':>4}  {'images':>6}  {'recall old':>10}  {'precision old':>13}  {'as other old':>12}  "
-        "per class: recall (precision) →mostly as, share as another old class"
+        "per class: recall (precision) →the other old class most of its pixels are labelled, that share"
     ]
     for step in document["steps"]:
         classes = ", ".join(

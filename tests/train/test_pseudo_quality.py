@@ -126,7 +126,8 @@ def test_scores_match_pixel_counts(output_dir: Path) -> None:
     third = step["per_class"][class_name(output_dir, 8)]  # channel 3
     assert third["as_other_old"] == pytest.approx(100 * crossed.sum() / (truth == 3).sum())
     assert third["mostly_as"] == name and first["mostly_as"] is None
-    assert f"→{name} " in result.stdout
+    assert third["mostly_as_share"] == pytest.approx(third["as_other_old"]), "all of channel 3's crossing is to 1"
+    assert f"→{name} {third['mostly_as_share']:.1f}" in result.stdout
     assert "recall old" in result.stdout and plot.is_file()
 
 
