@@ -223,10 +223,14 @@ def test_rerun_supersedes_a_changed_methods_rows_and_continues_without_it(fake_b
 
 
 def test_pipeline_ratios_are_the_median_of_the_rounds_and_the_verdict_names_each_goal() -> None:
-    from eir.bench.pipeline import RATIOS, VERDICT_RUNS, goals_verdict, ratio_summary
+    from eir.bench.pipeline import RATIOS, REFERENCE_RATIOS, VERDICT_RUNS, goals_verdict, ratio_summary
 
     # The quick form times exactly the runs the ratios divide, each ratio's pair adjacent in a round.
     assert set(VERDICT_RUNS) == {name for pair in RATIOS.values() for name in pair}
+    # The reference ratio is the paste ratio's pair run in the DataLoader instead of the stream.
+    assert REFERENCE_RATIOS["dataloader_paste_slowdown"] == tuple(
+        name.replace("ray_", "dataloader_") for name in RATIOS["paste_slowdown"]
+    )
     assert all(abs(VERDICT_RUNS.index(top) - VERDICT_RUNS.index(bottom)) == 1 for top, bottom in RATIOS.values())
 
     summary = ratio_summary([11.0, 12.0, 30.0], [10.0, 10.0, 10.0])  # one disturbed round
