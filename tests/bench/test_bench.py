@@ -223,7 +223,14 @@ def test_rerun_supersedes_a_changed_methods_rows_and_continues_without_it(fake_b
 
 
 def test_pipeline_ratios_are_the_median_of_the_rounds_and_the_verdict_names_each_goal() -> None:
-    from eir.bench.pipeline import RATIOS, REFERENCE_RATIOS, VERDICT_RUNS, goals_verdict, ratio_summary
+    from eir.bench.pipeline import (
+        RATIOS,
+        REFERENCE_RATIOS,
+        VERDICT_RUNS,
+        goals_verdict,
+        ratio_summaries,
+        ratio_summary,
+    )
 
     # The quick form times exactly the runs the ratios divide, each ratio's pair adjacent in a round.
     assert set(VERDICT_RUNS) == {name for pair in RATIOS.values() for name in pair}
@@ -235,6 +242,13 @@ def test_pipeline_ratios_are_the_median_of_the_rounds_and_the_verdict_names_each
 
     summary = ratio_summary([11.0, 12.0, 30.0], [10.0, 10.0, 10.0])  # one disturbed round
     assert summary == {"value": 1.2, "rounds": [1.1, 1.2, 3.0]}
+    # The full form times every run; the quick form only the verdict runs, so it has no reference ratio.
+    full = {"dataloader_plain": [10.0, 10.0, 10.0], "dataloader_paste": [11.0, 12.0, 11.5], "ray_plain": [12.0] * 3}
+    assert ratio_summaries(full, REFERENCE_RATIOS) == {
+        "dataloader_paste_slowdown": {"value": 1.15, "rounds": [1.1, 1.2, 1.15]}
+    }
+    quick = {name: seconds for name, seconds in full.items() if name in VERDICT_RUNS}
+    assert ratio_summaries(quick, REFERENCE_RATIOS) == {}
     verdict = goals_verdict({"paste_slowdown": 1.2, "ray_vs_dataloader": 0.9})
     assert verdict["paste_slowdown"] == {"max": 1.15, "measured": 1.2, "met": False}
     assert verdict["ray_vs_dataloader"] == {"min": 0.9, "measured": 0.9, "met": True}
