@@ -149,6 +149,10 @@ def ratio_summaries(seconds_of: dict[str, list[float]], pairs: dict[str, tuple[s
     }
 
 
+def _rounds_text(rounds: list[float]) -> str:
+    return ", ".join(f"{r:.3f}" for r in rounds)
+
+
 def goals_verdict(ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Each target with the measured ratio and whether it is met."""
     verdict = {}
@@ -338,10 +342,10 @@ def run_pipeline(quick: bool = False, overrides: list[str] | None = None) -> dic
         colors=["#4c72b0" if n.startswith("ray") else "#8c8c8c" for n in results],
     )
     for key, goal in document["goals"].items():
-        rounds_text = ", ".join(f"{r:.3f}" for r in document["rounds"][key])
+        rounds_text = _rounds_text(document["rounds"][key])
         target = f"{'<=' if 'max' in goal else '>='} {goal.get('max', goal.get('min'))}"
         print(f"{key} = {goal['measured']} (rounds {rounds_text}; goal {target}: {'met' if goal['met'] else 'missed'})")
     for key, ratio in references.items():
-        print(f"{key} = {ratio['value']} (rounds {', '.join(f'{r:.3f}' for r in ratio['rounds'])}; reference, no goal)")
+        print(f"{key} = {ratio['value']} (rounds {_rounds_text(ratio['rounds'])}; reference, no goal)")
     print(f"→ {path}")
     return document
